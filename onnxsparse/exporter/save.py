@@ -1,0 +1,98 @@
+"""Atomic saving: a temporary file in the target folder, checked, then renamed over the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+from onnxsparse.errors import OnnxSparseError
+
+logger = logging.getLogger(__name__)
+
+# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def check_output_path(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
+    """Refuse to overwrite the input or an existing file (unless ``force``); probe that the folder is writable."""
+    out = Path(output)
+    for src in inputs:
+        if src is not None and Path(src).exists() and out.exists() and os.path.samefile(src, out):
+            raise OnnxSparseError(f"output {str(out)!r} is the input model; choose another -o path")
+        if src is not None and Path(src).resolve() == out.resolve():
+            raise OnnxSparseError(f"output {str(out)!r} is the input model; choose another -o path")
+    if out.exists() and not force:
+        raise OnnxSparseError(f"output {str(out)!r} already exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise OnnxSparseError(f"output {str(out)!r} is a folder; give a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxSparseError(f"output folder {str(parent)!r} does not exist")
+    probe = parent / f".onnxsparse-probe-{uuid.uuid4().hex}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise OnnxSparseError(f"cannot write to output folder {str(parent)!r}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return out
+
+
+def save_atomic(
+    model: onnx.ModelProto,
+    output: str | os.PathLike,
+    *,
+    validate: Callable[[Path], None] | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Save ``model`` to a temporary file next to ``output``, run ``validate(tmp_path)``, then rename.
+
+    Models over ~2 GB (or with ``external_data=True``) store tensors in ``<output name>.data``.
+    On any failure nothing is left at ``output``.
+    """
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    use_external = external_data if external_data is not None else model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{out.name}.data"
+    tmp_data = out.with_name(f".{data_name}.{uuid.uuid4().hex}.tmp")
+    created: list[Path] = [tmp]
+    try:
+        if use_external:
+            onnx.save_model(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=tmp_data.name, size_threshold=1024,
+            )
+            created.append(tmp_data)
+        else:
+            onnx.save_model(model, str(tmp))
+        if validate is not None:
+            validate(tmp)
+        if use_external:
+            # The model must name the final data file; rewrite the location and save the (small) graph again.
+            saved = onnx.load(str(tmp), load_external_data=False)
+            for tensor in onnx.external_data_helper._get_all_tensors(saved):  # noqa: SLF001
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            onnx.save_model(saved, str(tmp))
+            os.replace(tmp_data, out.with_name(data_name))
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OnnxSparseError(f"could not write {str(out)!r}: {exc.strerror or exc}") from None
+    finally:
+        for path in created:
+            with contextlib.suppress(OSError):
+                if path.exists():
+                    path.unlink()
+    logger.info("wrote %s", out)
+    return out

@@ -1,0 +1,150 @@
+"""Checks before anything is written: ONNX checker, onnxruntime load, and output comparisons.
+
+Two comparisons on the holdout feeds:
+* export fidelity: the sparse model in onnxruntime against the torch student it was written from
+  (a mismatch means a write-back bug: the file is refused);
+* dense vs sparse in onnxruntime: top-1 agreement (class-logit outputs), cosine similarity and
+  absolute differences per output (reported; quality, not correctness).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from onnxsparse.errors import OnnxSparseError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    cosine: float
+    max_abs_diff: float
+    mean_abs_diff: float
+
+
+@dataclass
+class Verification:
+    samples: int = 0
+    top1_agreement: float | None = None
+    outputs: list[OutputComparison] = field(default_factory=list)
+    export_max_rel_error: float | None = None
+    checker: str = "not run"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
+        raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise OnnxSparseError(f"the pruned model fails the ONNX checker: {exc}") from None
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    """Disable TF32 so the torch reference is comparable with onnxruntime's float32."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(-1).astype(np.float64)
+    b = b.reshape(-1).astype(np.float64)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
+
+
+def compare_sessions(
+    dense: ort.InferenceSession,
+    sparse: ort.InferenceSession,
+    feeds: Iterable[dict[str, np.ndarray]],
+    student: nn.Module | None = None,
+    input_names: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
+) -> Verification:
+    names = [o.name for o in sparse.get_outputs()]
+    dense_out: list[list[np.ndarray]] = [[] for _ in names]
+    sparse_out: list[list[np.ndarray]] = [[] for _ in names]
+    fidelity = 0.0
+    samples = 0
+    for feed in feeds:
+        d = dense.run(names, feed)
+        s = sparse.run(names, feed)
+        samples += next(iter(feed.values())).shape[0]
+        for i in range(len(names)):
+            dense_out[i].append(np.asarray(d[i]))
+            sparse_out[i].append(np.asarray(s[i]))
+        if student is not None:
+            with torch.no_grad(), _exact_float32():
+                out = student(*[torch.from_numpy(feed[n]).to(device) for n in input_names])
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for t, ref in zip(outs, s):
+                t = t.detach().float().cpu().numpy()
+                scale = max(1.0, float(np.abs(t).max()) if t.size else 1.0)
+                fidelity = max(fidelity, float(np.abs(t - ref).max()) / scale if t.size else 0.0)
+    result = Verification(samples=samples, export_max_rel_error=fidelity if student is not None else None)
+    for i, name in enumerate(names):
+        if not dense_out[i]:
+            continue
+        a = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in dense_out[i]])
+        b = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in sparse_out[i]])
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        result.outputs.append(OutputComparison(name, _cosine(a, b), float(diff.max()), float(diff.mean())))
+        if i == 0 and a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
+            result.top1_agreement = float((a.argmax(1) == b.argmax(1)).mean())
+    return result
+
+
+def verify_file(
+    path: Path,
+    dense: onnx.ModelProto | str | os.PathLike,
+    feeds: Iterable[dict[str, np.ndarray]],
+    *,
+    student: nn.Module | None,
+    input_names: tuple[str, ...],
+    device: torch.device | str,
+    tolerance: float,
+) -> Verification:
+    check_model_file(path)
+    sparse_sess = ort_session(path)
+    dense_sess = ort_session(dense)
+    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device)
+    result.checker = "passed (full_check)"
+    if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:
+        raise OnnxSparseError(
+            f"onnxruntime disagrees with the pruned torch model (max relative error "
+            f"{result.export_max_rel_error:.3g} > tolerance {tolerance:g}); nothing was written"
+        )
+    return result

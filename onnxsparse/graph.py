@@ -1,0 +1,151 @@
+"""Types shared by the importer, the core and the exporter.
+
+An :class:`ImportedModel` pairs the untouched original ``ModelProto`` with a trainable torch copy and a
+map from every torch tensor the tool may change back to the ONNX tensor it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from torch import fx, nn
+
+SourceKind = Literal["initializer", "constant"]
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where an ONNX tensor lives in the *original* graph.
+
+    ``kind="initializer"``: ``name`` is the initializer name. ``kind="constant"``: ``name`` is the output
+    value name of the ``Constant`` node that holds the tensor in its ``value`` attribute.
+    """
+
+    kind: SourceKind
+    name: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The exact transform between a torch tensor and its ONNX tensor: ``torch = T(onnx) * scale``.
+
+    ``transpose`` swaps the two axes of a rank-2 tensor. Zeros map to zeros in both directions.
+    """
+
+    transpose: bool = False
+    scale: float = 1.0
+
+    def to_onnx(self, t: torch.Tensor) -> np.ndarray:
+        a = t.detach().to("cpu", torch.float64)
+        if self.scale != 1.0:
+            a = a / self.scale
+        if self.transpose:
+            a = a.T
+        return a.contiguous().numpy()
+
+    def to_torch(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
+        if self.transpose:
+            t = t.T
+        if self.scale != 1.0:
+            t = t * self.scale
+        return t.contiguous()
+
+
+@dataclass
+class TrackedTensor:
+    """A torch tensor of the converted module that maps back to one ONNX tensor."""
+
+    source: TensorSource
+    module_path: str  # dotted path of the owning module inside the GraphModule
+    attr: str  # attribute name on that module ("weight", "bias", "onnx_initializer_3", ...)
+    layout: Layout
+    role: str  # "weight", "bias", "bn_weight", "bn_bias", "bn_mean", "bn_var"
+    original: torch.Tensor = field(repr=False)  # value right after conversion, for change detection
+    shared: bool = False  # the ONNX tensor feeds several nodes: never changed
+
+    def owner(self, module: nn.Module) -> nn.Module:
+        return module.get_submodule(self.module_path) if self.module_path else module
+
+    def get(self, module: nn.Module) -> torch.Tensor:
+        return getattr(self.owner(module), self.attr)
+
+
+@dataclass
+class PrunableLayer:
+    """One prunable weight: a Conv, ConvTranspose, Gemm or MatMul operand held as a constant."""
+
+    name: str  # key used everywhere (sparsity dicts, reports): the ONNX tensor name
+    node_name: str  # original ONNX node name ("" when the node had none)
+    op_type: str
+    weight: TrackedTensor
+    bias: TrackedTensor | None  # tensor a per-output-channel shift can be folded into
+    bias_inside: bool  # True: the bias is part of the module output (Conv, Linear, Gemm C); False: added after
+    module_path: str  # module whose output is the layer's output (for hooks)
+    out_axis_weight: int | None  # axis of the torch weight that indexes output channels; None: no correction
+    out_axis_act: int  # axis of the module output that indexes output channels
+    feeds_batchnorm: bool  # output goes straight into a BatchNormalization node
+    reduction_axes: tuple[int, ...]  # axes of the torch weight summed over by the layer (for N:M)
+
+    @property
+    def numel(self) -> int:
+        return int(self.weight.original.numel())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.original.shape)
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    node_name: str
+    op_type: str
+    tensor: str
+    reason: str
+
+
+@dataclass
+class ImportedModel:
+    proto: onnx.ModelProto  # the original model, never modified
+    module: fx.GraphModule  # trainable torch copy (dense, eval mode)
+    layers: list[PrunableLayer]
+    tracked: list[TrackedTensor]  # every tensor that may be written back (weights, biases, BN)
+    skipped: list[SkippedLayer]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    opset: int
+    torch_opset: int  # opset of the copy onnx2torch converted (differs when the importer converted it)
+    has_batchnorm: bool
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> PrunableLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def clone_module(self) -> fx.GraphModule:
+        import copy
+
+        return copy.deepcopy(self.module)
+
+    def summary(self) -> list[dict]:
+        return [
+            {
+                "name": layer.name,
+                "node": layer.node_name,
+                "op": layer.op_type,
+                "shape": list(layer.shape),
+                "params": layer.numel,
+            }
+            for layer in self.layers
+        ]
+
+
+def replace(obj, **changes):
+    return dataclasses.replace(obj, **changes)

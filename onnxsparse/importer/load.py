@@ -1,0 +1,81 @@
+"""Loading ONNX files safely, external data included."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxsparse.errors import OnnxSparseError
+
+logger = logging.getLogger(__name__)
+
+
+def _external_tensors(model: onnx.ModelProto):
+    for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001 - stable helper used by onnx itself
+        if external_data_helper.uses_external_data(tensor):
+            yield tensor
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations that escape ``base_dir`` or point past the end of their file."""
+    base = base_dir.resolve()
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise OnnxSparseError(f"tensor {tensor.name!r} uses external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise OnnxSparseError(
+                f"tensor {tensor.name!r}: external data location {location!r} is an absolute path; "
+                "only paths inside the model's folder are allowed"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise OnnxSparseError(
+                f"tensor {tensor.name!r}: external data location {location!r} escapes the model's folder {str(base)!r}"
+            )
+        if not target.is_file():
+            raise OnnxSparseError(f"tensor {tensor.name!r}: external data file {str(target)!r} does not exist")
+        size = target.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError as exc:
+            raise OnnxSparseError(f"tensor {tensor.name!r}: bad external data offset/length: {exc}") from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise OnnxSparseError(
+                f"tensor {tensor.name!r}: external data range [{offset}, {offset + length}) lies past the end of "
+                f"{location!r} ({size} bytes)"
+            )
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model with its external data; user errors raise :class:`OnnxSparseError`."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxSparseError(f"model file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise OnnxSparseError(f"model path {str(p)!r} is not a file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, TypeError) as exc:
+        raise OnnxSparseError(f"{str(p)!r} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise OnnxSparseError(f"{str(p)!r} is not an ONNX model: it has no graph")
+    check_external_data(model, p.parent)
+    if any(True for _ in _external_tensors(model)):
+        external_data_helper.load_external_data_for_model(model, str(p.parent))
+        logger.info("loaded external data for %s", p)
+    return model
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise OnnxSparseError("the model imports no default-domain (ai.onnx) opset")

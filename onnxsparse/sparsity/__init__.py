@@ -1,0 +1,1 @@
+"""Sparsity primitives: masks, allocations and statistics correction."""

@@ -1,0 +1,194 @@
+"""Statistics correction after pruning, on calibration data.
+
+* BatchNorm re-estimation where the graph kept BatchNorm: running statistics reset and re-averaged
+  (cumulative average) in train-mode forwards without gradients.
+* For layers not followed by BatchNorm (the common BN-folded export): a per-output-channel scale ``a`` and
+  shift ``b`` fitted so that the pruned layer's output has the dense layer's per-channel mean and standard
+  deviation, then folded into the layer: ``W[c] *= a[c]`` and ``bias[c] = a[c] * bias[c] + b[c]``. Zeros stay
+  zeros. Layers are fitted in one forward pass in graph order, so each sees its corrected predecessors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from onnxsparse.graph import PrunableLayer
+
+logger = logging.getLogger(__name__)
+
+_EPS = 1e-8
+
+
+@dataclass
+class CorrectionReport:
+    batchnorm_layers: int = 0
+    batchnorm_samples: int = 0
+    channel_layers: list[str] = field(default_factory=list)
+    scale_only_layers: list[str] = field(default_factory=list)
+    uncorrected_layers: list[str] = field(default_factory=list)
+    channel_samples: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "batchnorm_reestimated": self.batchnorm_layers,
+            "batchnorm_samples": self.batchnorm_samples,
+            "channel_corrected": len(self.channel_layers),
+            "channel_scale_only": self.scale_only_layers,
+            "uncorrected": self.uncorrected_layers,
+            "channel_samples": self.channel_samples,
+        }
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # noqa: SLF001
+
+
+@torch.no_grad()
+def reestimate_batchnorm(module: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> tuple[int, int]:
+    """Reset and re-estimate every BatchNorm's running statistics. Returns (layers, samples seen)."""
+    bns = _batchnorms(module)
+    if not bns:
+        return 0, 0
+    was_training = module.training
+    saved = []
+    for bn in bns:
+        saved.append(bn.momentum)
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    module.eval()
+    for bn in bns:
+        bn.train()
+    seen = 0
+    try:
+        for batch in batches:
+            module(*batch)
+            seen += batch[0].shape[0]
+    finally:
+        for bn, momentum in zip(bns, saved):
+            bn.momentum = momentum
+        module.train(was_training)
+        if not was_training:
+            module.eval()
+    return len(bns), seen
+
+
+def _channel_stats(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = out.detach().movedim(axis, 0).reshape(out.shape[axis], -1).double()
+    return x.mean(dim=1), x.std(dim=1, unbiased=False)
+
+
+def _view(v: torch.Tensor, ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = v.numel()
+    return shape
+
+
+def correctable(layer: PrunableLayer) -> bool:
+    return not layer.feeds_batchnorm and layer.out_axis_weight is not None
+
+
+@torch.no_grad()
+def fit_channel_correction(
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: list[PrunableLayer],
+    inputs: tuple[torch.Tensor, ...],
+    report: CorrectionReport | None = None,
+) -> CorrectionReport:
+    """Fit and fold the per-channel affine correction for every correctable layer (see module docstring)."""
+    report = report or CorrectionReport()
+    targets = [layer for layer in layers if correctable(layer)]
+    report.uncorrected_layers.extend(
+        layer.name for layer in layers if not layer.feeds_batchnorm and layer.out_axis_weight is None
+    )
+    if not targets:
+        return report
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def teacher_hook(layer: PrunableLayer):
+        def hook(_module, _inp, out):
+            dense[layer.name] = _channel_stats(out, layer.out_axis_act % out.dim())
+
+        return hook
+
+    for layer in targets:
+        handles.append(teacher.get_submodule(layer.module_path).register_forward_hook(teacher_hook(layer)))
+    try:
+        teacher(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def student_hook(layer: PrunableLayer):
+        def hook(_module, _inp, out):
+            if layer.name not in dense or layer.name in fitted:
+                return None
+            axis = layer.out_axis_act % out.dim()
+            mean_s, std_s = _channel_stats(out, axis)
+            mean_t, std_t = dense[layer.name]
+            # A channel the pruning silenced (or a constant dense channel) keeps scale 1: nothing to match.
+            degenerate = (std_s < _EPS) | (std_t < _EPS)
+            a = torch.where(degenerate, torch.ones_like(std_s), std_t / std_s.clamp_min(_EPS))
+            b = mean_t - a * mean_s
+            if layer.bias is None:
+                b = torch.zeros_like(b)
+            fitted[layer.name] = (a, b)
+            shape = _view(a, out.dim(), axis)
+            return out * a.to(out.dtype).view(shape) + b.to(out.dtype).view(shape)
+
+        return hook
+
+    was_training = student.training
+    student.eval()
+    handles = [
+        student.get_submodule(layer.module_path).register_forward_hook(student_hook(layer)) for layer in targets
+    ]
+    try:
+        student(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        student.train(was_training)
+
+    for layer in targets:
+        if layer.name not in fitted:
+            report.uncorrected_layers.append(layer.name)
+            continue
+        a, b = fitted[layer.name]
+        weight = layer.weight.get(student)
+        axis = layer.out_axis_weight
+        weight.mul_(a.to(weight.dtype).view(_view(a, weight.dim(), axis)))
+        if layer.bias is not None:
+            bias = layer.bias.get(student)
+            scale = a.to(bias.dtype) if layer.bias_inside else torch.ones_like(bias)
+            bias.copy_(bias * scale + b.to(bias.dtype).view(bias.shape))
+            report.channel_layers.append(layer.name)
+        else:
+            report.scale_only_layers.append(layer.name)
+    report.channel_samples = int(inputs[0].shape[0])
+    return report
+
+
+def correct(
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: list[PrunableLayer],
+    *,
+    bn_batches: Iterable[tuple[torch.Tensor, ...]] | None,
+    channel_inputs: tuple[torch.Tensor, ...] | None,
+) -> CorrectionReport:
+    """BatchNorm re-estimation (where there is BatchNorm), then per-channel correction of the other layers."""
+    report = CorrectionReport()
+    if bn_batches is not None:
+        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches)
+    if channel_inputs is not None:
+        fit_channel_correction(student, teacher, layers, channel_inputs, report)
+    return report

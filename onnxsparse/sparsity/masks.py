@@ -1,0 +1,130 @@
+"""Magnitude masks and the mask parametrization used by every method.
+
+Invariant: a mask for sparsity ``s`` over ``n`` weights has exactly ``round(s * n)`` zeros, whatever the
+ties in magnitude (ties go to the lower flat index being pruned first).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from onnxsparse.graph import PrunableLayer
+
+
+def zeros_for(sparsity: float, numel: int) -> int:
+    return min(numel, max(0, int(round(sparsity * numel))))
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the ``numel - round(sparsity * numel)`` largest ``|weight|``."""
+    n = weight.numel()
+    k = zeros_for(sparsity, n)
+    flat = torch.ones(n, dtype=torch.bool, device=weight.device)
+    if k > 0:
+        order = torch.argsort(weight.detach().abs().flatten(), stable=True)
+        flat[order[:k]] = False
+    return flat.view_as(weight)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W * M`` forward; straight-through backward with a decay on the pruned part:
+
+    ``dL/dW = g + decay * (1 - M) * W`` (UniPTS, following the dynamic-sparse-training literature).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        weight, mask = ctx.saved_tensors
+        g = grad
+        if ctx.decay:
+            g = grad + ctx.decay * (1 - mask) * weight
+        return g, None, None
+
+
+class SparseMask(nn.Module):
+    """Parametrization ``weight -> weight * mask``.
+
+    ``dynamic=False``: the stored mask is fixed; gradients reach kept weights only.
+    ``dynamic=True``: the mask is recomputed from ``|weight|`` at ``sparsity`` on every training forward
+    (pruned weights can come back) and stored; gradients are straight-through with ``decay``.
+    """
+
+    def __init__(self, mask: torch.Tensor, sparsity: float, *, dynamic: bool = False, decay: float = 0.0,
+                 mask_fn=None):
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+        self.sparsity = float(sparsity)
+        self.dynamic = dynamic
+        self.decay = float(decay)
+        self.mask_fn = mask_fn or magnitude_mask  # swappable for N:M patterns
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic:
+            return weight * self.mask.to(weight.dtype)
+        if self.training:
+            with torch.no_grad():
+                self.mask.copy_(self.mask_fn(weight, self.sparsity))
+        return _MaskedWeight.apply(weight, self.mask.to(weight.dtype), self.decay)
+
+
+def attach_masks(
+    module: nn.Module,
+    layers: list[PrunableLayer],
+    masks: dict[str, torch.Tensor],
+    sparsities: dict[str, float],
+    *,
+    dynamic: bool = False,
+    decay: float = 0.0,
+    mask_fn=None,
+) -> None:
+    for layer in layers:
+        if layer.name not in masks:
+            continue
+        owner = layer.weight.owner(module)
+        parametrize.register_parametrization(
+            owner,
+            layer.weight.attr,
+            SparseMask(masks[layer.name], sparsities[layer.name], dynamic=dynamic, decay=decay, mask_fn=mask_fn),
+            unsafe=True,
+        )
+
+
+def current_masks(module: nn.Module, layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
+    result = {}
+    for layer in layers:
+        owner = layer.weight.owner(module)
+        if parametrize.is_parametrized(owner, layer.weight.attr):
+            result[layer.name] = owner.parametrizations[layer.weight.attr][0].mask.clone()
+    return result
+
+
+@torch.no_grad()
+def bake_masks(module: nn.Module, layers: list[PrunableLayer]) -> None:
+    """Remove the parametrizations, leaving ``weight * mask`` in the plain parameter for good."""
+    for layer in layers:
+        owner = layer.weight.owner(module)
+        if parametrize.is_parametrized(owner, layer.weight.attr):
+            mask = owner.parametrizations[layer.weight.attr][0].mask
+            parametrize.remove_parametrizations(owner, layer.weight.attr, leave_parametrized=False)
+            getattr(owner, layer.weight.attr).mul_(mask.to(getattr(owner, layer.weight.attr).dtype))
+
+
+@torch.no_grad()
+def apply_masks_inplace(module: nn.Module, layers: list[PrunableLayer], masks: dict[str, torch.Tensor]) -> None:
+    for layer in layers:
+        if layer.name in masks:
+            w = layer.weight.get(module)
+            w.mul_(masks[layer.name].to(w.dtype))
+
+
+def layer_sparsity(weight: torch.Tensor) -> float:
+    n = weight.numel()
+    return float((weight == 0).sum().item()) / n if n else 0.0

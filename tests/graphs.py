@@ -1,0 +1,190 @@
+"""Tiny ONNX graphs built with onnx.helper or exported from tiny torch modules, for the tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+OPSET = 13
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int = OPSET, name: str = "g") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
+    model.ir_version = min(model.ir_version, 8)
+    helper.set_model_props(model, {"author": "tests"})
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_bn_relu(opset: int = OPSET) -> onnx.ModelProto:
+    rng = _rng(1)
+    inits = [
+        numpy_helper.from_array(_w(rng, 8, 3, 3, 3), "conv1.weight"),
+        numpy_helper.from_array(_w(rng, 8), "conv1.bias"),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(8)).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(_w(rng, 8), "bn.bias"),
+        numpy_helper.from_array(_w(rng, 8), "bn.mean"),
+        numpy_helper.from_array((1 + rng.random(8)).astype(np.float32), "bn.var"),
+        numpy_helper.from_array(_w(rng, 4, 8, 1, 1), "conv2.weight"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b1"], name="bn"),
+        helper.make_node("Relu", ["b1"], ["r1"], name="relu"),
+        helper.make_node("Conv", ["r1", "conv2.weight"], ["y"], name="conv2"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+        opset,
+    )
+
+
+def grouped_convs() -> onnx.ModelProto:
+    rng = _rng(2)
+    inits = [
+        numpy_helper.from_array(_w(rng, 8, 1, 3, 3), "dw.weight"),
+        numpy_helper.from_array(_w(rng, 8), "dw.bias"),
+        numpy_helper.from_array(_w(rng, 8, 4, 1, 1), "gc.weight"),
+        numpy_helper.from_array(_w(rng, 8), "gc.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "dw.weight", "dw.bias"], ["a"], name="dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Conv", ["b", "gc.weight", "gc.bias"], ["y"], name="gc", group=2),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])],
+        inits,
+    )
+
+
+def gemm(trans_b: int, alpha: float = 1.0, beta: float = 1.0, trans_a: int = 0) -> onnx.ModelProto:
+    rng = _rng(3 + trans_b)
+    b = _w(rng, 6, 10) if trans_b else _w(rng, 10, 6)
+    inits = [numpy_helper.from_array(b, "fc.weight"), numpy_helper.from_array(_w(rng, 6), "fc.bias")]
+    x_shape = [10, "N"] if trans_a else ["N", 10]
+    nodes = [
+        helper.make_node(
+            "Gemm", ["x", "fc.weight", "fc.bias"], ["h"], name="fc", transA=trans_a, transB=trans_b, alpha=alpha,
+            beta=beta,
+        ),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+
+
+def matmul(weight_first: bool) -> onnx.ModelProto:
+    rng = _rng(5)
+    if weight_first:
+        inits = [numpy_helper.from_array(_w(rng, 6, 10), "W")]
+        nodes = [helper.make_node("MatMul", ["W", "x"], ["y"], name="mm")]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [10, "N"])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, "N"])
+    else:
+        inits = [numpy_helper.from_array(_w(rng, 10, 6), "W"), numpy_helper.from_array(_w(rng, 6), "b")]
+        nodes = [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+            helper.make_node("Add", ["h", "b"], ["y"], name="add"),
+        ]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6])
+    return _model(nodes, [x], [y], inits)
+
+
+def conv_transpose() -> onnx.ModelProto:
+    rng = _rng(6)
+    inits = [numpy_helper.from_array(_w(rng, 4, 6, 3, 3), "ct.weight"), numpy_helper.from_array(_w(rng, 6), "ct.bias")]
+    nodes = [helper.make_node("ConvTranspose", ["x", "ct.weight", "ct.bias"], ["y"], name="ct", strides=[2, 2])]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 11, 11])],
+        inits,
+    )
+
+
+def weights_behind_identity_and_constant() -> onnx.ModelProto:
+    """Conv weight through an Identity; Gemm weight and bias held in Constant nodes (Paddle style)."""
+    rng = _rng(7)
+    inits = [numpy_helper.from_array(_w(rng, 4, 2, 3, 3), "conv.weight_src")]
+    nodes = [
+        helper.make_node("Identity", ["conv.weight_src"], ["conv.weight"], name="ident"),
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+        helper.make_node(
+            "Constant", [], ["fc_w"], name="const_w", value=numpy_helper.from_array(_w(rng, 16, 5), "fc_w_value")
+        ),
+        helper.make_node("Constant", [], ["fc_b"], name="const_b", value=numpy_helper.from_array(_w(rng, 5), "v")),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, classes: int = 10, channels: int = 1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_cnn(seed: int = 0, channels: int = 1) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyCNN(channels=channels)
+    # non-trivial BN statistics, as after training
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def export_torch(model: nn.Module, shape=(1, 1, 12, 12), keep_bn: bool = False, opset: int = 13) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    kwargs = {}
+    if keep_bn:
+        kwargs = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False}
+    torch.onnx.export(
+        model.eval(), torch.randn(*shape), buf, input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset, dynamo=False, **kwargs,
+    )
+    return onnx.load_from_string(buf.getvalue())
