@@ -37,7 +37,7 @@ def _is_default_domain(domain: str) -> bool:
     return domain in ("", "ai.onnx")
 
 
-def normalize_for_torch(model: onnx.ModelProto) -> NormalizedGraph:
+def normalize_for_torch(model: onnx.ModelProto, *, convert_opset: bool = True) -> NormalizedGraph:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     g = copy.graph
@@ -108,7 +108,7 @@ def normalize_for_torch(model: onnx.ModelProto) -> NormalizedGraph:
     opset = model_opset(model)
     torch_opset = opset
     lo, hi = TORCH_OPSET_RANGE
-    if not lo <= opset <= hi:
+    if convert_opset and not lo <= opset <= hi:
         target = min(max(opset, lo), hi)
         try:
             converted = version_converter.convert_version(copy, target)

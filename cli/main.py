@@ -1,0 +1,145 @@
+"""``onnxsparse`` command line: a thin layer over the library. User errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+import onnxsparse
+from onnxsparse.config import METHODS
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse_cli.options import preprocessing, verbosity
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OnnxSparseError as exc:
+            click.echo(f"onnxsparse: error: {exc}", err=True)
+            click.echo("FAILED", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("onnxsparse: interrupted; no output was written", err=True)
+            click.echo("FAILED", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(onnxsparse.__version__, prog_name="onnxsparse")
+def main() -> None:
+    """Post-training sparsity for ONNX models (UniPTS), verified with onnxruntime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--sparsity", type=float, required=True, help="Target fraction of prunable weights set to zero, in [0, 1).")
+@click.option("--calib", required=True, type=click.Path(), help="Calibration data: image folder, .npy folder, .npy/.npz file.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output model path.")
+@click.option("--dry-run", is_flag=True, help="Run and verify everything but write no model.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="unipts", show_default=True)
+@click.option("--pattern", default="unstructured", show_default=True, help="unstructured or N:M (e.g. 2:4).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
+@click.option("--no-correction", is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
+@click.option("--holdout-size", type=int, default=None, help="Calibration samples kept aside for verification.")
+@click.option("--no-augment", "no_augment", is_flag=True, help="No random-resized-crop/flip during distillation.")
+@click.option("--recipe", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
+              help="UniPTS budget preset: quick, or the paper's 25x25 search and 100 epochs.")
+@click.option("--epochs", type=float, default=None, help="UniPTS: distillation epochs over the calibration set.")
+@click.option("--iterations", type=int, default=None, help="UniPTS: training iterations (overrides --epochs).")
+@click.option("--search-generations", type=int, default=None, help="UniPTS: allocation-search generations.")
+@click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
+@click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (uniform allocation).")
+@click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.01).")
+@click.option("--time-budget", type=float, default=None, help="UniPTS: seconds for search + training.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@preprocessing
+@verbosity
+def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device, exclude, no_correction, batch_size,
+          max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
+          time_budget, report_path, force, preprocess, quiet) -> None:
+    """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
+    from onnxsparse.config import PruneConfig, UniPTSConfig
+    from onnxsparse.pipeline import prune as run_prune
+
+    if output is None and not dry_run:
+        raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
+    overrides = {k: v for k, v in {
+        "epochs": epochs, "iterations": iterations, "generations": search_generations, "population": population,
+        "lr": lr, "time_budget": time_budget, "batch_size": batch_size,
+    }.items() if v is not None}
+    overrides["augment"] = preprocess.augment
+    if no_search:
+        overrides["search"] = False
+    unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)
+    config = PruneConfig(
+        sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
+        correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
+        unipts=unipts,
+    )
+    result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
+                       report_path=report_path, progress=not quiet)
+    if not quiet:
+        _print_summary(result.report)
+    click.echo(
+        f"PASSED: {result.achieved_sparsity:.2%} of {result.report['prunable_params']:,} prunable weights are zero"
+        + (f", written to {output}" if output and not dry_run else " (dry run, nothing written)")
+    )
+
+
+def _print_summary(report: dict) -> None:
+    rows = report["layers"]
+    click.echo(f"{'layer':<40} {'op':<14} {'params':>10} {'target':>8} {'achieved':>9}", err=True)
+    for row in rows:
+        name = row["node"] or row["name"]
+        click.echo(
+            f"{name[-40:]:<40} {row['op']:<14} {row['params']:>10,} {row['target_sparsity']:>8.2%} "
+            f"{row['achieved_sparsity']:>9.2%}",
+            err=True,
+        )
+    for skipped in report["skipped_layers"]:
+        click.echo(f"skipped {skipped['node'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
+    ver = report.get("verification", {})
+    agreement = ver.get("top1_agreement")
+    outs = ver.get("outputs", [])
+    line = f"verified on {ver.get('samples', 0)} holdout samples with onnxruntime:"
+    if agreement is not None:
+        line += f" top-1 agreement with dense {agreement:.2%};"
+    if outs:
+        line += f" cosine {outs[0]['cosine']:.4f};"
+    line += f" export error {ver.get('export_max_rel_error', 0):.2g}"
+    click.echo(line, err=True)
+    times = report.get("time_s", {})
+    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f" on {report['device']}", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@verbosity
+def inspect(model, as_json, quiet) -> None:
+    """Per-layer weight shapes, parameter counts and current sparsity of MODEL."""
+    from onnxsparse.inspect import inspect_model
+
+    rows = inspect_model(model)
+    total = sum(r.params for r in rows)
+    zeros = sum(r.zeros for r in rows)
+    if as_json:
+        click.echo(json.dumps({"layers": [r.as_dict() for r in rows], "params": total, "zeros": zeros,
+                               "sparsity": zeros / total if total else 0.0}, indent=2))
+        return
+    click.echo(f"{'node':<40} {'op':<14} {'weight shape':<20} {'params':>10} {'sparsity':>9}")
+    for r in rows:
+        click.echo(f"{(r.node or r.tensor)[-40:]:<40} {r.op:<14} {str(list(r.shape)):<20} {r.params:>10,} {r.sparsity:>9.2%}")
+    click.echo(f"{'total':<40} {'':<14} {len(rows):<20} {total:>10,} {(zeros / total if total else 0):>9.2%}")
+
+
+if __name__ == "__main__":
+    main()

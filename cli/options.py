@@ -1,0 +1,88 @@
+"""Argument groups shared across subcommands."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import click
+
+from onnxsparse.errors import OnnxSparseError
+
+
+def _floats(value: str | None, flag: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.replace(",", " ").split())
+    except ValueError:
+        raise OnnxSparseError(f"{flag} must be numbers separated by commas, got {value!r}") from None
+
+
+def _size(value: str | None, flag: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace(",", "x").split("x")
+    try:
+        if len(parts) == 1:
+            n = int(parts[0])
+            return (n, n)
+        if len(parts) == 2:
+            return (int(parts[0]), int(parts[1]))
+    except ValueError:
+        pass
+    raise OnnxSparseError(f"{flag} must be HxW (e.g. 224x224) or one number, got {value!r}")
+
+
+def _scale(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        if "/" in value:
+            num, den = value.split("/", 1)
+            return float(num) / float(den)
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise OnnxSparseError(f"--scale must be a number or a fraction such as 1/255, got {value!r}") from None
+
+
+def verbosity(func):
+    @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors and the final result line.")
+    @functools.wraps(func)
+    def wrapper(*args, verbose: int, quiet: bool, **kwargs):
+        level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+        logging.basicConfig(level=level, format="[%(levelname)s] %(name)s: %(message)s", force=True)
+        return func(*args, quiet=quiet, **kwargs)
+
+    return wrapper
+
+
+def preprocessing(func):
+    """--preset, --resize, --crop, --input-size, --mean, --std, --scale, --channel-order, --layout."""
+
+    @click.option("--preset", type=click.Choice(["imagenet", "none"]), default=None,
+                  help="Named preprocessing pipeline (imagenet: resize 256, crop 224, ImageNet mean/std).")
+    @click.option("--resize", type=int, default=None, help="Resize the shorter image side to this many pixels.")
+    @click.option("--crop", type=str, default=None, help="Center crop, N or HxW.")
+    @click.option("--input-size", type=str, default=None, help="Model input size HxW (needed for dynamic inputs).")
+    @click.option("--mean", type=str, default=None, help="Per-channel mean, comma separated (after --scale).")
+    @click.option("--std", type=str, default=None, help="Per-channel std, comma separated (after --scale).")
+    @click.option("--scale", type=str, default=None, help="Pixel scale applied before mean/std, e.g. 1/255.")
+    @click.option("--channel-order", type=click.Choice(["rgb", "bgr", "gray"]), default=None)
+    @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
+    @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
+    @functools.wraps(func)
+    def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers,
+                augment: bool = True, **kwargs):
+        from onnxsparse.data import PreprocessConfig
+
+        crop_size = _size(crop, "--crop")
+        pre = PreprocessConfig(
+            preset=preset, resize=resize, crop=crop_size, input_size=_size(input_size, "--input-size"),
+            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=_scale(scale),
+            channel_order=channel_order, layout=layout, augment=augment, workers=workers,
+        )
+        return func(*args, preprocess=pre, **kwargs)
+
+    return wrapper

@@ -1,0 +1,150 @@
+"""Frozen, validated configuration. Messages name the CLI flag, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+
+from onnxsparse.errors import OnnxSparseError
+
+METHODS = ("unipts", "magnitude", "global-magnitude")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise OnnxSparseError(message)
+
+
+def _positive_int(value, flag: str, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{flag} must be an integer >= {minimum}, got {value!r}",
+    )
+
+
+def _number(value, flag: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    lb = "(" if lo_open else "["
+    rb = ")" if hi_open else "]"
+    _check(ok, f"{flag} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class UniPTSConfig:
+    """UniPTS hyperparameters. Defaults are the quick recipe; :meth:`paper` gives the official one."""
+
+    # reducing-regrowing allocation search
+    search: bool = True
+    population: int = 12
+    generations: int = 6
+    parents: int = 5
+    crossover: int = 6
+    mutation: int = 6
+    mutation_prob: float = 0.1
+    regrow: float = 0.05  # R = regrow * N weights, and the "reduce" step prunes P + regrow
+    max_layer_sparsity: float = 0.99  # s_max of the clamp
+    fitness_samples: int = 256
+    # distillation + dynamic sparse training
+    epochs: float = 4.0
+    iterations: int | None = None  # overrides epochs
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.01 (the paper's ResNet value)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    tau0: float = 8.0
+    gamma: float | None = None  # None: 0.99 ** (100 / epochs), the paper's decay spread over the run
+    temperature: float = 4.0
+    pruned_decay: float = 5e-5  # lambda of the straight-through gradient
+    time_budget: float | None = None  # seconds for search + training; scales the recipe down to fit
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("population", "generations", "parents", "fitness_samples", "batch_size"):
+            _positive_int(getattr(self, name), f"--{name.replace('_', '-')}")
+        for name in ("crossover", "mutation"):
+            _positive_int(getattr(self, name), f"--{name}", minimum=0)
+        _check(self.parents <= self.population, f"--parents must be <= --population ({self.population}), got {self.parents}")
+        _number(self.mutation_prob, "--mutation-prob", 0, 1)
+        _number(self.regrow, "--regrow", 0, 1, hi_open=True)
+        _number(self.max_layer_sparsity, "--max-layer-sparsity", 0, 1, lo_open=True)
+        _number(self.epochs, "--epochs", 0, 1e6)
+        _positive_int(self.iterations, "--iterations", allow_none=True, minimum=0)
+        if self.lr is not None:
+            _number(self.lr, "--lr", 0, 10, lo_open=True)
+        _number(self.momentum, "--momentum", 0, 1, hi_open=True)
+        _number(self.weight_decay, "--weight-decay", 0, 1)
+        _number(self.warmup_epochs, "--warmup-epochs", 0, 1e6)
+        _number(self.tau0, "--tau0", 0, 1e3, lo_open=True)
+        if self.gamma is not None:
+            _number(self.gamma, "--gamma", 0, 1, lo_open=True)
+        _number(self.temperature, "--temperature", 0, 1e3, lo_open=True)
+        _number(self.pruned_decay, "--pruned-decay", 0, 1)
+        if self.time_budget is not None:
+            _number(self.time_budget, "--time-budget", 0, 1e7, lo_open=True)
+
+    @classmethod
+    def paper(cls, **overrides) -> UniPTSConfig:
+        """The official recipe: 25 x 25 search, 10 parents, 12 + 12 children, 100 epochs."""
+        base = dict(population=25, generations=25, parents=10, crossover=12, mutation=12, epochs=100.0,
+                    fitness_samples=10_240)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything one pruning run needs besides the model and the calibration data."""
+
+    sparsity: float
+    method: str = "unipts"
+    pattern: str = "unstructured"
+    seed: int = 0
+    device: str = "auto"
+    exclude: tuple[str, ...] = ()
+    correction: bool = True
+    batch_size: int = 64
+    max_samples: int | None = None
+    holdout_size: int | None = None
+    correction_samples: int = 256
+    verify_samples: int = 256
+    verify_tolerance: float = 1e-3
+    unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
+
+    def __post_init__(self) -> None:
+        _number(self.sparsity, "--sparsity", 0, 1, hi_open=True)
+        _check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        match = _PATTERN.match(str(self.pattern))
+        _check(match is not None, f"--pattern must be 'unstructured' or N:M (e.g. 2:4), got {self.pattern!r}")
+        if match and match.group(2):
+            n, m = int(match.group(2)), int(match.group(3))
+            _check(0 < n < m, f"--pattern N:M needs 0 < N < M, got {self.pattern!r}")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+               f"--seed must be a non-negative integer, got {self.seed!r}")
+        _check(isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
+               f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(isinstance(self.exclude, tuple), f"exclude must be a tuple of patterns, got {type(self.exclude).__name__}")
+        _positive_int(self.batch_size, "--batch-size")
+        _positive_int(self.max_samples, "--max-samples", allow_none=True, minimum=2)
+        _positive_int(self.holdout_size, "--holdout-size", allow_none=True, minimum=0)
+        _positive_int(self.correction_samples, "--correction-samples")
+        _positive_int(self.verify_samples, "--verify-samples")
+        _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        match = _PATTERN.match(self.pattern)
+        return (int(match.group(2)), int(match.group(3))) if match and match.group(2) else None
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unipts"}
+        out["exclude"] = list(self.exclude)
+        out["unipts"] = {f.name: getattr(self.unipts, f.name) for f in fields(self.unipts)}
+        return out

@@ -1,0 +1,72 @@
+"""Per-layer sparsity of any ONNX model, from the graph alone (no conversion)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxsparse.importer.load import load_model
+from onnxsparse.importer.normalize import normalize_for_torch
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    node: str
+    op: str
+    tensor: str
+    shape: tuple[int, ...]
+    params: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.params if self.params else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["sparsity"] = self.sparsity
+        return d
+
+
+def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
+    """The constant weight input of a prunable node, or None."""
+    if node.op_type in ("Conv", "ConvTranspose"):
+        return node.input[1] if node.input[1] in constants else None
+    a, b = node.input[0], node.input[1]
+    if b in constants and len(constants[b].dims) == 2 and a not in constants:
+        return b
+    if a in constants and len(constants[a].dims) == 2 and b not in constants:
+        return a
+    return None
+
+
+def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    norm = normalize_for_torch(proto, convert_opset=False)
+    constants = {init.name: init for init in norm.model.graph.initializer}
+    rows = []
+    for node in norm.model.graph.node:
+        if node.op_type not in PRUNABLE_OPS:
+            continue
+        value = weight_operand(node, constants)
+        if value is None:
+            continue
+        array = numpy_helper.to_array(constants[value])
+        rows.append(
+            LayerInfo(
+                node=norm.original_nodes[node.name][0],
+                op=node.op_type,
+                tensor=norm.sources[value].name,
+                shape=tuple(int(d) for d in array.shape),
+                params=int(array.size),
+                zeros=int(np.count_nonzero(array == 0)),
+            )
+        )
+    return rows

@@ -1,0 +1,106 @@
+"""The interface every pruning method implements, and the registry keyed by method name."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from onnxsparse.config import PruneConfig
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.graph import ImportedModel
+from onnxsparse.sparsity.correction import CorrectionReport, correct
+
+if TYPE_CHECKING:
+    from onnxsparse.data import CalibrationSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneContext:
+    """What a method gets: the imported model, a frozen dense teacher, a student to prune in place."""
+
+    imported: ImportedModel
+    teacher: nn.Module  # dense, eval mode, no gradients
+    student: nn.Module  # starts dense; the method leaves it pruned with plain (unparametrized) weights
+    calib: CalibrationSet
+    config: PruneConfig
+    device: torch.device
+    progress: bool = True
+    stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
+
+    @property
+    def layers(self):
+        return self.imported.layers
+
+    def train_batches(self, batch_size: int | None = None, *, shuffle: bool = False, seed: int | None = None,
+                      augment: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.calib.batches(
+            "train", batch_size or self.config.batch_size, shuffle=shuffle,
+            seed=self.config.seed if seed is None else seed, augment=augment, device=self.device,
+        )
+
+    def correction_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The first ``correction_samples`` training samples as one batch on the device, no augmentation."""
+        n = min(self.config.correction_samples, self.calib.n_train)
+        return tuple(
+            torch.from_numpy(self.calib.train[name][:n]).to(self.device) for name in self.calib.input_names
+        )
+
+    def correct(self, module: nn.Module | None = None,
+                channel_inputs: tuple[torch.Tensor, ...] | None = None) -> CorrectionReport:
+        """Statistics correction of ``module`` (default: the student) unless ``--no-correction``."""
+        if not self.config.correction:
+            return CorrectionReport()
+        module = self.student if module is None else module
+        bn = self.train_batches() if self.imported.has_batchnorm else None
+        return correct(
+            module, self.teacher, self.layers, bn_batches=bn,
+            channel_inputs=channel_inputs if channel_inputs is not None else self.correction_inputs(),
+        )
+
+
+@dataclass
+class MethodResult:
+    sparsities: dict[str, float]  # allotted per-layer sparsity, {tensor_name: sparsity}
+    masks: dict[str, torch.Tensor]  # final masks (True = kept)
+    info: dict = field(default_factory=dict)  # method-specific report (search history, training curve, ...)
+
+
+class PruningMethod(Protocol):
+    name: str
+
+    def run(self, ctx: PruneContext) -> MethodResult: ...
+
+
+_REGISTRY: dict[str, Callable[[], PruningMethod]] = {}
+
+
+def register_method(name: str):
+    def deco(factory: Callable[[], PruningMethod]):
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def get_method(name: str) -> PruningMethod:
+    from onnxsparse import methods  # noqa: F401 - registers the built-in methods
+
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise OnnxSparseError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def available_methods() -> list[str]:
+    from onnxsparse import methods  # noqa: F401
+
+    return sorted(_REGISTRY)
