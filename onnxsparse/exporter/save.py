@@ -68,8 +68,11 @@ def save_atomic(
     created: list[Path] = [tmp]
     try:
         if use_external:
+            # save_model(save_as_external_data=True) rewrites the proto it is given: hand it a copy.
+            staged = onnx.ModelProto()
+            staged.CopyFrom(model)
             onnx.save_model(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                staged, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=tmp_data.name, size_threshold=1024,
             )
             created.append(tmp_data)
