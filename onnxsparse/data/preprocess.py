@@ -1,0 +1,621 @@
+"""Image preprocessing options, presets, and their resolution against what the model declares.
+
+Resolution order for every setting, highest first: explicit user option, sidecar file
+(``preprocess.json`` next to the model), model metadata (``metadata_props`` key
+``onnxsparse.preprocess``), preset, the model input shape, built-in default.
+
+Pixel values go through ``(pixel * scale - mean) / std`` where ``pixel`` is in 0..255 (16-bit images
+are rescaled into that range first). ``mean`` and ``std`` are given in the channel order the model
+receives, except preset values, which are stored in RGB order and reversed when the resolved
+channel order is BGR.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import onnx
+
+from onnxsparse.data.images import DEFAULT_MAX_PIXELS, DecodePlan
+from onnxsparse.data.spec import InputSpec
+from onnxsparse.errors import OnnxSparseError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "onnxsparse.preprocess"
+SIDECAR_NAME = "preprocess.json"
+
+SOURCE_USER = "user"
+SOURCE_SIDECAR = "sidecar"
+SOURCE_METADATA = "model metadata"
+SOURCE_PRESET = "preset"
+SOURCE_SHAPE = "model input shape"
+SOURCE_DEFAULT = "default"
+SOURCES = (SOURCE_USER, SOURCE_SIDECAR, SOURCE_METADATA, SOURCE_PRESET, SOURCE_SHAPE, SOURCE_DEFAULT)
+
+CHANNEL_ORDERS = ("rgb", "bgr", "gray")
+IMAGE_LAYOUTS = ("nchw", "nhwc")
+DEFAULT_SCALE = 1.0 / 255.0
+
+# Keys a sidecar file or the model metadata may set.
+DOCUMENTED_KEYS = ("scale", "mean", "std", "channel_order", "layout", "input_size", "resize", "crop")
+
+# Preset mean/std are in RGB order (see module docstring).
+PRESETS: dict[str, dict[str, Any]] = {
+    # torchvision's ImageNet evaluation transform: Resize(256), CenterCrop(224), ToTensor, Normalize.
+    "imagenet": {
+        "resize": 256,
+        "crop": (224, 224),
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "scale": 1.0 / 255.0,
+        "channel_order": "rgb",
+    },
+    # Keras "caffe" mode: BGR, ImageNet mean pixel subtracted, no scaling; resized to the input size.
+    "caffe": {
+        "mean": (123.68, 116.779, 103.939),
+        "std": (1.0,),
+        "scale": 1.0,
+        "channel_order": "bgr",
+    },
+    # Keras "tf" mode: pixels mapped to [-1, 1]; resized to the input size.
+    "tf": {
+        "mean": (0.5,),
+        "std": (0.5,),
+        "scale": 1.0 / 255.0,
+        "channel_order": "rgb",
+    },
+    "none": {},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsing and validation, shared by PreprocessConfig, sidecar files and model metadata.
+# ``label`` names the value the way the user wrote it ("--mean", "mean in preprocess.json").
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any, label: str) -> int:
+    if not _is_int(value) or int(value) <= 0:
+        raise OnnxSparseError(f"{label} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def parse_size(value: Any, label: str = "--input-size") -> tuple[int, int]:
+    """A (height, width) pair from ``224``, ``(224, 224)``, ``[224, 224]``, ``"224"`` or ``"224x224"``."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*,]\s*(\d+)\s*)?", value)
+        if not match:
+            raise OnnxSparseError(f"{label} must be HxW (e.g. 224x224) or one number, got {value!r}")
+        height = int(match.group(1))
+        width = int(match.group(2)) if match.group(2) is not None else height
+        value = (height, width)
+    if _is_int(value):
+        value = (value, value)
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(_is_int(v) and int(v) > 0 for v in value)
+    ):
+        raise OnnxSparseError(
+            f"{label} must be one positive integer or two (height, width), got {value!r}"
+        )
+    return int(value[0]), int(value[1])
+
+
+def parse_floats(value: Any, label: str) -> tuple[float, ...]:
+    """A tuple of finite floats from a number, a sequence, or a string like ``"0.485,0.456,0.406"``."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+        try:
+            value = tuple(_parse_number_text(p) for p in parts)
+        except ValueError:
+            raise OnnxSparseError(
+                f"{label} must be comma-separated numbers (e.g. 0.485,0.456,0.406), got {value!r}"
+            ) from None
+    if _is_number(value):
+        value = (value,)
+    if not isinstance(value, Sequence) or not value or not all(_is_number(v) for v in value):
+        raise OnnxSparseError(f"{label} must be one number or a list of numbers, got {value!r}")
+    floats = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in floats):
+        raise OnnxSparseError(f"{label} must be finite numbers, got {value!r}")
+    return floats
+
+
+def _parse_number_text(text: str) -> float:
+    if "/" in text:
+        numerator, denominator = text.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(text)
+
+
+def parse_scale(value: Any, label: str = "--scale") -> float:
+    """A positive finite factor from a number or a string like ``"1/255"`` or ``"0.00392"``."""
+    if isinstance(value, str):
+        try:
+            value = _parse_number_text(value.strip())
+        except (ValueError, ZeroDivisionError):
+            raise OnnxSparseError(f"{label} must be a number or a fraction like 1/255, got {value!r}") from None
+    if not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise OnnxSparseError(f"{label} must be a positive finite number (e.g. 1/255), got {value!r}")
+    return float(value)
+
+
+def _choice(value: Any, label: str, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise OnnxSparseError(f"{label} must be one of {', '.join(allowed)}, got {value!r}")
+    return value.lower()
+
+
+def _std(value: Any, label: str) -> tuple[float, ...]:
+    floats = parse_floats(value, label)
+    if any(v <= 0 for v in floats):
+        raise OnnxSparseError(f"{label} values must be > 0, got {value!r}")
+    return floats
+
+
+def _crop(value: Any, label: str) -> int | tuple[int, int]:
+    if _is_int(value):
+        return _positive_int(value, label)
+    return parse_size(value, label)
+
+
+# Per documented key: (validator, CLI option name).
+_VALIDATORS = {
+    "resize": (_positive_int, "--resize"),
+    "crop": (_crop, "--crop"),
+    "input_size": (parse_size, "--input-size"),
+    "mean": (parse_floats, "--mean"),
+    "std": (_std, "--std"),
+    "scale": (parse_scale, "--scale"),
+    "channel_order": (lambda v, label: _choice(v, label, CHANNEL_ORDERS), "--channel-order"),
+    "layout": (lambda v, label: _choice(v, label, IMAGE_LAYOUTS), "--layout"),
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing options given by the user; ``None`` means "not given", resolved later.
+
+    ``crop`` and ``input_size`` take ints or (height, width); ``mean``/``std`` take one value for all
+    channels or one per channel, in the model's channel order; ``scale`` multiplies 0..255 pixels.
+    ``augment`` enables training-time augmentation for image sources; ``workers`` is the number of
+    decoding processes (0 decodes in this process); images larger than ``max_pixels`` are skipped.
+    """
+
+    preset: str | None = None
+    resize: int | None = None
+    crop: int | tuple[int, int] | None = None
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    scale: float | None = None
+    channel_order: str | None = None
+    layout: str | None = None
+    augment: bool = True
+    workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.preset is not None:
+            object.__setattr__(self, "preset", _choice(self.preset, "--preset", tuple(PRESETS)))
+        for key, (validate, option) in _VALIDATORS.items():
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, validate(value, option))
+        if not isinstance(self.augment, bool):
+            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
+        if not _is_int(self.workers) or self.workers < 0:
+            raise OnnxSparseError(f"--workers must be an integer >= 0 (0 decodes in-process), got {self.workers!r}")
+        object.__setattr__(self, "workers", int(self.workers))
+        object.__setattr__(self, "max_pixels", _positive_int(self.max_pixels, "max_pixels"))
+
+    def given(self) -> dict[str, Any]:
+        """The documented preprocessing keys the user set (not None)."""
+        return {key: getattr(self, key) for key in DOCUMENTED_KEYS if getattr(self, key) is not None}
+
+
+def parse_documented(obj: Any, where: str) -> dict[str, Any]:
+    """Validate a preprocessing JSON object from a sidecar file or the model metadata."""
+    if not isinstance(obj, Mapping):
+        raise OnnxSparseError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(DOCUMENTED_KEYS))
+    if unknown:
+        raise OnnxSparseError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DOCUMENTED_KEYS)}"
+        )
+    parsed = {}
+    for key, value in obj.items():
+        if value is None:
+            continue
+        validate, _ = _VALIDATORS[key]
+        parsed[key] = validate(value, f"{key} in {where}")
+    return parsed
+
+
+def read_model_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """The preprocessing documented in the model's metadata_props, or None."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            where = f"model metadata {METADATA_KEY!r}"
+            try:
+                obj = json.loads(prop.value)
+            except json.JSONDecodeError as exc:
+                raise OnnxSparseError(f"{where} is not valid JSON: {exc}") from None
+            return parse_documented(obj, where)
+    return None
+
+
+def sidecar_path(model_path: str | os.PathLike | None) -> Path | None:
+    if model_path is None:
+        return None
+    return Path(model_path).parent / SIDECAR_NAME
+
+
+def read_sidecar(model_path: str | os.PathLike | None) -> tuple[dict[str, Any] | None, Path | None]:
+    """The preprocessing documented in ``preprocess.json`` next to the model file, and its path."""
+    path = sidecar_path(model_path)
+    if path is None or not path.is_file():
+        return None, None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxSparseError(f"cannot read {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise OnnxSparseError(f"{path} is not valid JSON: {exc}") from None
+    return parse_documented(obj, str(path)), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A resolved value and where it came from (one of SOURCES)."""
+
+    value: Any
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise OnnxSparseError(f"setting source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class ResolvedPreprocess:
+    """The image pipeline for one model input, every setting with its source."""
+
+    input_name: str
+    preset: str | None
+    sidecar: str | None
+    layout: Setting
+    channels: Setting
+    channel_order: Setting
+    input_size: Setting
+    resize: Setting
+    crop: Setting
+    scale: Setting
+    mean: Setting
+    std: Setting
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        channels = self.channels.value
+        if channels not in (1, 3):
+            raise OnnxSparseError(f"image inputs need 1 or 3 channels, got {channels}")
+        if len(self.mean.value) != channels or len(self.std.value) != channels:
+            raise OnnxSparseError(
+                f"mean and std need {channels} values each, got {self.mean.value} and {self.std.value}"
+            )
+        if (self.channel_order.value == "gray") != (channels == 1):
+            raise OnnxSparseError(
+                f"channel order {self.channel_order.value} does not fit {channels} channel(s)"
+            )
+
+    @property
+    def gray(self) -> bool:
+        return self.channels.value == 1
+
+    def plan(self) -> DecodePlan:
+        """What each decoding worker does to one file."""
+        return DecodePlan(
+            gray=self.gray,
+            resize=self.resize.value,
+            crop=self.crop.value,
+            size=self.input_size.value,
+            max_pixels=self.max_pixels,
+        )
+
+    def steps(self) -> list[str]:
+        height, width = self.input_size.value
+        steps = ["decode to " + ("grayscale" if self.gray else "RGB")]
+        if self.resize.value is not None:
+            steps.append(f"resize shorter side to {self.resize.value} (bilinear)")
+        if self.crop.value is not None:
+            steps.append(f"center crop {self.crop.value[0]}x{self.crop.value[1]}")
+        elif self.resize.value is not None:
+            steps.append(f"center crop {height}x{width} (input size)")
+        else:
+            steps.append(f"resize to {height}x{width} (bilinear)")
+        if self.channel_order.value == "bgr":
+            steps.append("reverse channels to BGR")
+        steps.append(f"multiply by {self.scale.value:.6g}")
+        if any(m != 0.0 for m in self.mean.value):
+            steps.append("subtract mean " + ", ".join(f"{m:.6g}" for m in self.mean.value))
+        if any(s != 1.0 for s in self.std.value):
+            steps.append("divide by std " + ", ".join(f"{s:.6g}" for s in self.std.value))
+        steps.append(f"layout {self.layout.value.upper()}")
+        return steps
+
+    def settings(self) -> dict[str, Setting]:
+        return {
+            "layout": self.layout,
+            "channels": self.channels,
+            "channel_order": self.channel_order,
+            "input_size": self.input_size,
+            "resize": self.resize,
+            "crop": self.crop,
+            "scale": self.scale,
+            "mean": self.mean,
+            "std": self.std,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description for the report."""
+        return {
+            "input": self.input_name,
+            "preset": self.preset,
+            "sidecar": self.sidecar,
+            "settings": {
+                key: {"value": _jsonable(s.value), "source": s.source} for key, s in self.settings().items()
+            },
+            "steps": self.steps(),
+            "notes": list(self.notes),
+        }
+
+    def describe(self) -> str:
+        parts = [
+            f"{key}={_format_value(s.value)} ({s.source})" for key, s in self.settings().items()
+        ]
+        return f"input {self.input_name!r}: " + ", ".join(parts)
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(v, int) for v in value):
+            return f"{value[0]}x{value[1]}"
+        return "(" + ", ".join(_format_value(v) for v in value) + ")"
+    return str(value)
+
+
+def _label(key: str, source: str, sidecar: Path | None) -> str:
+    """How an error names a setting given by ``source``."""
+    if source == SOURCE_USER:
+        return _VALIDATORS[key][1]
+    if source == SOURCE_SIDECAR:
+        return f"{key} in {sidecar}"
+    if source == SOURCE_METADATA:
+        return f"{key} in model metadata {METADATA_KEY!r}"
+    return f"{key} ({source})"
+
+
+def resolve_preprocess(
+    config: PreprocessConfig,
+    spec: InputSpec,
+    *,
+    model: onnx.ModelProto | None = None,
+    model_path: str | os.PathLike | None = None,
+) -> ResolvedPreprocess:
+    """Resolve ``config`` against the model's declared input, sidecar file and metadata."""
+    if not spec.is_image:
+        raise OnnxSparseError(
+            f"input {spec.name!r} has shape {spec.describe_shape()}, not a 4-D image input; "
+            "an image folder needs an NCHW or NHWC input (use .npy/.npz tensors for other inputs)"
+        )
+    metadata = read_model_metadata(model) if model is not None else None
+    sidecar, sidecar_file = read_sidecar(model_path)
+    preset_name = config.preset or "none"
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        (SOURCE_USER, config.given()),
+        (SOURCE_SIDECAR, sidecar or {}),
+        (SOURCE_METADATA, metadata or {}),
+        (SOURCE_PRESET, PRESETS[preset_name]),
+    ]
+
+    def pick(key: str) -> Setting | None:
+        for source, values in layers:
+            if values.get(key) is not None:
+                return Setting(values[key], source)
+        return None
+
+    def label(key: str, setting: Setting) -> str:
+        return _label(key, setting.source, sidecar_file)
+
+    notes: list[str] = []
+    shape_text = spec.describe_shape()
+
+    # Layout: declared shape unless documented otherwise.
+    layout = pick("layout")
+    if layout is None:
+        certain = (spec.shape[1] is not None and spec.shape[1] <= 4) != (
+            spec.shape[3] is not None and spec.shape[3] <= 4
+        )
+        layout = Setting(spec.layout, SOURCE_SHAPE if certain else SOURCE_DEFAULT)
+    channel_axis = spec.channel_axis(layout.value)
+    declared_channels = spec.shape[channel_axis]
+    order = pick("channel_order")
+
+    # Channels: declared count, else implied by the channel order.
+    if declared_channels is not None:
+        if declared_channels not in (1, 3):
+            raise OnnxSparseError(
+                f"input {spec.name!r} has {declared_channels} channels (shape {shape_text}, layout "
+                f"{layout.value.upper()} from {layout.source}); image folders feed 1-channel (gray) or "
+                "3-channel (RGB/BGR) inputs"
+            )
+        channels = Setting(declared_channels, SOURCE_SHAPE)
+    elif order is not None:
+        channels = Setting(1 if order.value == "gray" else 3, order.source)
+    else:
+        channels = Setting(3, SOURCE_DEFAULT)
+
+    if channels.value == 1:
+        if order is not None and order.value != "gray" and order.source != SOURCE_PRESET:
+            raise OnnxSparseError(
+                f"{label('channel_order', order)} is {order.value} but input {spec.name!r} has 1 channel "
+                f"(shape {shape_text}); use gray or leave it unset"
+            )
+        if order is None or order.value != "gray":
+            order = Setting("gray", SOURCE_SHAPE if channels.source == SOURCE_SHAPE else channels.source)
+    else:
+        if order is not None and order.value == "gray":
+            raise OnnxSparseError(
+                f"{label('channel_order', order)} is gray but input {spec.name!r} has 3 channels "
+                f"(shape {shape_text}); use rgb or bgr"
+            )
+        if order is None:
+            order = Setting("rgb", SOURCE_DEFAULT)
+
+    # Input size: declared height/width win; a documented size must agree with them.
+    declared_h, declared_w = spec.spatial_dims(layout.value)
+    size = pick("input_size")
+    crop = pick("crop")
+    if crop is not None:
+        crop = Setting(parse_size(crop.value, label("crop", crop)), crop.source)
+    if size is not None:
+        height, width = size.value
+        if (declared_h is not None and declared_h != height) or (declared_w is not None and declared_w != width):
+            raise OnnxSparseError(
+                f"{label('input_size', size)} is {height}x{width} but input {spec.name!r} has shape "
+                f"{shape_text} ({_dim(declared_h)}x{_dim(declared_w)}); use the model's size or leave it unset"
+            )
+    elif declared_h is not None and declared_w is not None:
+        size = Setting((declared_h, declared_w), SOURCE_SHAPE)
+    elif crop is not None and crop.source != SOURCE_PRESET and _fits(crop.value, declared_h, declared_w):
+        size = Setting(crop.value, crop.source)
+    else:
+        raise OnnxSparseError(
+            f"input {spec.name!r} has a dynamic height or width (shape {shape_text}); pass --input-size HxW "
+            f"(or set input_size in {SIDECAR_NAME} next to the model)"
+        )
+
+    resize = pick("resize") or Setting(None, SOURCE_DEFAULT)
+    if crop is not None and crop.value != size.value:
+        if crop.source == SOURCE_PRESET:
+            # Keep the preset's resize-to-crop ratio at the model's size (e.g. 256/224 for imagenet).
+            if resize.source == SOURCE_PRESET and resize.value is not None:
+                scaled = round(resize.value * min(size.value) / min(crop.value))
+                notes.append(
+                    f"preset {preset_name} resize {resize.value} / crop {_format_value(crop.value)} scaled to "
+                    f"the input size: resize {scaled}, crop {_format_value(size.value)}"
+                )
+                resize = Setting(scaled, SOURCE_PRESET)
+            else:
+                notes.append(f"preset {preset_name} crop {_format_value(crop.value)} replaced by the input size")
+            crop = Setting(size.value, SOURCE_PRESET)
+        else:
+            raise OnnxSparseError(
+                f"{label('crop', crop)} is {_format_value(crop.value)} but the input size is "
+                f"{_format_value(size.value)} (from {size.source}); the crop must equal the input size"
+            )
+    if crop is None:
+        crop = Setting(None, SOURCE_DEFAULT)
+    if resize.value is not None:
+        crop_hw = crop.value or size.value
+        if max(crop_hw) > resize.value:
+            log.warning(
+                "resize %d is smaller than the crop %s: images are padded with zeros where they are "
+                "smaller than the crop (as torchvision's CenterCrop does)",
+                resize.value,
+                _format_value(crop_hw),
+            )
+
+    scale = pick("scale") or Setting(DEFAULT_SCALE, SOURCE_DEFAULT)
+    mean = _per_channel("mean", pick("mean"), 0.0, channels.value, order.value, preset_name, spec, label)
+    std = _per_channel("std", pick("std"), 1.0, channels.value, order.value, preset_name, spec, label)
+
+    resolved = ResolvedPreprocess(
+        input_name=spec.name,
+        preset=config.preset,
+        sidecar=str(sidecar_file) if sidecar_file is not None else None,
+        layout=layout,
+        channels=channels,
+        channel_order=order,
+        input_size=size,
+        resize=resize,
+        crop=crop,
+        scale=scale,
+        mean=mean,
+        std=std,
+        max_pixels=config.max_pixels,
+        notes=tuple(notes),
+    )
+    for note in notes:
+        log.info("%s", note)
+    log.info("calibration preprocessing: %s", resolved.describe())
+    log.info("calibration pipeline: %s", " -> ".join(resolved.steps()))
+    return resolved
+
+
+def _dim(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _fits(size: tuple[int, int], height: int | None, width: int | None) -> bool:
+    return (height is None or height == size[0]) and (width is None or width == size[1])
+
+
+def _per_channel(
+    key: str,
+    setting: Setting | None,
+    default: float,
+    channels: int,
+    order: str,
+    preset_name: str,
+    spec: InputSpec,
+    label,
+) -> Setting:
+    if setting is None:
+        return Setting((default,) * channels, SOURCE_DEFAULT)
+    values = tuple(setting.value)
+    if len(values) == 1:
+        return Setting(values * channels, setting.source)
+    if len(values) != channels:
+        if setting.source == SOURCE_PRESET:
+            raise OnnxSparseError(
+                f"preset {preset_name} has {len(values)} {key} values but input {spec.name!r} has {channels} "
+                f"channel(s); use --preset none or pass --mean and --std with {channels} value(s)"
+            )
+        raise OnnxSparseError(
+            f"{label(key, setting)} must have {channels} value{'s' if channels > 1 else ''} "
+            f"(one per channel) or 1 for all, got {len(values)}: {', '.join(f'{v:g}' for v in values)}"
+        )
+    if setting.source == SOURCE_PRESET and order == "bgr":
+        values = values[::-1]
+    return Setting(values, setting.source)
