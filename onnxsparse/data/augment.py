@@ -1,0 +1,112 @@
+"""Training-time augmentation on preprocessed, batched image tensors (runs on the tensor's device)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from onnxsparse.errors import OnnxSparseError
+
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+FLIP_P = 0.5
+_ATTEMPTS = 10
+
+
+def crop_params(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    flip_p: float = FLIP_P,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample (top, left, crop height, crop width, flip), as CPU tensors.
+
+    Like torchvision's RandomResizedCrop: up to 10 tries of a random area fraction in ``scale`` and
+    log-uniform aspect ratio in ``ratio``, the first crop that fits wins; if none fits, the largest
+    centered crop within ``ratio``. The same generator state always gives the same parameters.
+    """
+    device = generator.device
+    area = float(height * width)
+    shape = (n, _ATTEMPTS)
+    fraction = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    log_ratio = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    position = torch.rand((n, 2), generator=generator, device=device, dtype=torch.float64)
+    flip_draw = torch.rand((n,), generator=generator, device=device, dtype=torch.float64)
+    fraction, log_ratio, position, flip_draw = (t.cpu() for t in (fraction, log_ratio, position, flip_draw))
+
+    target = area * (scale[0] + fraction * (scale[1] - scale[0]))
+    aspect = torch.exp(math.log(ratio[0]) + log_ratio * (math.log(ratio[1]) - math.log(ratio[0])))
+    crop_w = torch.round(torch.sqrt(target * aspect)).long()
+    crop_h = torch.round(torch.sqrt(target / aspect)).long()
+    fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+    first = fits.long().argmax(dim=1, keepdim=True)
+    crop_w = crop_w.gather(1, first).squeeze(1)
+    crop_h = crop_h.gather(1, first).squeeze(1)
+
+    # Fallback when no try fits: centered, aspect clamped into ``ratio``.
+    image_ratio = width / height
+    if image_ratio < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif image_ratio > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    any_fit = fits.any(dim=1)
+    crop_w = torch.where(any_fit, crop_w, torch.full_like(crop_w, fallback_w))
+    crop_h = torch.where(any_fit, crop_h, torch.full_like(crop_h, fallback_h))
+
+    top = torch.floor(position[:, 0] * (height - crop_h + 1).double()).long().clamp(max=height - 1)
+    left = torch.floor(position[:, 1] * (width - crop_w + 1).double()).long().clamp(max=width - 1)
+    top = torch.where(any_fit, top, (height - crop_h) // 2)
+    left = torch.where(any_fit, left, (width - crop_w) // 2)
+    top = torch.minimum(top, height - crop_h)
+    left = torch.minimum(left, width - crop_w)
+    flip = flip_draw < flip_p
+    return top, left, crop_h, crop_w, flip
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, layout: str = "nchw") -> torch.Tensor:
+    """Random resized crop (scale 0.35..1, ratio 3/4..4/3, bilinear back to the input size) and a
+    horizontal flip with p=0.5, independently per sample; deterministic for a given generator state.
+
+    ``x`` is a batched image tensor in ``layout`` ("nchw" or "nhwc"); the result has the same shape,
+    dtype, layout and device.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise OnnxSparseError(f"augment_batch needs a 4-D image batch, got {shape}")
+    if not x.is_floating_point():
+        raise OnnxSparseError(f"augment_batch needs a floating-point tensor, got {x.dtype}")
+    if layout not in ("nchw", "nhwc"):
+        raise OnnxSparseError(f"layout must be nchw or nhwc, got {layout!r}")
+    if not isinstance(generator, torch.Generator):
+        raise OnnxSparseError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    images = x.permute(0, 3, 1, 2) if layout == "nhwc" else x
+    n, _, height, width = images.shape
+    if n == 0 or height == 0 or width == 0:
+        return x.clone()
+    top, left, crop_h, crop_w, flip = crop_params(n, height, width, generator)
+
+    # Affine grid over normalized coordinates (align_corners=False): output pixel j samples input
+    # x = left + (j + 0.5) * crop_w / width - 0.5, i.e. bilinear resizing of the crop.
+    sx = crop_w.double() / width
+    sy = crop_h.double() / height
+    theta = torch.zeros((n, 2, 3), dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(flip, -sx, sx)
+    theta[:, 0, 2] = (2 * left + crop_w).double() / width - 1
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = (2 * top + crop_h).double() / height - 1
+
+    work_dtype = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+    work = images.to(work_dtype)
+    grid = F.affine_grid(theta.to(device=work.device, dtype=work_dtype), list(work.shape), align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.to(x.dtype)
+    if layout == "nhwc":
+        out = out.permute(0, 2, 3, 1)
+    return out.contiguous()

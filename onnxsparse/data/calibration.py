@@ -1,0 +1,599 @@
+"""Loading calibration data from any supported source into a train/holdout CalibrationSet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from onnxsparse.data.augment import augment_batch
+from onnxsparse.data.images import IMAGE_EXTENSIONS, SKIP_REASONS, decode_files, is_image_file
+from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
+from onnxsparse.data.spec import InputSpec, input_specs
+from onnxsparse.data.tensors import (
+    FeedCollector,
+    collect_files,
+    collect_stream,
+    dataset_items,
+    is_tensor_file,
+    reader_items,
+)
+from onnxsparse.errors import OnnxSparseError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "holdout")
+
+# Decoded images kept in memory when max_samples is not given (train + holdout, float32).
+DEFAULT_IMAGE_CACHE_BYTES = 2 * 1024**3
+
+MIN_SAMPLES = 2
+
+
+def default_holdout_size(n: int) -> int:
+    """10% of the samples, at least 32 and at most 1000, and never more than half of them."""
+    return min(max(math.ceil(0.1 * n), 32), 1000, n // 2)
+
+
+def check_batch_size(n_samples: int, batch_size: int, *, split: str = "train") -> None:
+    """Raise if a split is too small for a step that needs full batches of ``batch_size``."""
+    if not _is_int(batch_size) or batch_size <= 0:
+        raise OnnxSparseError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if n_samples < batch_size:
+        raise OnnxSparseError(
+            f"the calibration {split} split has {n_samples} sample(s), fewer than the batch size {batch_size}; "
+            "add calibration data, lower --batch-size, or lower the holdout size"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Preprocessed calibration tensors split into a training part and a holdout part.
+
+    Arrays are float32 in the model's layout, keyed by input name, in ``input_names`` order. The
+    holdout part only measures dense-vs-sparse agreement; augmentation never touches it.
+    ``layouts`` names the layout of each image input (needed to augment); ``dtypes`` holds the
+    declared element type of each input (``feeds`` casts to it).
+    """
+
+    train: dict[str, np.ndarray]
+    holdout: dict[str, np.ndarray]
+    input_names: tuple[str, ...]
+    augment: bool
+    pipeline: dict
+    skipped: dict
+    layouts: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = tuple(self.input_names)
+        object.__setattr__(self, "input_names", names)
+        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise OnnxSparseError(f"input_names must be distinct strings, got {names!r}")
+        for split in SPLITS:
+            arrays = getattr(self, split)
+            if set(arrays) != set(names):
+                raise OnnxSparseError(f"{split} has arrays for {sorted(arrays)}, expected {list(names)}")
+            counts = set()
+            for name in names:
+                array = arrays[name]
+                if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim < 1:
+                    raise OnnxSparseError(f"{split}[{name!r}] must be a float32 numpy array with a batch axis")
+                counts.add(len(array))
+            if len(counts) != 1:
+                raise OnnxSparseError(f"{split} inputs have different sample counts: {sorted(counts)}")
+        for name in names:
+            if self.train[name].shape[1:] != self.holdout[name].shape[1:]:
+                raise OnnxSparseError(
+                    f"train and holdout samples of {name!r} differ in shape: "
+                    f"{self.train[name].shape[1:]} vs {self.holdout[name].shape[1:]}"
+                )
+        if not isinstance(self.augment, bool):
+            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
+        if self.augment and not (len(names) == 1 and self.layouts.get(names[0]) in ("nchw", "nhwc")):
+            raise OnnxSparseError("augmentation needs exactly one image input with a known layout (nchw or nhwc)")
+        try:
+            json.dumps(self.pipeline)
+        except (TypeError, ValueError) as exc:
+            raise OnnxSparseError(f"pipeline must be JSON-serialisable: {exc}") from None
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train[self.input_names[0]])
+
+    @property
+    def n_holdout(self) -> int:
+        return len(self.holdout[self.input_names[0]])
+
+    def _arrays(self, split: str) -> dict[str, np.ndarray]:
+        if split not in SPLITS:
+            raise OnnxSparseError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return self.train if split == "train" else self.holdout
+
+    def check_batch_size(self, batch_size: int, split: str = "train") -> None:
+        """Raise if ``split`` has fewer samples than ``batch_size``."""
+        check_batch_size(len(self._arrays(split)[self.input_names[0]]), batch_size, split=split)
+
+    def batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches of torch tensors in ``input_names`` order, on ``device``.
+
+        ``shuffle`` permutes the order with ``seed``; augmentation applies when ``augment`` is True,
+        the set allows it (``self.augment``) and the split is "train" (never the holdout). With
+        ``world_size`` > 1 the (shuffled) order is padded by wrapping around to a multiple of
+        ``world_size`` and rank ``rank`` takes every ``world_size``-th sample, so all ranks get the
+        same number of batches.
+        """
+        arrays = self._arrays(split)
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise OnnxSparseError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not _is_int(world_size) or world_size < 1 or not _is_int(rank) or not 0 <= rank < world_size:
+            raise OnnxSparseError(f"rank must be in 0..world_size-1 with world_size >= 1, got {rank}/{world_size}")
+        device = torch.device(device)
+        n = len(arrays[self.input_names[0]])
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        if world_size > 1 and n > 0:
+            order = np.resize(order, math.ceil(n / world_size) * world_size)[rank::world_size]
+        use_augment = bool(augment) and self.augment and split == "train"
+        generator = None
+        if use_augment:
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+        pin = device.type == "cuda"
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            if drop_last and len(index) < batch_size:
+                break
+            tensors = []
+            for name in self.input_names:
+                tensor = torch.from_numpy(arrays[name][index])
+                if pin:
+                    tensor = tensor.pin_memory().to(device, non_blocking=True)
+                else:
+                    tensor = tensor.to(device)
+                if generator is not None:
+                    tensor = augment_batch(tensor, generator, self.layouts[name])
+                tensors.append(tensor)
+            yield tuple(tensors)
+
+    def feeds(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """onnxruntime feed dicts in stored order, cast to each input's declared dtype, no augmentation."""
+        arrays = self._arrays(split)
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise OnnxSparseError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n = len(arrays[self.input_names[0]])
+        for start in range(0, n, batch_size):
+            yield {
+                name: arrays[name][start : start + batch_size].astype(self.dtypes.get(name, np.float32), copy=False)
+                for name in self.input_names
+            }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True)
+class _Folder:
+    root: Path
+    images: tuple[Path, ...]
+    tensors: tuple[Path, ...]
+    others: tuple[Path, ...]
+
+
+def _scan(root: Path) -> _Folder:
+    images, tensors, others = [], [], []
+    seen: set[str] = set()
+    any_entry = False
+
+    def on_error(exc: OSError) -> None:
+        log.warning("cannot list %s: %s", exc.filename, exc.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            # A symlink loop or a folder linked twice: list it once.
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        any_entry = any_entry or bool(dirnames or filenames)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if is_image_file(name):
+                images.append(path)
+            elif is_tensor_file(name):
+                tensors.append(path)
+            else:
+                others.append(path)
+    if not any_entry:
+        raise OnnxSparseError(f"calibration folder {root} is empty")
+    key = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    return _Folder(root, tuple(sorted(images, key=key)), tuple(sorted(tensors, key=key)), tuple(sorted(others, key=key)))
+
+
+def _split_sizes(
+    n: int, max_samples: int | None, holdout_size: int | None, where: str, cap: int | None = None
+) -> tuple[int, int]:
+    """(holdout, train) sample counts for ``n`` available samples."""
+    if n < MIN_SAMPLES:
+        raise OnnxSparseError(
+            f"{where} has {n} usable sample(s); calibration needs at least {MIN_SAMPLES} "
+            "(one for training, one for the holdout)"
+        )
+    holdout = default_holdout_size(n) if holdout_size is None else holdout_size
+    if holdout >= n:
+        raise OnnxSparseError(
+            f"holdout_size {holdout} leaves no training samples: {where} has {n} sample(s); "
+            f"use a holdout size below {n}"
+        )
+    train = n - holdout
+    if max_samples is not None:
+        train = min(train, max_samples)
+    elif cap is not None and holdout + train > cap:
+        train = max(1, cap - holdout)
+        log.info(
+            "using %d of %d training samples to keep decoded images within %.1f GiB; pass max_samples to change",
+            train,
+            n - holdout,
+            DEFAULT_IMAGE_CACHE_BYTES / 1024**3,
+        )
+    return holdout, train
+
+
+def _validate_args(
+    preprocess: PreprocessConfig, max_samples: int | None, holdout_size: int | None, seed: int
+) -> None:
+    if not isinstance(preprocess, PreprocessConfig):
+        raise OnnxSparseError(f"preprocess must be a PreprocessConfig, got {type(preprocess).__name__}")
+    if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
+        raise OnnxSparseError(f"--max-samples must be a positive integer, got {max_samples!r}")
+    if holdout_size is not None and (not _is_int(holdout_size) or holdout_size < 0):
+        raise OnnxSparseError(f"--holdout-size must be an integer >= 0, got {holdout_size!r}")
+    if not _is_int(seed):
+        raise OnnxSparseError(f"--seed must be an integer, got {seed!r}")
+
+
+def _check_inputs(specs: list[InputSpec]) -> None:
+    for spec in specs:
+        if not spec.is_float:
+            raise OnnxSparseError(
+                f"input {spec.name!r} is a {spec.dtype} tensor; onnxsparse calibrates models whose inputs are "
+                "float tensors (float16, float32 or float64)"
+            )
+
+
+def _split_info(n: int, holdout: int, train: int, seed: int, max_samples, holdout_size) -> dict:
+    return {
+        "seed": seed,
+        "available": n,
+        "train": train,
+        "holdout": holdout,
+        "max_samples": max_samples,
+        "holdout_size": {"value": holdout, "source": "user" if holdout_size is not None else "default"},
+    }
+
+
+def load_calibration(
+    source: Any,
+    model: onnx.ModelProto,
+    *,
+    model_path: str | os.PathLike | None = None,
+    preprocess: PreprocessConfig = PreprocessConfig(),
+    max_samples: int | None = None,
+    holdout_size: int | None = None,
+    seed: int = 0,
+) -> CalibrationSet:
+    """Load, preprocess and split calibration data for ``model``.
+
+    ``source`` is a folder of images (searched recursively), a folder of .npy/.npz files, one
+    .npy/.npz file, a dict of input name -> batch array, an array (single-input models), an
+    onnxruntime CalibrationDataReader-like object (``get_next()``), an iterable of feed dicts, or a
+    torch Dataset/DataLoader. ``max_samples`` caps the training split; the holdout split
+    (``holdout_size``, default 10% within 32..1000) is drawn first with ``seed``.
+    """
+    _validate_args(preprocess, max_samples, holdout_size, seed)
+    specs = input_specs(model)
+    _check_inputs(specs)
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise OnnxSparseError(f"calibration source {path} does not exist")
+        if path.is_dir():
+            folder = _scan(path)
+            if folder.images and folder.tensors:
+                raise OnnxSparseError(
+                    f"calibration folder {path} holds both image files ({len(folder.images)}) and .npy/.npz "
+                    f"files ({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --calib at one kind"
+                )
+            if folder.images:
+                return _load_images(folder, specs, model, model_path, preprocess, max_samples, holdout_size, seed)
+            if folder.tensors:
+                collector = collect_files(list(folder.tensors), specs, path)
+                return _from_collector(
+                    collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)},
+                    preprocess, max_samples, holdout_size, seed,
+                )
+            examples = ", ".join(p.name for p in folder.others[:3])
+            raise OnnxSparseError(
+                f"calibration folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)}) or .npy/.npz files"
+                + (f"; found {len(folder.others)} other file(s), e.g. {examples}" if folder.others else "")
+            )
+        if path.is_file():
+            if is_tensor_file(path.name):
+                collector = collect_files([path], specs, path)
+                return _from_collector(
+                    collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)},
+                    preprocess, max_samples, holdout_size, seed,
+                )
+            if is_image_file(path.name):
+                raise OnnxSparseError(
+                    f"calibration source {path} is a single image; --calib needs a folder of images "
+                    f"(at least {MIN_SAMPLES})"
+                )
+            raise OnnxSparseError(
+                f"calibration source {path} is not a folder, .npy or .npz file (got {path.suffix or 'no extension'})"
+            )
+        raise OnnxSparseError(f"calibration source {path} is neither a folder nor a file")
+
+    limit = max_samples + holdout_size if max_samples is not None and holdout_size is not None else None
+    if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
+        collector = FeedCollector(specs)
+        collector.add_item(source, "feed")
+        kind = "feed dict" if isinstance(source, Mapping) else "array"
+        return _from_collector(collector, specs, {"kind": kind}, preprocess, max_samples, holdout_size, seed)
+    if callable(getattr(source, "get_next", None)):
+        collector = collect_stream(reader_items(source), specs, "reader", limit)
+        rewind = getattr(source, "rewind", None)
+        if callable(rewind):
+            try:
+                rewind()
+            except Exception as exc:  # noqa: BLE001 - a reader's rewind is optional; we hold a copy
+                log.debug("reader rewind failed (%s); its data is cached", exc)
+        return _from_collector(
+            collector, specs, {"kind": "reader", "type": type(source).__name__},
+            preprocess, max_samples, holdout_size, seed,
+        )
+    if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
+        if hasattr(source, "__len__"):
+            return _load_dataset(source, specs, preprocess, max_samples, holdout_size, seed)
+    if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
+        what = "DataLoader" if isinstance(source, torch.utils.data.DataLoader) else type(source).__name__
+        collector = collect_stream(iter(source), specs, what, limit)
+        return _from_collector(collector, specs, {"kind": "iterable", "type": what}, preprocess, max_samples,
+                               holdout_size, seed)
+    raise OnnxSparseError(
+        f"unsupported calibration source of type {type(source).__name__}; expected a folder or .npy/.npz path, "
+        "a feed dict, a CalibrationDataReader, an iterable of feed dicts, or a torch Dataset/DataLoader"
+    )
+
+
+def _warn_ignored(preprocess: PreprocessConfig, kind: str) -> list[str]:
+    ignored = sorted(preprocess.given())
+    if preprocess.preset not in (None, "none"):
+        ignored.insert(0, "preset")
+    if ignored:
+        log.warning(
+            "preprocessing options %s are ignored: a %s is used as given (already preprocessed)",
+            ", ".join(ignored), kind,
+        )
+    return ignored
+
+
+def _from_collector(
+    collector: FeedCollector,
+    specs: list[InputSpec],
+    source_info: dict,
+    preprocess: PreprocessConfig,
+    max_samples: int | None,
+    holdout_size: int | None,
+    seed: int,
+) -> CalibrationSet:
+    where = source_info.get("path") or f"the {source_info['kind']}"
+    n = collector.count
+    holdout, train = _split_sizes(n, max_samples, holdout_size, where)
+    arrays = collector.arrays()
+    order = np.random.default_rng(seed).permutation(n)
+    holdout_index, train_index = order[:holdout], order[holdout : holdout + train]
+    ignored = _warn_ignored(preprocess, source_info["kind"])
+    pipeline = {
+        "source": source_info,
+        "preprocess": None,
+        "ignored_options": ignored,
+        "augment": False,
+        "split": _split_info(n, holdout, train, seed, max_samples, holdout_size),
+        "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
+    }
+    log.info(
+        "calibration data: %d samples from %s -> %d train, %d holdout (seed %d)", n, where, train, holdout, seed
+    )
+    return CalibrationSet(
+        train={name: a[train_index] for name, a in arrays.items()},
+        holdout={name: a[holdout_index] for name, a in arrays.items()},
+        input_names=tuple(s.name for s in specs),
+        augment=False,
+        pipeline=pipeline,
+        skipped={},
+        layouts={s.name: s.layout for s in specs},
+        dtypes={s.name: s.dtype for s in specs},
+    )
+
+
+def _load_dataset(
+    dataset: Any,
+    specs: list[InputSpec],
+    preprocess: PreprocessConfig,
+    max_samples: int | None,
+    holdout_size: int | None,
+    seed: int,
+) -> CalibrationSet:
+    """A map-style torch Dataset: only the items the split needs are read, in seeded order."""
+    what = type(dataset).__name__
+    n = len(dataset)
+    holdout, train = _split_sizes(n, max_samples, holdout_size, f"the {what}")
+    order = np.random.default_rng(seed).permutation(n)[: holdout + train]
+    collector = collect_stream(dataset_items(dataset, order), specs, what, holdout + train)
+    arrays = collector.arrays()
+    if collector.count != holdout + train:
+        raise OnnxSparseError(
+            f"{what} items should each be one sample; {holdout + train} items gave {collector.count} samples"
+        )
+    ignored = _warn_ignored(preprocess, "torch Dataset")
+    pipeline = {
+        "source": {"kind": "torch Dataset", "type": what, "length": n},
+        "preprocess": None,
+        "ignored_options": ignored,
+        "augment": False,
+        "split": _split_info(n, holdout, train, seed, max_samples, holdout_size),
+        "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
+    }
+    log.info("calibration data: %s of %d items -> %d train, %d holdout (seed %d)", what, n, train, holdout, seed)
+    return CalibrationSet(
+        train={name: a[holdout:] for name, a in arrays.items()},
+        holdout={name: a[:holdout] for name, a in arrays.items()},
+        input_names=tuple(s.name for s in specs),
+        augment=False,
+        pipeline=pipeline,
+        skipped={},
+        layouts={s.name: s.layout for s in specs},
+        dtypes={s.name: s.dtype for s in specs},
+    )
+
+
+def _load_images(
+    folder: _Folder,
+    specs: list[InputSpec],
+    model: onnx.ModelProto,
+    model_path: str | os.PathLike | None,
+    preprocess: PreprocessConfig,
+    max_samples: int | None,
+    holdout_size: int | None,
+    seed: int,
+) -> CalibrationSet:
+    if len(specs) != 1:
+        raise OnnxSparseError(
+            f"an image folder feeds one image input, but the model has {len(specs)} inputs "
+            f"({', '.join(repr(s.name) for s in specs)}); use .npz files keyed by input name"
+        )
+    spec = specs[0]
+    resolved = resolve_preprocess(preprocess, spec, model=model, model_path=model_path)
+    plan = resolved.plan()
+    height, width = plan.size
+    channels = plan.channels
+    layout = resolved.layout.value
+    sample_shape = (channels, height, width) if layout == "nchw" else (height, width, channels)
+    sample_bytes = 4 * channels * height * width
+
+    n_files = len(folder.images)
+    where = f"calibration folder {folder.root}"
+    if n_files < MIN_SAMPLES:
+        raise OnnxSparseError(
+            f"{where} has {n_files} image file; calibration needs at least {MIN_SAMPLES} "
+            "(one for training, one for the holdout)"
+        )
+    cap = max(MIN_SAMPLES, DEFAULT_IMAGE_CACHE_BYTES // sample_bytes)
+    holdout, train = _split_sizes(n_files, max_samples, holdout_size, where, cap=cap)
+    order = np.random.default_rng(seed).permutation(n_files)
+    paths = [str(folder.images[i]) for i in order]
+    buffer = np.empty((holdout + train, *sample_shape), np.float32)
+    bgr = resolved.channel_order.value == "bgr"
+
+    def store(k: int, array: np.ndarray) -> None:
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if bgr:
+            array = array[:, :, ::-1]
+        buffer[k] = array.transpose(2, 0, 1) if layout == "nchw" else array
+
+    stats = decode_files(paths, plan, holdout + train, store, workers=preprocess.workers)
+    skipped = dict(stats.skipped)
+    n_skipped = sum(skipped.values())
+    good = stats.decoded
+    if n_skipped:
+        summary = ", ".join(f"{count} {reason}" for reason, count in skipped.items() if count)
+        if good == 0:
+            raise OnnxSparseError(
+                f"none of the {n_skipped} image files tried in {folder.root} could be decoded ({summary}); "
+                f"first: {stats.examples[0]}"
+            )
+        log.warning(
+            "skipped %d of %d image files (%s); first: %s",
+            n_skipped, n_skipped + good, summary, "; ".join(stats.examples[:3]),
+        )
+    if good < holdout + train:
+        # Ran out of readable files: split what decoded.
+        holdout, train = _split_sizes(good, max_samples, holdout_size, f"{where} (readable images)")
+        buffer = buffer[: holdout + train]
+    log.info(
+        "decoded %d images in %.2f s (%.0f images/s, %s)",
+        good, stats.seconds, stats.images_per_second,
+        f"{stats.workers} worker processes" if stats.workers else "in-process",
+    )
+
+    scale = np.float32(resolved.scale.value)
+    shape = (1, channels, 1, 1) if layout == "nchw" else (1, 1, 1, channels)
+    mean = np.asarray(resolved.mean.value, np.float32).reshape(shape)
+    std = np.asarray(resolved.std.value, np.float32).reshape(shape)
+    for start in range(0, len(buffer), 256):
+        part = buffer[start : start + 256]
+        part *= scale
+        part -= mean
+        part /= std
+
+    augment = preprocess.augment
+    pipeline = {
+        "source": {"kind": "image folder", "path": str(folder.root), "files": n_files},
+        "preprocess": resolved.as_dict(),
+        "augment": augment,
+        "split": _split_info(n_files, holdout, train, seed, max_samples, holdout_size),
+        "decode": {
+            "workers": stats.workers,
+            "images": good,
+            "seconds": round(stats.seconds, 3),
+            "images_per_second": round(stats.images_per_second, 1),
+        },
+        "skipped": skipped,
+    }
+    log.info(
+        "calibration data: %d images from %s -> %d train, %d holdout (seed %d), augmentation %s",
+        good, folder.root, train, holdout, seed, "on" if augment else "off",
+    )
+    return CalibrationSet(
+        train={spec.name: buffer[holdout : holdout + train]},
+        holdout={spec.name: buffer[:holdout]},
+        input_names=(spec.name,),
+        augment=augment,
+        pipeline=pipeline,
+        skipped=skipped,
+        layouts={spec.name: layout},
+        dtypes={spec.name: spec.dtype},
+    )
+
+
