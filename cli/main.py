@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 
 import click
@@ -21,16 +23,29 @@ class _Group(click.Group):
             click.echo(f"onnxsparse: error: {exc}", err=True)
             click.echo("FAILED", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("onnxsparse: interrupted; no output was written", err=True)
+        except KeyboardInterrupt as exc:
+            phase = getattr(exc, "phase", None)
+            where = f" during {phase}" if phase else ""
+            click.echo(f"onnxsparse: interrupted{where}; no output was written", err=True)
             click.echo("FAILED", err=True)
             sys.exit(130)
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a run like Ctrl-C (atomic writes leave no partial file either way)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not in the main thread (e.g. embedded): keep the default
+        signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(onnxsparse.__version__, prog_name="onnxsparse")
 def main() -> None:
     """Post-training sparsity for ONNX models (UniPTS), verified with onnxruntime."""
+    _sigterm_as_interrupt()
 
 
 @main.command()

@@ -36,19 +36,31 @@ class PruneResult:
     report: dict = field(default_factory=dict)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a run; ``phase`` says where. Nothing was written."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
 class _Timer:
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
+        self.current = "start"
 
     def phase(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
+                timer.current = name
                 self.start = time.perf_counter()
 
-            def __exit__(self, *exc):
+            def __exit__(self, exc_type, exc, tb):
                 timer.phases[name] = timer.phases.get(name, 0.0) + time.perf_counter() - self.start
+                if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                    raise Interrupted(name) from None
 
         return _Ctx()
 
