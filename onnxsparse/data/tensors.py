@@ -149,7 +149,9 @@ class FeedCollector:
                         f"{where}: input {spec.name!r} has shape {tuple(batch.shape)} (as a batch) but the model "
                         f"declares {spec.describe_shape()}: dimension {axis} is {batch.shape[axis]}, expected {want}"
                     )
-        converted = batch.astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            # Overflow to inf is reported just below, with the input's name.
+            converted = batch.astype(np.float32, copy=False)
         finite = np.isfinite(converted)
         if not finite.all():
             bad = int(converted.size - np.count_nonzero(finite))
@@ -180,13 +182,22 @@ class FeedCollector:
         return result
 
 
+def _load_error(path: Path, what: str, exc: ValueError) -> OnnxSparseError:
+    text = str(exc)
+    if "Object arrays" in text:
+        return OnnxSparseError(f"{path} holds Python objects; only numeric arrays are supported")
+    if "pickled data" in text:
+        return OnnxSparseError(
+            f"cannot read {path} as a {what}: it is neither .npy nor .npz (pickled files are not loaded)"
+        )
+    return OnnxSparseError(f"cannot read {path} as a {what}: {text}")
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise OnnxSparseError(f"{path} holds Python objects (pickled); only numeric arrays are supported") from None
-        raise OnnxSparseError(f"cannot read {path} as a .npy array: {exc}") from None
+        raise _load_error(path, ".npy array", exc) from None
     except (OSError, EOFError) as exc:
         raise OnnxSparseError(f"cannot read {path} as a .npy array: {exc}") from None
 
@@ -198,9 +209,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 raise OnnxSparseError(f"{path} is a .npy array, not a .npz archive; rename it to .npy")
             return {key: npz[key] for key in npz.files}
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise OnnxSparseError(f"{path} holds Python objects (pickled); only numeric arrays are supported") from None
-        raise OnnxSparseError(f"cannot read {path} as a .npz archive: {exc}") from None
+        raise _load_error(path, ".npz archive", exc) from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise OnnxSparseError(f"cannot read {path} as a .npz archive: {exc}") from None
 
