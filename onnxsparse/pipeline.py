@@ -19,9 +19,12 @@ from onnxsparse.config import PruneConfig
 from onnxsparse.device import resolve_device
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
+from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, zip_size
+from onnxsparse.exporter.writeback import to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
+from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
 
 logger = logging.getLogger(__name__)
@@ -65,12 +68,22 @@ class _Timer:
         return _Ctx()
 
 
-def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str, np.ndarray]) -> list[dict]:
+def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str, np.ndarray],
+                 nm: tuple[int, int] | None = None) -> list[dict]:
+    """One row per prunable layer. With an N:M pattern the target is ``1 - N/M`` (0 for layers left dense)."""
+    dense = patterns.dense_layers(imported.layers, nm)
     rows = []
     for layer in imported.layers:
-        target = result.sparsities.get(layer.name, 0.0)
+        if nm is None:
+            target, pattern = result.sparsities.get(layer.name, 0.0), "unstructured"
+        elif layer.name in dense:
+            target, pattern = 0.0, "dense"
+        else:
+            target, pattern = 1.0 - nm[0] / nm[1], patterns.format_pattern(nm)
         array = arrays.get(layer.name)
         zeros = int((array == 0).sum()) if array is not None else zeros_for(target, layer.numel)
+        axis = patterns.layer_onnx_axis(layer)
+        tightest = patterns.tightest_pattern(array, axis) if array is not None else None
         rows.append(
             {
                 "name": layer.name,
@@ -82,12 +95,17 @@ def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str
                 "target_zeros": zeros_for(target, layer.numel),
                 "zeros": zeros,
                 "achieved_sparsity": zeros / layer.numel,
+                "pattern": pattern,
+                "nm_axis": axis,  # group axis of the ONNX initializer (TensorRT: input channels)
+                "nm": patterns.format_pattern(tightest) if tightest else "-",
+                "dense_reason": dense.get(layer.name),
             }
         )
     return rows
 
 
-def _check_zeros(rows: list[dict]) -> None:
+def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays: dict[str, np.ndarray] | None = None,
+                 nm: tuple[int, int] | None = None) -> None:
     # Zeros may exceed the target only where kept weights happen to be exactly zero; fewer is a bug.
     for row in rows:
         if row["zeros"] < row["target_zeros"]:
@@ -95,10 +113,50 @@ def _check_zeros(rows: list[dict]) -> None:
                 f"internal error: layer {row['name']!r} has {row['zeros']} zeros, {row['target_zeros']} allotted; "
                 "nothing was written"
             )
+    if nm is None or imported is None or arrays is None:
+        return
+    n, m = nm
+    for row in rows:
+        array = arrays.get(row["name"])
+        if array is None:
+            continue
+        if row["pattern"] == "dense":
+            before = int((imported.layer(row["name"]).weight.original == 0).sum())
+            if row["zeros"] > before:
+                raise OnnxSparseError(
+                    f"internal error: layer {row['name']!r} must stay dense under pattern {n}:{m} "
+                    f"({row['dense_reason']}) but has {row['zeros']} zeros, {before} before; nothing was written"
+                )
+        elif not patterns.check_nm(array, n, m, row["nm_axis"]):
+            raise OnnxSparseError(
+                f"internal error: layer {row['name']!r} breaks the {n}:{m} pattern along ONNX axis {row['nm_axis']}; "
+                "nothing was written"
+            )
+
+
+def _storage(model_path: Path | None, pruned: onnx.ModelProto, sparse: onnx.ModelProto, save_format: str,
+             converted: list[str]) -> dict:
+    """File sizes of the pruned model in both formats, and of a zip (deflate) archive of each."""
+    variants = {}
+    for name, proto in (("dense", pruned), ("sparse-initializer", sparse)):
+        size = proto.ByteSize()
+        variants[name] = {
+            "bytes": size,
+            # zipping in memory doubles the model's footprint: only below the single-file limit
+            "zip_bytes": zip_size(proto.SerializeToString()) if size < EXTERNAL_DATA_THRESHOLD // 4 else None,
+        }
+    return {
+        "format": save_format,
+        "sparse_tensors": len(converted) if save_format == "sparse-initializer" else 0,
+        "sparse_tensors_possible": len(converted),
+        "input_bytes": files_size(model_path) if model_path is not None and model_path.is_file() else None,
+        **variants,
+        "saved_bytes": None,
+    }
 
 
 def prune(
-    model: str | os.PathLike,
+    model: str | os.PathLike | onnx.ModelProto,
     output: str | os.PathLike | None,
     calib,
     config: PruneConfig,
@@ -117,10 +175,12 @@ def prune(
 
     timer = _Timer()
     started = time.perf_counter()
+    model_path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    sources = (model_path,) if model_path is not None else ()
     if output is not None:
-        check_output_path(output, inputs=(model,), force=force)
+        check_output_path(output, inputs=sources, force=force)
     if report_path is not None:
-        check_output_path(report_path, inputs=(model,), force=True)
+        check_output_path(report_path, inputs=sources, force=True)
     with timer.phase("import"):
         imported = import_model(model, exclude=config.exclude)
     if not imported.layers:
@@ -131,7 +191,7 @@ def prune(
         )
     with timer.phase("calibration data"):
         calib_set = load_calibration(
-            calib, imported.proto, model_path=model, preprocess=preprocess or PreprocessConfig(),
+            calib, imported.proto, model_path=model_path, preprocess=preprocess or PreprocessConfig(),
             max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
         )
     device = resolve_device(config.device)
@@ -141,6 +201,13 @@ def prune(
     for p in teacher.parameters():
         p.requires_grad_(False)
     ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress)
+    notes: list[str] = []
+    if config.nm is not None:
+        n, m = config.nm
+        if abs(config.sparsity - (1.0 - n / m)) > 1e-9:
+            notes.append(f"--sparsity {config.sparsity:g} ignored: pattern {config.pattern} sets every N:M layer to "
+                         f"{1.0 - n / m:g} (layers it cannot group stay dense)")
+            logger.warning(notes[-1])
     method = get_method(config.method)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, device)
     with timer.phase("method"):
@@ -156,11 +223,21 @@ def prune(
     with timer.phase("export"):
         pruned, changed = write_back(imported, student, metadata)
         arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers])
-        rows = _layer_table(imported, result, arrays)
-        _check_zeros(rows)
+        rows = _layer_table(imported, result, arrays, config.nm)
+        _check_zeros(rows, imported, arrays, config.nm)
         achieved = sum(r["zeros"] for r in rows) / total
         prop = pruned.metadata_props.add()
         prop.key, prop.value = "onnxsparse.achieved_sparsity", f"{achieved:.6g}"
+        initializer_weights = [layer.weight.source.name for layer in imported.layers
+                               if layer.weight.source.kind == "initializer"]
+        sparse_model, converted = to_sparse_initializers(pruned, initializer_weights)
+        storage = _storage(model_path, pruned, sparse_model, config.save_format, converted)
+        to_save = sparse_model if config.save_format == "sparse-initializer" else pruned
+        if config.save_format == "sparse-initializer" and not converted:
+            notes.append("--save-format sparse-initializer: no pruned weight is smaller as a sparse tensor "
+                         "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
+        if config.save_format != "sparse-initializer":
+            del sparse_model
     n_verify = min(config.verify_samples, calib_set.n_holdout) if calib_set.n_holdout else min(
         config.verify_samples, calib_set.n_train)
     split = "holdout" if calib_set.n_holdout else "train"
@@ -178,7 +255,7 @@ def prune(
 
     def validate(path: Path) -> None:
         nonlocal verification
-        dense_ref = model if Path(model).is_file() else imported.proto
+        dense_ref = model_path if model_path is not None else imported.proto
         verification = verify_file(
             path, dense_ref, feeds(), student=student, input_names=calib_set.input_names, device="cpu",
             tolerance=config.verify_tolerance,
@@ -186,17 +263,20 @@ def prune(
 
     with timer.phase("verify+save"):
         if output is not None:
-            save_atomic(pruned, output, validate=validate)
+            save_atomic(to_save, output, validate=validate)
+            storage["saved_bytes"] = files_size(output)
         else:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                save_atomic(pruned, Path(tmp) / "dry-run.onnx", validate=validate)
+                save_atomic(to_save, Path(tmp) / "dry-run.onnx", validate=validate)
+                storage["saved_bytes"] = files_size(Path(tmp) / "dry-run.onnx")
     report = {
         "onnxsparse": onnxsparse.__version__,
-        "model": str(model),
+        "model": str(model_path) if model_path is not None else "<ModelProto>",
         "output": str(output) if output is not None else None,
         "method": config.method,
+        "pattern": config.pattern,
         "target_sparsity": config.sparsity,
         "achieved_sparsity": achieved,
         "prunable_params": total,
@@ -210,6 +290,10 @@ def prune(
                   "notes": imported.notes},
         "layers": rows,
         "skipped_layers": [vars(s) for s in imported.skipped],
+        "dense_layers": [{"name": r["name"], "node": r["node"], "op": r["op"], "reason": r["dense_reason"]}
+                         for r in rows if r["pattern"] == "dense"],
+        "storage": storage,
+        "notes": notes,
         "changed_tensors": len(changed),
         "method_info": result.info,
         "verification": verification,
