@@ -1,0 +1,79 @@
+"""The pipeline never writes a model it could not verify, and leaves nothing behind when stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import graphs
+import onnxsparse.methods.magnitude as magnitude
+import onnxsparse.pipeline as pipeline
+from onnxsparse import OnnxSparseError, PruneConfig, prune
+
+
+def _feeds(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((8, 1, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def _only_file(tmp_path):
+    return sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_export_mismatch_writes_nothing(tmp_path, monkeypatch):
+    real = pipeline.write_back
+
+    def corrupt(imported, module, metadata=None):
+        model, changed = real(imported, module, metadata)
+        init = next(i for i in model.graph.initializer if i.name == imported.layers[-1].name)
+        from onnx import numpy_helper
+
+        array = numpy_helper.to_array(init).copy()
+        array[array != 0] *= 2
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+        return model, changed
+
+    monkeypatch.setattr(pipeline, "write_back", corrupt)
+    out = tmp_path / "o.onnx"
+    with pytest.raises(OnnxSparseError, match="onnxruntime disagrees with the pruned torch model"):
+        prune(graphs.export_torch(graphs.tiny_cnn()), out, _feeds(), PruneConfig(sparsity=0.5, method="magnitude"),
+              progress=False)
+    assert _only_file(tmp_path) == []
+
+
+def test_diverged_weights_are_never_written(tmp_path, monkeypatch):
+    real = magnitude._Magnitude.run
+
+    def diverge(self, ctx):
+        result = real(self, ctx)
+        with torch.no_grad():
+            ctx.layers[0].weight.get(ctx.student).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(magnitude._Magnitude, "run", diverge)
+    with pytest.raises(OnnxSparseError, match="NaN or Inf"):
+        prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", _feeds(),
+              PruneConfig(sparsity=0.5, method="magnitude"), progress=False)
+    assert _only_file(tmp_path) == []
+
+
+def test_interrupt_names_the_phase_and_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(self, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(magnitude._Magnitude, "run", interrupted)
+    with pytest.raises(pipeline.Interrupted) as info:
+        prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", _feeds(),
+              PruneConfig(sparsity=0.5, method="magnitude"), progress=False)
+    assert info.value.phase == "method"
+    assert _only_file(tmp_path) == []
+
+
+def test_same_seed_same_result():
+    model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
+    config = PruneConfig(sparsity=0.8, method="global-magnitude", seed=3)
+    a = prune(model, None, _feeds(), config, progress=False).report
+    b = prune(model, None, _feeds(), config, progress=False).report
+    assert a["layers"] == b["layers"]
+    assert a["verification"]["outputs"] == b["verification"]["outputs"]
