@@ -10,7 +10,7 @@ import sys
 import click
 
 import onnxsparse
-from onnxsparse.config import METHODS
+from onnxsparse.config import METHODS, SAVE_FORMATS
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse_cli.options import preprocessing, verbosity
 
@@ -55,7 +55,12 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output model path.")
 @click.option("--dry-run", is_flag=True, help="Run and verify everything but write no model.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="unipts", show_default=True)
-@click.option("--pattern", default="unstructured", show_default=True, help="unstructured or N:M (e.g. 2:4).")
+@click.option("--pattern", default="unstructured", show_default=True,
+              help="unstructured, or N:M (e.g. 2:4): keep the N largest of every M input-channel weights "
+                   "(layer sparsity 1 - N/M; layers whose input channels are not a multiple of M stay dense).")
+@click.option("--save-format", type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
+              help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
+                   "(onnxruntime densifies them at load).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
@@ -77,7 +82,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @preprocessing
 @verbosity
-def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device, exclude, no_correction, batch_size,
+def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
           time_budget, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
@@ -97,7 +102,7 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device
     config = PruneConfig(
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
-        unipts=unipts,
+        save_format=save_format, unipts=unipts,
     )
     result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
                        report_path=report_path, progress=not quiet)
@@ -111,16 +116,29 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device
 
 def _print_summary(report: dict) -> None:
     rows = report["layers"]
-    click.echo(f"{'layer':<40} {'op':<14} {'params':>10} {'target':>8} {'achieved':>9}", err=True)
+    click.echo(f"{'layer':<40} {'op':<14} {'params':>10} {'target':>8} {'achieved':>9} {'N:M':>5}", err=True)
     for row in rows:
         name = row["node"] or row["name"]
         click.echo(
             f"{name[-40:]:<40} {row['op']:<14} {row['params']:>10,} {row['target_sparsity']:>8.2%} "
-            f"{row['achieved_sparsity']:>9.2%}",
+            f"{row['achieved_sparsity']:>9.2%} {row.get('nm', '-'):>5}",
             err=True,
         )
     for skipped in report["skipped_layers"]:
         click.echo(f"skipped {skipped['node'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
+    for dense in report.get("dense_layers", []):
+        click.echo(f"left dense {dense['node'] or dense['name']} ({dense['op']}): {dense['reason']}", err=True)
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    storage = report.get("storage")
+    if storage:
+        def _mb(n):
+            return "?" if n is None else f"{n / 1e6:.3g} MB"
+
+        parts = [f"{fmt} {_mb(storage[fmt]['bytes'])} (zip {_mb(storage[fmt]['zip_bytes'])})"
+                 for fmt in ("dense", "sparse-initializer")]
+        click.echo(f"storage: input {_mb(storage.get('input_bytes'))}; " + "; ".join(parts)
+                   + f"; saved as {storage['format']}: {_mb(storage.get('saved_bytes'))}", err=True)
     ver = report.get("verification", {})
     agreement = ver.get("top1_agreement")
     outs = ver.get("outputs", [])
@@ -140,7 +158,11 @@ def _print_summary(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @verbosity
 def inspect(model, as_json, quiet) -> None:
-    """Per-layer weight shapes, parameter counts and current sparsity of MODEL."""
+    """Per-layer weight shapes, parameter counts, current sparsity and N:M pattern of MODEL.
+
+    N:M is the tightest of 1:8, 1:4, 2:8, 2:4, 4:8 the weight satisfies along its input-channel axis
+    (TensorRT's layout); "2:4" says whether 2:4 sparse kernels can use the layer as it is.
+    """
     from onnxsparse.inspect import inspect_model
 
     rows = inspect_model(model)
@@ -148,13 +170,112 @@ def inspect(model, as_json, quiet) -> None:
     zeros = sum(r.zeros for r in rows)
     if as_json:
         click.echo(json.dumps({"layers": [r.as_dict() for r in rows], "params": total, "zeros": zeros,
-                               "sparsity": zeros / total if total else 0.0}, indent=2))
+                               "sparsity": zeros / total if total else 0.0,
+                               "layers_2_4": sum(r.satisfies_2_4 for r in rows)}, indent=2))
         return
-    click.echo(f"{'node':<40} {'op':<14} {'weight shape':<20} {'params':>10} {'sparsity':>9}")
+    click.echo(f"{'node':<40} {'op':<14} {'weight shape':<20} {'params':>10} {'sparsity':>9} {'2:4':>4} {'N:M':>5}")
     for r in rows:
-        click.echo(f"{(r.node or r.tensor)[-40:]:<40} {r.op:<14} {str(list(r.shape)):<20} {r.params:>10,} {r.sparsity:>9.2%}")
-    click.echo(f"{'total':<40} {'':<14} {len(rows):<20} {total:>10,} {(zeros / total if total else 0):>9.2%}")
+        click.echo(f"{(r.node or r.tensor)[-40:]:<40} {r.op:<14} {str(list(r.shape)):<20} {r.params:>10,} "
+                   f"{r.sparsity:>9.2%} {('yes' if r.satisfies_2_4 else 'no'):>4} {r.nm:>5}")
+    n24 = sum(r.satisfies_2_4 for r in rows)
+    click.echo(f"{'total':<40} {'':<14} {len(rows):<20} {total:>10,} {(zeros / total if total else 0):>9.2%} "
+               f"{n24:>4}")
 
+
+
+def _fraction(value: float | None, flag: str) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise OnnxSparseError(f"{flag} must be a fraction in [0, 1] (e.g. 0.95 for 95%), got {value!r}")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Labelled image folder: one sub-folder per class.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
+              help="Class names, one per line, in the model's class order (default: sorted folder names).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate at most this many images (balanced over classes).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@preprocessing
+@verbosity
+def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quiet) -> None:
+    """Top-1 and top-5 accuracy of MODEL with onnxruntime on the labelled image folder --data."""
+    from onnxsparse.evaluate import evaluate
+
+    if limit is not None and limit < 1:
+        raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
+    result = evaluate(model, data, preprocess=preprocess, labels_file=labels_file, batch_size=batch_size,
+                      limit=limit, progress=not quiet and not as_json)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"{'model':<10} {result.model}")
+    click.echo(f"{'data':<10} {result.data} ({result.images:,} images, {result.classes} classes)")
+    click.echo(f"{'top-1':<10} {_pct(result.top1)} ({result.correct_top1:,}/{result.images:,})")
+    click.echo(f"{'top-5':<10} {_pct(result.top5)}")
+    if result.skipped:
+        click.echo(f"{'skipped':<10} " + ", ".join(f"{v} {k}" for k, v in result.skipped.items()))
+    click.echo(f"{'time':<10} {result.seconds:.1f}s")
+
+
+@main.command()
+@click.argument("dense", type=click.Path(dir_okay=False))
+@click.argument("sparse", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Image folder (labelled folders also give accuracy).")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
+              help="Class names, one per line, in the model's class order.")
+@click.option("--min-agreement", type=float, default=None,
+              help="Exit with status 1 when top-1 agreement is below this fraction (e.g. 0.99).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--limit", type=int, default=None, help="Compare on at most this many images.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@preprocessing
+@verbosity
+def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, preprocess, quiet) -> None:
+    """Run DENSE and SPARSE on the same --data inputs; report agreement, output differences, sparsity."""
+    from onnxsparse.evaluate import compare as run_compare
+
+    _fraction(min_agreement, "--min-agreement")
+    if limit is not None and limit < 1:
+        raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
+    result = run_compare(dense, sparse, data, preprocess=preprocess, labels_file=labels_file,
+                         batch_size=batch_size, limit=limit)
+    if min_agreement is not None and result.top1_agreement is None:
+        raise OnnxSparseError(
+            "--min-agreement needs class scores ([N, classes]) as the first output; this model's first output "
+            "is not one"
+        )
+    passed = result.passes(min_agreement)
+    if as_json:
+        click.echo(json.dumps({**result.as_dict(), "min_agreement": min_agreement, "passed": passed}, indent=2))
+    else:
+        click.echo(f"{result.images:,} images from {result.data}")
+        click.echo(f"top-1 agreement   {_pct(result.top1_agreement)}")
+        if result.dense_accuracy is not None:
+            click.echo(f"top-1 accuracy    dense {_pct(result.dense_accuracy['top1'])}, "
+                       f"sparse {_pct(result.sparse_accuracy['top1'])}")
+        click.echo(f"{'output':<32} {'cosine':>9} {'max |diff|':>11} {'mean |diff|':>12}")
+        for out in result.outputs:
+            click.echo(f"{out['name'][-32:]:<32} {out['cosine']:>9.5f} {out['max_abs_diff']:>11.4g} "
+                       f"{out['mean_abs_diff']:>12.4g}")
+        if not quiet:
+            click.echo(f"{'layer':<40} {'op':<8} {'params':>10} {'dense':>8} {'sparse':>8}")
+            for row in result.layers:
+                click.echo(f"{(row.node or row.tensor)[-40:]:<40} {row.op:<8} {row.params:>10,} "
+                           f"{_pct(row.dense_sparsity):>8} {_pct(row.sparse_sparsity):>8}")
+        click.echo(f"{'total':<40} {'':<8} {sum(r.params for r in result.layers):>10,} "
+                   f"{_pct(result.dense_sparsity):>8} {_pct(result.sparse_sparsity):>8}")
+    if min_agreement is not None:
+        verdict = (f"top-1 agreement {_pct(result.top1_agreement)} "
+                   f"{'>=' if passed else '<'} --min-agreement {_pct(min_agreement)}")
+        if not passed:
+            click.echo(f"FAILED: {verdict}", err=True)
+            sys.exit(1)
+        click.echo(f"PASSED: {verdict}", err=as_json)
 
 if __name__ == "__main__":
     main()

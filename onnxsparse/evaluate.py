@@ -1,0 +1,566 @@
+"""Evaluation with onnxruntime: accuracy on a labelled image folder, and dense-vs-sparse comparison.
+
+* :func:`evaluate` - top-1 / top-5 accuracy of one model on a torchvision ``ImageFolder`` layout (one
+  sub-folder per class; class index = sorted folder order, or the line number in a ``--labels`` file).
+* :func:`compare` - two models (dense and sparse) on the same inputs: top-1 agreement, per-output cosine
+  similarity and absolute differences, per-layer sparsity of both, and both accuracies when labelled.
+
+Images go through exactly the calibration pipeline of ``prune`` (:func:`onnxsparse.data.resolve_preprocess`:
+user flags > ``preprocess.json`` next to the model > model metadata > preset > input shape), are decoded in
+worker processes, and are streamed in batches so that folders larger than memory work.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxsparse.data.images import DecodePlan, decode_image, is_image_file
+from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
+from onnxsparse.data.spec import InputSpec, input_specs
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.exporter.verify import ort_session
+from onnxsparse.importer.load import load_model
+from onnxsparse.inspect import inspect_model
+
+logger = logging.getLogger(__name__)
+
+UNLABELLED = -1
+_WINDOW = 512  # files decoded per round trip to the worker pool
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Image files of a folder and, for an ImageFolder layout, their class index (else ``UNLABELLED``)."""
+
+    root: Path
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]  # class names by index; () when unlabelled
+
+    def __post_init__(self) -> None:
+        if len(self.files) != len(self.labels):
+            raise OnnxSparseError(f"{len(self.files)} files but {len(self.labels)} labels")
+        if any(not (lab == UNLABELLED or 0 <= lab < len(self.classes)) for lab in self.labels):
+            raise OnnxSparseError(f"labels must be in 0..{len(self.classes) - 1} or {UNLABELLED}")
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def head(self, limit: int | None) -> ImageFolder:
+        """The first ``limit`` files, taken evenly across classes (round robin) so that a subset stays balanced."""
+        if limit is None or limit >= len(self.files):
+            return self
+        if not self.labelled:
+            return ImageFolder(self.root, self.files[:limit], self.labels[:limit], self.classes)
+        by_class: dict[int, list[int]] = {}
+        for i, lab in enumerate(self.labels):
+            by_class.setdefault(lab, []).append(i)
+        picked: list[int] = []
+        queues = [iter(v) for _, v in sorted(by_class.items())]
+        while len(picked) < limit and queues:
+            alive = []
+            for q in queues:
+                nxt = next(q, None)
+                if nxt is None:
+                    continue
+                picked.append(nxt)
+                alive.append(q)
+                if len(picked) == limit:
+                    break
+            queues = alive
+        picked.sort()
+        return ImageFolder(self.root, tuple(self.files[i] for i in picked), tuple(self.labels[i] for i in picked),
+                           self.classes)
+
+
+def read_labels_file(path: str | os.PathLike) -> tuple[str, ...]:
+    """Class names, one per line, in class-index order (blank lines and ``#`` comments ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OnnxSparseError(f"--labels file {p} does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OnnxSparseError(f"cannot read --labels file {p}: {exc}") from None
+    names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not names:
+        raise OnnxSparseError(f"--labels file {p} lists no class names (expected one name per line)")
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise OnnxSparseError(f"--labels file {p} lists {', '.join(map(repr, dupes[:5]))} more than once")
+    return tuple(names)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f) and not f.startswith("."))
+    return found
+
+
+def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | None = None,
+                require_labels: bool = True) -> ImageFolder:
+    """Scan ``root``. ImageFolder layout (images only inside class sub-folders) gives labels.
+
+    ``require_labels=False`` also accepts a flat or mixed folder (every image, recursively, unlabelled).
+    """
+    path = Path(root)
+    if not path.is_dir():
+        raise OnnxSparseError(f"--data {path} is not a folder")
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in path.iterdir() if p.is_file() and is_image_file(p.name)]
+    if not subdirs or loose:
+        if require_labels:
+            raise OnnxSparseError(
+                f"--data {path} is not a labelled image folder: expected one sub-folder per class holding its "
+                f"images (torchvision ImageFolder layout), found {len(subdirs)} sub-folder(s) and "
+                f"{len(loose)} image(s) at the top"
+            )
+        files = _images_under(path)
+        if not files:
+            raise OnnxSparseError(f"--data {path} holds no image files")
+        return ImageFolder(path, tuple(files), (UNLABELLED,) * len(files), ())
+    if labels_file is not None:
+        classes = read_labels_file(labels_file)
+        unknown = [d.name for d in subdirs if d.name not in classes]
+        if unknown:
+            raise OnnxSparseError(
+                f"class folder(s) {', '.join(map(repr, unknown[:5]))} in {path} are not in --labels {labels_file} "
+                f"(which lists {len(classes)} classes: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
+            )
+    else:
+        classes = tuple(d.name for d in subdirs)
+    index = {name: i for i, name in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for d in subdirs:
+        found = _images_under(d)
+        files.extend(found)
+        labels.extend([index[d.name]] * len(found))
+    if not files:
+        raise OnnxSparseError(f"--data {path}: the class folders hold no image files")
+    return ImageFolder(path, tuple(files), tuple(labels), classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # Workers run Pillow and numpy only; fork starts them in milliseconds on Linux.
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _decode_many(paths: Sequence[str], plan: DecodePlan) -> list:
+    return [decode_image(p, plan) for p in paths]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The resolved preprocessing for one image input, as arrays ready to apply."""
+
+    resolved: ResolvedPreprocess
+    spec: InputSpec
+
+    @property
+    def layout(self) -> str:
+        return self.resolved.layout.value
+
+    def finish(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """(H, W[, C]) pixel arrays in 0..255 -> one float batch in the model's layout and dtype."""
+        batch = np.stack([a[:, :, None] if a.ndim == 2 else a for a in arrays]).astype(np.float32)
+        if self.resolved.channel_order.value == "bgr":
+            batch = batch[..., ::-1]
+        channels = batch.shape[-1]
+        shape = (1, 1, 1, channels)
+        batch *= np.float32(self.resolved.scale.value)
+        batch -= np.asarray(self.resolved.mean.value, np.float32).reshape(shape)
+        batch /= np.asarray(self.resolved.std.value, np.float32).reshape(shape)
+        if self.layout == "nchw":
+            batch = batch.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(batch.astype(self.spec.dtype, copy=False))
+
+
+def image_pipeline(model: onnx.ModelProto, model_path: str | os.PathLike | None,
+                   preprocess: PreprocessConfig) -> Pipeline:
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise OnnxSparseError(
+            f"evaluation on an image folder needs a model with one input, got {len(specs)} "
+            f"({', '.join(s.name for s in specs)})"
+        )
+    return Pipeline(resolve_preprocess(preprocess, specs[0], model=model, model_path=model_path), specs[0])
+
+
+def iter_batches(folder: ImageFolder, pipeline: Pipeline, batch_size: int, *, workers: int = 2,
+                 skipped: Counter | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, labels) batches in file order; unreadable files are counted in ``skipped`` and left out."""
+    if batch_size < 1:
+        raise OnnxSparseError(f"--batch-size must be >= 1, got {batch_size}")
+    plan = pipeline.resolved.plan()
+    skipped = skipped if skipped is not None else Counter()
+    pending_x: list[np.ndarray] = []
+    pending_y: list[int] = []
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) if workers > 0 else None
+    try:
+        for start in range(0, len(folder.files), _WINDOW):
+            paths = [str(p) for p in folder.files[start:start + _WINDOW]]
+            if executor is None:
+                results = _decode_many(paths, plan)
+            else:
+                size = max(1, min(64, len(paths) // (2 * workers)))
+                chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+                results = [d for chunk in executor.map(_decode_many, chunks, [plan] * len(chunks)) for d in chunk]
+            for offset, decoded in enumerate(results):
+                if decoded.array is None:
+                    skipped[decoded.reason] += 1
+                    logger.warning("skipping %s: %s", paths[offset], decoded.message)
+                    continue
+                pending_x.append(decoded.array)
+                pending_y.append(folder.labels[start + offset])
+                if len(pending_x) == batch_size:
+                    yield pipeline.finish(pending_x), np.asarray(pending_y, np.int64)
+                    pending_x, pending_y = [], []
+        if pending_x:
+            yield pipeline.finish(pending_x), np.asarray(pending_y, np.int64)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A whole (small) folder decoded and preprocessed into memory: for evaluating many models."""
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    input_name: str
+    preprocess: dict
+    skipped: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_images(model: str | os.PathLike | onnx.ModelProto, data: str | os.PathLike, *,
+                preprocess: PreprocessConfig | None = None, labels_file: str | os.PathLike | None = None,
+                limit: int | None = None, require_labels: bool = True, workers: int | None = None) -> ImageData:
+    """Decode ``data`` for ``model`` into memory (see :func:`iter_batches` for the streaming form)."""
+    preprocess = preprocess or PreprocessConfig(augment=False)
+    proto, model_path = _proto(model)
+    folder = scan_folder(data, labels_file=labels_file, require_labels=require_labels).head(limit)
+    pipeline = image_pipeline(proto, model_path, preprocess)
+    skipped: Counter = Counter()
+    xs, ys = [], []
+    for x, y in iter_batches(folder, pipeline, 256, workers=preprocess.workers if workers is None else workers,
+                             skipped=skipped):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
+    return ImageData(np.concatenate(xs), np.concatenate(ys), folder.classes, pipeline.spec.name,
+                     pipeline.resolved.as_dict(), dict(skipped))
+
+
+def _proto(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    if not Path(model).is_file():
+        raise OnnxSparseError(f"model {model} does not exist")
+    return load_model(model), str(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a session
+
+
+class _Runner:
+    """Runs one onnxruntime session on batches of any size, padding where the batch dimension is fixed."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise OnnxSparseError(f"expected a model with one input, got {len(inputs)}")
+        self.input_name = inputs[0].name
+        dim = inputs[0].shape[0] if inputs[0].shape else None
+        self.fixed = dim if isinstance(dim, int) and dim > 0 else None
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, x: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        names = names or self.output_names
+        if self.fixed is None:
+            return [np.asarray(o) for o in self.session.run(names, {self.input_name: x})]
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for i in range(0, len(x), self.fixed):
+            chunk = x[i:i + self.fixed]
+            n = len(chunk)
+            if n < self.fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed - n, axis=0)])
+            for j, out in enumerate(self.session.run(names, {self.input_name: chunk})):
+                parts[j].append(np.asarray(out)[:n])
+        return [np.concatenate(p) for p in parts]
+
+
+def _scores(out: np.ndarray, n: int) -> np.ndarray:
+    if out.ndim == 0 or out.shape[0] != n:
+        raise OnnxSparseError(
+            f"the model's first output has shape {list(out.shape)}; evaluation needs class scores with the "
+            f"batch first ([N, classes])"
+        )
+    return out.reshape(n, -1)
+
+
+@dataclass
+class Accuracy:
+    images: int = 0
+    top1: int = 0
+    top5: int = 0
+    classes: int = 0  # scores per sample the model outputs
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        if labels.size and labels.max() >= scores.shape[1]:
+            raise OnnxSparseError(
+                f"class index {int(labels.max())} is out of range: the model outputs {scores.shape[1]} scores; "
+                "check --labels (one class per line, in the model's class order)"
+            )
+        self.classes = scores.shape[1]
+        k = min(5, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.argsort(-scores, 1)
+        self.images += len(labels)
+        self.top1 += int((scores.argmax(1) == labels).sum())
+        self.top5 += int((top == labels[:, None]).any(1).sum())
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "correct_top1": self.top1,
+            "top1": self.top1 / self.images if self.images else None,
+            # With 5 classes or fewer top-5 is always 1: reported as None.
+            "top5": self.top5 / self.images if self.images and self.classes > 5 else None,
+        }
+
+
+def accuracy_of(session: ort.InferenceSession, inputs: np.ndarray, labels: np.ndarray,
+                batch_size: int = 256) -> dict:
+    """Top-1/top-5 of ``session`` on in-memory preprocessed ``inputs``."""
+    runner = _Runner(session)
+    acc = Accuracy()
+    for i in range(0, len(inputs), batch_size):
+        x = inputs[i:i + batch_size]
+        acc.add(_scores(runner.run(x, runner.output_names[:1])[0], len(x)), labels[i:i + batch_size])
+    return acc.as_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    data: str
+    images: int
+    classes: int
+    top1: float
+    top5: float | None
+    correct_top1: int
+    seconds: float
+    skipped: dict
+    preprocess: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, preprocess: PreprocessConfig | None = None,
+             labels_file: str | os.PathLike | None = None, batch_size: int = 64, limit: int | None = None,
+             progress: bool = False) -> EvalResult:
+    """Top-1 and top-5 accuracy of ``model`` with onnxruntime on the labelled folder ``data``."""
+    from tqdm import tqdm
+
+    preprocess = preprocess or PreprocessConfig(augment=False)
+    start = time.perf_counter()
+    proto, model_path = _proto(model)
+    folder = scan_folder(data, labels_file=labels_file).head(limit)
+    pipeline = image_pipeline(proto, model_path, preprocess)
+    runner = _Runner(ort_session(model))
+    acc = Accuracy()
+    skipped: Counter = Counter()
+    with tqdm(total=len(folder.files), desc="evaluating", unit="img", disable=None if progress else True) as bar:
+        for x, y in iter_batches(folder, pipeline, batch_size, workers=preprocess.workers, skipped=skipped):
+            acc.add(_scores(runner.run(x, runner.output_names[:1])[0], len(x)), y)
+            bar.update(len(x))
+    if acc.images == 0:
+        raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
+    if acc.classes != len(folder.classes):
+        logger.info("the model outputs %d scores; the data has %d classes", acc.classes, len(folder.classes))
+    d = acc.as_dict()
+    return EvalResult(str(model), str(data), acc.images, len(folder.classes), d["top1"], d["top5"],
+                      d["correct_top1"], round(time.perf_counter() - start, 3),
+                      {k: v for k, v in skipped.items() if v}, pipeline.resolved.as_dict())
+
+
+class _OutputStats:
+    """Streaming cosine similarity (over all elements) and absolute differences of one output."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.dot = self.na = self.nb = self.abs_sum = 0.0
+        self.max_abs = 0.0
+        self.count = 0
+        self.equal = True
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a = np.asarray(a, np.float64).reshape(-1)
+        b = np.asarray(b, np.float64).reshape(-1)
+        if a.shape != b.shape:
+            raise OnnxSparseError(f"output {self.name!r} has {a.size} values in one model and {b.size} in the other")
+        self.dot += float(a @ b)
+        self.na += float(a @ a)
+        self.nb += float(b @ b)
+        diff = np.abs(a - b)
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+        self.abs_sum += float(diff.sum())
+        self.count += diff.size
+        self.equal = self.equal and bool(np.array_equal(a, b))
+
+    def as_dict(self) -> dict:
+        denom = (self.na * self.nb) ** 0.5
+        cosine = self.dot / denom if denom > 0 else float(self.equal)
+        return {"name": self.name, "cosine": cosine, "max_abs_diff": self.max_abs,
+                "mean_abs_diff": self.abs_sum / self.count if self.count else 0.0}
+
+
+def _is_scores(out: np.ndarray, n: int) -> bool:
+    """Class scores: float, batch first, one axis of more than one value after dropping trailing 1s."""
+    shape = list(out.shape)
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return (len(shape) == 2 and shape[0] == n and shape[1] > 1 and np.issubdtype(out.dtype, np.floating))
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    tensor: str
+    node: str
+    op: str
+    params: int
+    dense_sparsity: float | None
+    sparse_sparsity: float | None
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    dense: str
+    sparse: str
+    data: str
+    images: int
+    top1_agreement: float | None
+    outputs: list[dict]
+    layers: list[LayerPair]
+    dense_sparsity: float
+    sparse_sparsity: float
+    dense_accuracy: dict | None
+    sparse_accuracy: dict | None
+    seconds: float
+
+    def passes(self, min_agreement: float | None) -> bool:
+        if min_agreement is None:
+            return True
+        return self.top1_agreement is not None and self.top1_agreement >= min_agreement
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [asdict(layer) for layer in self.layers]
+        return d
+
+
+def _sparsity_pairs(dense: onnx.ModelProto, sparse: onnx.ModelProto) -> tuple[list[LayerPair], float, float]:
+    a = {r.tensor: r for r in inspect_model(dense)}
+    b = {r.tensor: r for r in inspect_model(sparse)}
+    pairs = []
+    for name in list(a) + [n for n in b if n not in a]:
+        ra, rb = a.get(name), b.get(name)
+        ref = ra or rb
+        pairs.append(LayerPair(name, ref.node, ref.op, ref.params, ra.sparsity if ra else None,
+                               rb.sparsity if rb else None))
+
+    def total(rows):
+        params = sum(r.params for r in rows.values())
+        return sum(r.zeros for r in rows.values()) / params if params else 0.0
+
+    return pairs, total(a), total(b)
+
+
+def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.PathLike, *,
+            preprocess: PreprocessConfig | None = None, labels_file: str | os.PathLike | None = None,
+            batch_size: int = 64, limit: int | None = None) -> CompareResult:
+    """Run ``dense`` and ``sparse`` on the same images from ``data`` and compare their outputs."""
+    preprocess = preprocess or PreprocessConfig(augment=False)
+    start = time.perf_counter()
+    dense_proto, dense_path = _proto(dense)
+    sparse_proto, _ = _proto(sparse)
+    dense_sess, sparse_sess = ort_session(dense), ort_session(sparse)
+    for what, fa, fb in (("inputs", dense_sess.get_inputs(), sparse_sess.get_inputs()),
+                         ("outputs", dense_sess.get_outputs(), sparse_sess.get_outputs())):
+        na, nb = [x.name for x in fa], [x.name for x in fb]
+        if na != nb:
+            raise OnnxSparseError(f"the two models have different {what}: {na} vs {nb}; compare needs the same graph")
+    folder = scan_folder(data, labels_file=labels_file, require_labels=labels_file is not None).head(limit)
+    pipeline = image_pipeline(dense_proto, dense_path, preprocess)
+    dense_run, sparse_run = _Runner(dense_sess), _Runner(sparse_sess)
+    labelled = folder.labelled
+    acc_d, acc_s = Accuracy(), Accuracy()
+    stats = [_OutputStats(name) for name in dense_run.output_names]
+    agree = 0
+    samples = 0
+    all_scores = True
+    for x, y in iter_batches(folder, pipeline, batch_size, workers=preprocess.workers):
+        outs_d, outs_s = dense_run.run(x), sparse_run.run(x)
+        samples += len(x)
+        for st, a, b in zip(stats, outs_d, outs_s):
+            st.add(a, b)
+        a0, b0 = outs_d[0], outs_s[0]
+        all_scores = all_scores and _is_scores(a0, len(x))
+        if all_scores:
+            agree += int((_scores(a0, len(x)).argmax(1) == _scores(b0, len(x)).argmax(1)).sum())
+        if labelled and all_scores:
+            try:
+                acc_d.add(_scores(a0, len(x)), y)
+                acc_s.add(_scores(b0, len(x)), y)
+            except OnnxSparseError as exc:
+                logger.info("no accuracy: %s", exc)
+                labelled = False
+        labelled = labelled and all_scores
+    if samples == 0:
+        raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
+    agreement = agree / samples if all_scores else None
+    pairs, dense_total, sparse_total = _sparsity_pairs(dense_proto, sparse_proto)
+    return CompareResult(
+        str(dense), str(sparse), str(data), samples, agreement,
+        [st.as_dict() for st in stats], pairs, dense_total, sparse_total,
+        acc_d.as_dict() if labelled else None, acc_s.as_dict() if labelled else None,
+        round(time.perf_counter() - start, 3),
+    )

@@ -1,0 +1,187 @@
+"""``onnxsparse eval`` and ``onnxsparse compare`` on tiny models with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.evaluate import Accuracy, compare, evaluate, scan_folder
+from onnxsparse_cli.main import main
+
+# Constant gray images: the brightness x in [0, 1] decides the class. Scores of the tiny model:
+# s_dark = 1 - 2x, s_mid = 0.2, s_bright = 2x - 1, so argmax is dark / mid / bright for x = 0.1 / 0.5 / 0.9.
+LEVELS = {"dark": 25, "mid": 128, "bright": 230}
+MODEL_ORDER = ("dark", "mid", "bright")
+PER_CLASS = 4
+
+
+def _brightness_model(w_bright: float = 2.0, batch: int | str = "N") -> onnx.ModelProto:
+    weight = np.array([[-2.0, 0.0, w_bright]], np.float32)
+    bias = np.array([1.0, 0.2, -1.0], np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "W", "B"], ["scores"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "brightness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, 3])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    data = tmp_path / "data"
+    for name, level in LEVELS.items():
+        (data / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            Image.fromarray(np.full((10, 12), level, np.uint8), "L").save(data / name / f"{i}.png")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(MODEL_ORDER) + "\n")
+    models = tmp_path / "models"
+    models.mkdir()
+    dense, sparse = models / "dense.onnx", models / "sparse.onnx"
+    onnx.save(_brightness_model(), str(dense))
+    onnx.save(_brightness_model(w_bright=0.0), str(sparse))  # bright images now score as "mid"
+    return tmp_path, data, labels, dense, sparse
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args] + ["--workers", "0"])
+
+
+def test_eval_with_labels_file_is_exact(setup):
+    _, data, labels, dense, _ = setup
+    result = _run("eval", dense, "--data", data, "--labels", labels, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["images"] == 3 * PER_CLASS and out["classes"] == 3
+    assert out["top1"] == 1.0 and out["top5"] is None  # 3 classes: top-5 is meaningless
+    assert out["preprocess"]["settings"]["channel_order"]["value"] == "gray"
+
+
+def test_eval_default_class_order_is_sorted_folders(setup):
+    # Sorted folders give bright=0, dark=1, mid=2; the model says 0/1/2 for dark/mid/bright: all wrong.
+    _, data, _, dense, _ = setup
+    result = _run("eval", dense, "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["top1"] == 0.0
+
+
+def test_eval_table_and_wrong_image(setup):
+    tmp, data, labels, dense, _ = setup
+    # One dark image filed under "mid": 11 of 12 right.
+    Image.fromarray(np.full((10, 12), 25, np.uint8), "L").save(data / "mid" / "misfiled.png")
+    result = _run("eval", dense, "--data", data, "--labels", labels)
+    assert result.exit_code == 0, result.output
+    assert "top-1      92.31% (12/13)" in result.output
+    assert "top-5      n/a" in result.output
+
+
+def test_eval_fixed_batch_model_and_workers(setup, tmp_path):
+    _, data, labels, _, _ = setup
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(_brightness_model(batch=1), str(fixed))
+    res = evaluate(fixed, data, labels_file=labels, batch_size=5)
+    assert res.top1 == 1.0 and res.images == 3 * PER_CLASS
+    # decoding in two worker processes gives the same answer
+    runner = CliRunner().invoke(main, ["eval", str(fixed), "--data", str(data), "--labels", str(labels),
+                                       "--json", "--workers", "2", "--limit", "6"])
+    assert runner.exit_code == 0, runner.output
+    out = json.loads(runner.output)
+    assert out["images"] == 6 and out["top1"] == 1.0
+
+
+def test_top5():
+    acc = Accuracy()
+    scores = np.tile(np.arange(8, dtype=np.float32), (3, 1))  # ranking: 7, 6, 5, 4, 3, 2, 1, 0
+    acc.add(scores, np.array([7, 3, 1]))
+    d = acc.as_dict()
+    assert d["top1"] == pytest.approx(1 / 3) and d["top5"] == pytest.approx(2 / 3)
+
+
+def test_compare_reports_agreement_and_sparsity(setup):
+    _, data, labels, dense, sparse = setup
+    res = compare(dense, sparse, data, labels_file=labels)
+    assert res.images == 3 * PER_CLASS
+    assert res.top1_agreement == pytest.approx(2 / 3)
+    assert res.dense_accuracy["top1"] == 1.0 and res.sparse_accuracy["top1"] == pytest.approx(2 / 3)
+    (out,) = res.outputs
+    assert out["name"] == "scores" and 0 < out["cosine"] < 1 and out["max_abs_diff"] == pytest.approx(2 * 230 / 255, 1e-5)
+    (layer,) = res.layers
+    assert layer.tensor == "W" and layer.dense_sparsity == pytest.approx(1 / 3)
+    assert layer.sparse_sparsity == pytest.approx(2 / 3)
+    same = compare(dense, dense, data)
+    assert same.top1_agreement == 1.0 and same.outputs[0]["cosine"] == pytest.approx(1.0)
+    assert same.outputs[0]["max_abs_diff"] == 0.0
+
+
+def test_compare_cli_exit_codes(setup):
+    _, data, labels, dense, sparse = setup
+    ok = _run("compare", dense, sparse, "--data", data, "--min-agreement", "0.6")
+    assert ok.exit_code == 0, ok.output
+    assert "top-1 agreement   66.67%" in ok.output and "PASSED" in ok.output
+    bad = _run("compare", dense, sparse, "--data", data, "--min-agreement", "0.9")
+    assert bad.exit_code == 1, bad.output
+    assert "FAILED: top-1 agreement 66.67% < --min-agreement 90.00%" in bad.output
+    assert "Traceback" not in bad.output
+    as_json = _run("compare", dense, sparse, "--data", data, "--labels", labels, "--min-agreement", "0.9", "--json")
+    assert as_json.exit_code == 1
+    payload = json.loads(as_json.output[: as_json.output.rindex("}") + 1])
+    assert payload["passed"] is False and payload["sparse_accuracy"]["top1"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--min-agreement", "95"], "--min-agreement must be a fraction in [0, 1]"),
+        (["--labels", "missing.txt"], "--labels file missing.txt does not exist"),
+        (["--limit", "0"], "--limit must be >= 1"),
+    ],
+)
+def test_compare_user_errors(setup, args, message):
+    _, data, _, dense, sparse = setup
+    result = _run("compare", dense, sparse, "--data", data, *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_eval_user_errors(setup, tmp_path):
+    _, data, labels, dense, _ = setup
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(flat / "a.png")
+    result = _run("eval", dense, "--data", flat)
+    assert result.exit_code == 2 and "not a labelled image folder" in result.output
+    short = tmp_path / "short.txt"
+    short.write_text("dark\nmid\n")
+    result = _run("eval", dense, "--data", data, "--labels", short)
+    assert result.exit_code == 2 and "'bright'" in result.output and "not in --labels" in result.output
+    many = tmp_path / "many.txt"
+    many.write_text("a\nb\nc\nd\ndark\nmid\nbright\n")
+    result = _run("eval", dense, "--data", data, "--labels", many)
+    assert result.exit_code == 2 and "the model outputs 3 scores" in result.output
+    result = _run("eval", tmp_path / "nope.onnx", "--data", data)
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_scan_folder_head_is_balanced(setup):
+    _, data, labels, _, _ = setup
+    folder = scan_folder(data, labels_file=labels).head(6)
+    assert sorted(folder.labels) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(OnnxSparseError, match="more than once"):
+        dup = labels.parent / "dup.txt"
+        dup.write_text("a\na\n")
+        scan_folder(data, labels_file=dup)
