@@ -119,6 +119,16 @@ def test_fewer_than_two_samples():
 def test_holdout_leaving_no_training_data():
     with pytest.raises(OnnxSparseError, match="holdout_size 5 leaves no training samples: .* has 5 sample"):
         load_calibration(samples(5), IMAGE, holdout_size=5)
+    with pytest.raises(OnnxSparseError, match=r"holdout_size 5 leaves .* has 9 sample\(s\), 5 used \(max_samples\)"):
+        load_calibration(samples(9), IMAGE, holdout_size=5, max_samples=5)
+    with pytest.raises(OnnxSparseError, match="--max-samples 1 is too small"):
+        load_calibration(samples(9), IMAGE, max_samples=1)
+
+
+def test_max_samples_caps_train_plus_holdout():
+    cs = load_calibration(samples(1000), IMAGE, max_samples=100)
+    assert (cs.n_train, cs.n_holdout) == (68, 32)
+    assert cs.pipeline["split"]["max_samples"] == 100
 
 
 def test_split_without_replacement_and_sizes():
@@ -133,8 +143,9 @@ def test_split_without_replacement_and_sizes():
 
 
 def test_holdout_is_stable_when_max_samples_changes():
-    small = load_calibration(samples(100), IMAGE, max_samples=10, holdout_size=20, seed=4)
-    large = load_calibration(samples(100), IMAGE, max_samples=50, holdout_size=20, seed=4)
+    small = load_calibration(samples(100), IMAGE, max_samples=30, holdout_size=20, seed=4)
+    large = load_calibration(samples(100), IMAGE, max_samples=70, holdout_size=20, seed=4)
+    assert (small.n_train, large.n_train) == (10, 50)
     assert ids(small.holdout["x"]) == ids(large.holdout["x"])
     assert set(ids(small.train["x"])) <= set(ids(large.train["x"]))
 
@@ -261,3 +272,15 @@ def test_calibration_set_validates():
         CalibrationSet(arrays, {"x": np.zeros((0, 3), np.float32)}, ("x",), True, {}, {})
     with pytest.raises(OnnxSparseError, match="JSON"):
         CalibrationSet(arrays, {"x": np.zeros((0, 3), np.float32)}, ("x",), False, {"a": object()}, {})
+
+
+@pytest.mark.cuda
+def test_batches_on_cuda_with_augmentation(tmp_path):
+    for i in range(6):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    cs = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0), holdout_size=2)
+    cpu = [b[0] for b in cs.batches("train", 3, shuffle=True, seed=1, augment=True)]
+    gpu = [b[0] for b in cs.batches("train", 3, shuffle=True, seed=1, augment=True, device="cuda")]
+    assert all(t.is_cuda for t in gpu)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=0)

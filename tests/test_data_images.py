@@ -309,7 +309,7 @@ def test_bad_files_are_replaced_when_subsampling(tmp_path):
     for i in range(4):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"nope")
     cs = load_calibration(
-        tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=5, holdout_size=3
+        tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=8, holdout_size=3
     )
     assert (cs.n_train, cs.n_holdout) == (5, 3)
     assert cs.skipped["unreadable"] <= 4
@@ -326,3 +326,18 @@ def test_decoded_values_are_cached_float32(tmp_path):
     cs = load_all(tmp_path, ["N", 3, 8, 8])
     assert cs.train["x"].dtype == np.float32 and cs.train["x"].flags.c_contiguous
     assert torch.from_numpy(cs.train["x"]).shape == (3, 3, 8, 8)
+
+
+def test_decoded_cache_is_capped_without_max_samples(tmp_path, monkeypatch, caplog):
+    from onnxsparse.data import calibration
+
+    monkeypatch.setattr(calibration, "DEFAULT_IMAGE_CACHE_BYTES", 4 * 3 * 8 * 8 * 6)  # six samples
+    write_images(tmp_path, 10, size=(8, 8))
+    with caplog.at_level(logging.INFO):
+        cs = load_calibration(tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0))
+    assert (cs.n_train, cs.n_holdout) == (3, 3)
+    assert "using 6 of 10 samples" in caplog.text
+    cs = load_calibration(
+        tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=10
+    )
+    assert cs.n_train + cs.n_holdout == 10

@@ -242,11 +242,11 @@ def test_iterable_of_feed_dicts_and_generator():
     feeds = [{"a": samples(2), "b": np.ones((2, 5))} for _ in range(3)]
     cs = load_calibration(feeds, TWO, holdout_size=2)
     assert cs.n_train == 4
-    cs = load_calibration((f for f in feeds), TWO, holdout_size=2, max_samples=1)
+    cs = load_calibration((f for f in feeds), TWO, holdout_size=2, max_samples=3)
     assert (cs.n_train, cs.n_holdout) == (1, 2)
 
 
-def test_stream_stops_at_max_samples_plus_holdout():
+def test_stream_stops_at_max_samples():
     consumed = []
 
     def endless():
@@ -256,7 +256,7 @@ def test_stream_stops_at_max_samples_plus_holdout():
             yield {"x": samples(1)[0] + i}
             i += 1
 
-    cs = load_calibration(endless(), IMAGE, max_samples=5, holdout_size=2)
+    cs = load_calibration(endless(), IMAGE, max_samples=7, holdout_size=2)
     assert (cs.n_train, cs.n_holdout) == (5, 2)
     assert len(consumed) == 7
 
@@ -296,11 +296,11 @@ class PairDataset(torch.utils.data.Dataset):
 
 def test_torch_dataset_reads_only_what_the_split_needs():
     dataset = PairDataset(100)
-    cs = load_calibration(dataset, IMAGE, max_samples=6, holdout_size=4, seed=3)
+    cs = load_calibration(dataset, IMAGE, max_samples=10, holdout_size=4, seed=3)
     assert (cs.n_train, cs.n_holdout) == (6, 4)
     assert len(dataset.reads) == 10
     assert sorted(ids(cs, "train") + ids(cs, "holdout")) == sorted(dataset.reads)
-    again = load_calibration(PairDataset(100), IMAGE, max_samples=6, holdout_size=4, seed=3)
+    again = load_calibration(PairDataset(100), IMAGE, max_samples=10, holdout_size=4, seed=3)
     np.testing.assert_array_equal(cs.train["x"], again.train["x"])
 
 

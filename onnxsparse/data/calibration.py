@@ -241,30 +241,37 @@ def _scan(root: Path) -> _Folder:
 def _split_sizes(
     n: int, max_samples: int | None, holdout_size: int | None, where: str, cap: int | None = None
 ) -> tuple[int, int]:
-    """(holdout, train) sample counts for ``n`` available samples."""
+    """(holdout, train) sample counts for ``n`` available samples.
+
+    ``max_samples`` caps the samples used (holdout + train); without it, ``cap`` does (the memory
+    budget for decoded images). The holdout size defaults to :func:`default_holdout_size` of that.
+    """
     if n < MIN_SAMPLES:
         raise OnnxSparseError(
             f"{where} has {n} usable sample(s); calibration needs at least {MIN_SAMPLES} "
             "(one for training, one for the holdout)"
         )
-    holdout = default_holdout_size(n) if holdout_size is None else holdout_size
-    if holdout >= n:
-        raise OnnxSparseError(
-            f"holdout_size {holdout} leaves no training samples: {where} has {n} sample(s); "
-            f"use a holdout size below {n}"
-        )
-    train = n - holdout
+    use = n
     if max_samples is not None:
-        train = min(train, max_samples)
-    elif cap is not None and holdout + train > cap:
-        train = max(1, cap - holdout)
+        use = min(n, max_samples)
+        if use < MIN_SAMPLES:
+            raise OnnxSparseError(
+                f"--max-samples {max_samples} is too small; calibration needs at least {MIN_SAMPLES} samples "
+                "(one for training, one for the holdout)"
+            )
+    elif cap is not None and n > cap:
+        use = cap
         log.info(
-            "using %d of %d training samples to keep decoded images within %.1f GiB; pass max_samples to change",
-            train,
-            n - holdout,
-            DEFAULT_IMAGE_CACHE_BYTES / 1024**3,
+            "using %d of %d samples to keep decoded images within %.1f GiB; pass max_samples to change",
+            use, n, DEFAULT_IMAGE_CACHE_BYTES / 1024**3,
         )
-    return holdout, train
+    holdout = default_holdout_size(use) if holdout_size is None else holdout_size
+    if holdout >= use:
+        used = f"{where} has {n} sample(s)" + (f", {use} used (max_samples)" if use < n else "")
+        raise OnnxSparseError(
+            f"holdout_size {holdout} leaves no training samples: {used}; use a holdout size below {use}"
+        )
+    return holdout, use - holdout
 
 
 def _validate_args(
@@ -315,8 +322,9 @@ def load_calibration(
     ``source`` is a folder of images (searched recursively), a folder of .npy/.npz files, one
     .npy/.npz file, a dict of input name -> batch array, an array (single-input models), an
     onnxruntime CalibrationDataReader-like object (``get_next()``), an iterable of feed dicts, or a
-    torch Dataset/DataLoader. ``max_samples`` caps the training split; the holdout split
-    (``holdout_size``, default 10% within 32..1000) is drawn first with ``seed``.
+    torch Dataset/DataLoader. ``max_samples`` caps the samples used (train + holdout; streams stop
+    reading there); the holdout split (``holdout_size``, default 10% within 32..1000, at most half)
+    is drawn first from a permutation seeded with ``seed``, the training split follows.
     """
     _validate_args(preprocess, max_samples, holdout_size, seed)
     specs = input_specs(model)
@@ -363,7 +371,7 @@ def load_calibration(
             )
         raise OnnxSparseError(f"calibration source {path} is neither a folder nor a file")
 
-    limit = max_samples + holdout_size if max_samples is not None and holdout_size is not None else None
+    limit = max_samples
     if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
         collector = FeedCollector(specs)
         collector.add_item(source, "feed")

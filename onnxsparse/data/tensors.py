@@ -245,7 +245,7 @@ def collect_stream(
             break
         collector.add_item(item, f"{what} item {index}")
         if limit is not None and collector.count >= limit:
-            log.info("stopped reading %s after %d samples (max_samples + holdout_size)", what, collector.count)
+            log.info("stopped reading %s after %d samples (max_samples)", what, collector.count)
             break
     return collector
 
