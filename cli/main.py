@@ -101,6 +101,10 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device
     )
     result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
                        report_path=report_path, progress=not quiet)
+    if report_path is not None:
+        from onnxsparse.report_plot import plot_path, write_report_plot
+
+        write_report_plot(result.report, plot_path(report_path))
     if not quiet:
         _print_summary(result.report)
     click.echo(

@@ -185,3 +185,67 @@ def test_scan_folder_head_is_balanced(setup):
         dup = labels.parent / "dup.txt"
         dup.write_text("a\na\n")
         scan_folder(data, labels_file=dup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prune --report: the PNG next to the JSON
+
+
+def _report(info: dict) -> dict:
+    layers = [{"name": f"w{i}", "node": f"conv{i}", "op": "Conv", "params": 100, "target_sparsity": s,
+               "achieved_sparsity": s} for i, s in enumerate((0.5, 0.9, 0.7))]
+    return {"method": "unipts", "target_sparsity": 0.7, "achieved_sparsity": 0.7, "prunable_params": 300,
+            "layers": layers, "method_info": info}
+
+
+def test_find_curve_prefers_the_per_epoch_curve():
+    from onnxsparse.report_plot import find_curve
+
+    curve = [{"epoch": e, "step": 10 * e, "loss": 1.0 / (e + 1), "holdout_top1_agreement": 0.9} for e in range(3)]
+    info = {"allocation": {"history": [{"generation": 0, "best": -1.0}]}, "training": {"curve": curve}}
+    where, x, rows = find_curve(info)
+    assert (where, x, rows) == ("training.curve", "epoch", curve)
+    assert find_curve(info, ("generation",))[0] == "allocation.history"
+    assert find_curve({"correction": {"uncorrected": []}}) is None and find_curve(None) is None
+
+
+def test_report_png_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from onnxsparse.report_plot import plot_path, write_report_plot
+
+    info = {"training": {"curve": [{"epoch": e, "loss": 2.0 - e, "holdout_top1_agreement": 0.5 + e / 10}
+                                   for e in range(4)]}}
+    out = write_report_plot(_report(info), plot_path(tmp_path / "r.json"))
+    assert out == tmp_path / "r.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_report_plot(_report({}), tmp_path / "bars.png").stat().st_size > 1000  # no curve: bars only
+
+
+def test_report_png_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from onnxsparse.report_plot import write_report_plot
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with caplog.at_level("INFO", logger="onnxsparse.report_plot"):
+        assert write_report_plot(_report({}), tmp_path / "r.png") is None
+    assert not (tmp_path / "r.png").exists()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "matplotlib is not installed" in lines[0]
+
+
+def test_prune_report_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import graphs
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32))
+    result = CliRunner().invoke(main, ["prune", str(model), "--sparsity", "0.5", "--calib", str(calib), "-o",
+                                       str(tmp_path / "s.onnx"), "--method", "magnitude", "--report",
+                                       str(tmp_path / "report.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "report.png").is_file()
