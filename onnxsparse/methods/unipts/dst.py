@@ -1,0 +1,226 @@
+"""Dynamic sparse training with the base-decayed distillation objective (UniPTS section 3).
+
+Every prunable weight keeps its dense value; a :class:`SparseMask` (``dynamic=True``) recomputes the layer's
+magnitude mask at its allotted sparsity on every training forward, the backward is straight-through with a
+decay ``lambda * (1 - M) * W`` on the pruned part. All trainable parameters (weights, biases, BatchNorm) are
+optimised with SGD + momentum, a linear warm-up and a cosine decay over the run; the teacher stays in eval
+mode. A NaN/Inf loss rolls back to the last good state (start of the epoch) with half the learning rate; a
+third divergence stops the run with :class:`OnnxSparseError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.methods.unipts.objective import Agreement, Distillation, as_outputs
+
+logger = logging.getLogger(__name__)
+
+MAX_ROLLBACKS = 3
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``base`` to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+@dataclass
+class TrainPlan:
+    iterations: int
+    iterations_per_epoch: int
+    warmup: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    budget_s: float | None = None  # shrink ``iterations`` to fit, measured on the first steps
+
+    @property
+    def epochs(self) -> float:
+        return self.iterations / max(self.iterations_per_epoch, 1)
+
+
+@dataclass
+class TrainResult:
+    curve: list[dict] = field(default_factory=list)
+    iterations: int = 0
+    planned_iterations: int = 0
+    seconds_per_iteration: float = 0.0
+    rollbacks: list[dict] = field(default_factory=list)
+    stopped: str | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "iterations": self.iterations,
+            "planned_iterations": self.planned_iterations,
+            "seconds_per_iteration": round(self.seconds_per_iteration, 5),
+            "rollbacks": self.rollbacks,
+            "stopped": self.stopped,
+            "curve": self.curve,
+        }
+
+
+def _finite_params(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point())
+
+
+class HoldoutScorer:
+    """Agreement of the student with teacher outputs cached once, on a fixed list of batches."""
+
+    def __init__(self, teacher: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,
+                 logits: bool, autocast: Callable[[], contextlib.AbstractContextManager]):
+        self.batches = batches
+        self.logits = logits
+        self.autocast = autocast
+        self.targets: list[list[torch.Tensor]] = []
+        with torch.no_grad(), autocast():
+            for batch in batches():
+                self.targets.append([o.detach().float() for o in as_outputs(teacher(*batch))])
+
+    @torch.no_grad()
+    def __call__(self, student: nn.Module) -> Agreement:
+        was_training = student.training
+        student.eval()
+        agreement = Agreement(self.logits)
+        try:
+            with self.autocast():
+                for batch, target in zip(self.batches(), self.targets):
+                    agreement.add([o.float() for o in as_outputs(student(*batch))], target)
+        finally:
+            student.train(was_training)
+        return agreement
+
+
+def train(
+    student: nn.Module,
+    teacher: nn.Module,
+    epoch_batches: Callable[[int], Iterator[tuple[torch.Tensor, ...]]],
+    loss_fn: Distillation,
+    plan: TrainPlan,
+    *,
+    holdout: HoldoutScorer | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    progress=None,
+    stop: Callable[[], bool] = lambda: False,
+) -> TrainResult:
+    """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations."""
+    result = TrainResult(planned_iterations=plan.iterations)
+    total = plan.iterations
+    if total <= 0:
+        return result
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
+    base_lr = plan.lr
+    teacher.eval()
+    step = 0
+    epoch = 0
+    start = time.perf_counter()
+    timed_from: tuple[int, float] | None = None
+    good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    good_optim = copy.deepcopy(optimizer.state_dict())
+    good_step = 0
+    while step < total:
+        if stop():
+            result.stopped = "cancelled"
+            break
+        epoch = step // max(plan.iterations_per_epoch, 1)
+        tau = loss_fn.tau(epoch)
+        losses: list[float] = []
+        diverged = False
+        student.train()
+        for batch in epoch_batches(epoch):
+            if step >= total:
+                break
+            if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample
+                continue
+            lr = lr_at(step, total, plan.warmup, base_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast():
+                with torch.no_grad():
+                    t_out = as_outputs(teacher(*batch))
+                s_out = as_outputs(student(*batch))
+                loss = loss_fn(s_out, t_out, epoch)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if progress is not None:
+                progress.update(1)
+            # time budget: measure from the 3rd step (the first ones pay for warm-up), then fix the total
+            if plan.budget_s is not None:
+                if step == 2:
+                    timed_from = (step, time.perf_counter())
+                elif timed_from is not None and step == timed_from[0] + 8:
+                    per = (time.perf_counter() - timed_from[1]) / 8
+                    remaining = plan.budget_s - (time.perf_counter() - start)
+                    # an epoch-end holdout pass is about 1/3 of an iteration per batch: keep 10% for it
+                    fit = step + max(int(0.9 * remaining / max(per, 1e-9)), 0)
+                    if fit < total:
+                        logger.info("training shortened to %d iterations to fit the time budget", fit)
+                        total = max(fit, step)
+                        if progress is not None:
+                            progress.total = total
+                            progress.refresh()
+        if not diverged and not losses:
+            result.stopped = "no training batches (fewer than 2 calibration samples)"
+            break
+        if not diverged and not _finite_params(student):
+            diverged = True
+        if diverged:
+            lr_now = optimizer.param_groups[0]["lr"]
+            result.rollbacks.append({"epoch": epoch, "step": step, "lr": lr_now})
+            if len(result.rollbacks) >= MAX_ROLLBACKS:
+                raise OnnxSparseError(
+                    f"UniPTS training diverged (NaN/Inf loss) {len(result.rollbacks)} times, last at step {step} "
+                    f"with lr {lr_now:.3g}; nothing was written. Try a smaller --lr."
+                )
+            logger.warning("NaN/Inf loss at step %d: rolling back to step %d and halving the lr", step, good_step)
+            with torch.no_grad():
+                for k, v in student.state_dict().items():
+                    v.copy_(good_state[k])
+            optimizer.load_state_dict(good_optim)
+            base_lr *= 0.5
+            if progress is not None:
+                progress.update(good_step - step)
+            step = good_step
+            continue
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "loss": sum(losses) / len(losses) if losses else None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "tau": tau,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if holdout is not None:
+            agreement = holdout(student)
+            row.update({f"holdout_{k}": v for k, v in agreement.as_dict().items() if k != "samples"})
+        result.curve.append(row)
+        if progress is not None:
+            progress.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "-")
+        with torch.no_grad():
+            for k, v in student.state_dict().items():
+                good_state[k].copy_(v)
+        good_optim = copy.deepcopy(optimizer.state_dict())
+        good_step = step
+    result.iterations = step
+    elapsed = time.perf_counter() - start
+    result.seconds_per_iteration = elapsed / max(step, 1)
+    return result

@@ -1,0 +1,360 @@
+"""Reducing-regrowing sparsity allocation (UniPTS section 2): genome -> layer sparsities, fitness, evolution.
+
+Genome ``g`` (one real per prunable layer) -> sparsities::
+
+    s_l = P + r - R * softmax(g)_l / n_l,   R = r * N      (reduce every layer past P, regrow R weights)
+
+which sums to ``P * N`` zeros exactly. Clamping into ``[0, s_max]`` is followed by a common shift of every
+unclamped layer (water-filling: the ``delta`` with ``sum clip(s_l + delta, 0, s_max) n_l = P N``), then the
+zeros are made integers by largest remainders, so the integer zero counts sum to ``round(P N)`` exactly and
+every layer is within one weight of its continuous share.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from onnxsparse.graph import PrunableLayer
+from onnxsparse.methods.unipts.objective import Agreement, as_outputs
+from onnxsparse.sparsity.correction import correct as correct_statistics
+from onnxsparse.sparsity.masks import zeros_for
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# genome -> sparsities
+# --------------------------------------------------------------------------------------------------------
+def softmax(g: np.ndarray) -> np.ndarray:
+    z = np.exp(g - np.max(g))
+    return z / z.sum()
+
+
+def reduce_regrow(genome: Sequence[float], numels: Sequence[int], target: float, regrow: float) -> np.ndarray:
+    """Unclamped layer sparsities ``P + r - r N softmax(g)_l / n_l`` (may leave [0, 1])."""
+    n = np.asarray(numels, dtype=np.float64)
+    g = np.asarray(genome, dtype=np.float64)
+    return target + regrow - regrow * n.sum() * softmax(g) / n
+
+
+def fit_to_target(s: np.ndarray, numels: Sequence[int], target: float, s_max: float) -> np.ndarray:
+    """Clamp ``s`` into ``[0, s_max]`` keeping ``sum s_l n_l = target * N``: ``clip(s + delta, 0, s_max)``.
+
+    ``delta`` solves a monotone piecewise-linear equation; it is found exactly from the sorted breakpoints.
+    ``s_max`` below ``target`` is raised to ``target`` (the only feasible allocation is then uniform).
+    """
+    n = np.asarray(numels, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    s_max = max(float(s_max), float(target))
+    if np.all((s >= 0) & (s <= s_max)):
+        return s.copy()
+    want = target * n.sum()
+
+    def total(delta: float) -> float:
+        return float((np.clip(s + delta, 0.0, s_max) * n).sum())
+
+    points = np.unique(np.concatenate([-s, s_max - s]))
+    values = np.array([total(d) for d in points])
+    # total() rises from 0 (all at 0) to s_max * N (all at s_max) over the breakpoints
+    i = int(np.searchsorted(values, want, side="left"))
+    if i == 0:
+        delta = float(points[0])
+    elif i >= len(points):
+        delta = float(points[-1])
+    else:
+        d0, d1, v0, v1 = points[i - 1], points[i], values[i - 1], values[i]
+        delta = float(d0 if v1 == v0 else d0 + (want - v0) * (d1 - d0) / (v1 - v0))
+    return np.clip(s + delta, 0.0, s_max)
+
+
+def integer_zeros(s: np.ndarray, numels: Sequence[int], target: float, s_max: float) -> np.ndarray:
+    """Integer zeros per layer summing to ``round(target * N)``, each within one weight of ``s_l n_l``."""
+    n = np.asarray(numels, dtype=np.int64)
+    total = int(round(target * int(n.sum())))
+    real = np.asarray(s, dtype=np.float64) * n
+    top = max(s_max, target) * n
+    cap = np.minimum(n, np.floor(top + 1e-9).astype(np.int64))
+    if int(cap.sum()) < total:  # s_max rounds down everywhere: let layers at the cap round up by one
+        cap = np.minimum(n, np.ceil(top - 1e-9).astype(np.int64))
+    zeros = np.clip(np.floor(real + 1e-9).astype(np.int64), 0, cap)
+    short = total - int(zeros.sum())
+    frac = real - zeros
+    if short > 0:
+        for i in sorted(range(len(n)), key=lambda j: (-frac[j], j)):
+            if short == 0:
+                break
+            if zeros[i] < cap[i]:
+                zeros[i] += 1
+                short -= 1
+        while short > 0:  # not reached for feasible targets; kept so the total is always exact
+            room = np.flatnonzero(zeros < n)
+            i = room[int(np.argmax((real - zeros)[room]))]
+            zeros[i] += 1
+            short -= 1
+    elif short < 0:
+        for i in sorted(range(len(n)), key=lambda j: (frac[j], j)):
+            if short == 0:
+                break
+            if zeros[i] > 0:
+                zeros[i] -= 1
+                short += 1
+    return zeros
+
+
+def genome_to_zeros(genome, numels, target: float, regrow: float, s_max: float) -> np.ndarray:
+    s = fit_to_target(reduce_regrow(genome, numels, target, regrow), numels, target, s_max)
+    return integer_zeros(s, numels, target, s_max)
+
+
+def zeros_to_sparsities(zeros: np.ndarray, layers: Sequence[PrunableLayer]) -> dict[str, float]:
+    out = {}
+    for z, layer in zip(zeros, layers):
+        s = int(z) / layer.numel
+        assert zeros_for(s, layer.numel) == int(z)
+        out[layer.name] = s
+    return out
+
+
+def sparsities_to_zeros(sparsities: dict[str, float], layers: Sequence[PrunableLayer]) -> np.ndarray:
+    return np.array([zeros_for(sparsities[layer.name], layer.numel) for layer in layers], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------
+# fitness
+# --------------------------------------------------------------------------------------------------------
+class FitnessEvaluator:
+    """Scores an allocation on the student in place: restore dense snapshot, magnitude-prune, correct, score.
+
+    The dense weights are saved once (one snapshot of every parameter and buffer) and the magnitude order
+    of every layer is sorted once; a candidate costs one in-place prune, a statistics correction (BatchNorm
+    re-estimation on the fitness samples where the graph has BatchNorm, per-channel correction elsewhere)
+    and one forward pass over the fitness samples, scored against teacher outputs computed once.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        layers: Sequence[PrunableLayer],
+        batches: list[tuple[torch.Tensor, ...]],
+        *,
+        logits: bool,
+        correction: bool,
+        has_batchnorm: bool,
+        channel_inputs: tuple[torch.Tensor, ...] | None,
+        autocast: Callable[[], object],
+    ):
+        self.student = student
+        self.teacher = teacher
+        self.layers = list(layers)
+        self.batches = batches
+        self.logits = logits
+        self.correction = correction
+        self.has_batchnorm = has_batchnorm
+        self.channel_inputs = channel_inputs
+        self.autocast = autocast
+        self.evaluations = 0
+        self.seconds = 0.0
+        with torch.no_grad():
+            self.live = student.state_dict()  # references to the live tensors
+            self.snapshot = {k: v.detach().clone() for k, v in self.live.items()}
+            self.orders = {
+                layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
+                for layer in self.layers
+            }
+            self.teacher_outputs = []
+            with self.autocast():
+                for batch in batches:
+                    self.teacher_outputs.append([o.detach().float() for o in as_outputs(teacher(*batch))])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for k, v in self.live.items():
+            v.copy_(self.snapshot[k])
+
+    @torch.no_grad()
+    def prune(self, zeros: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Restore the dense weights, then zero the ``zeros[l]`` smallest of each layer. Returns the masks."""
+        self.restore()
+        masks = {}
+        for layer, z in zip(self.layers, zeros):
+            w = layer.weight.get(self.student)
+            mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+            mask[self.orders[layer.name][: int(z)]] = False
+            w.view(-1).masked_fill_(~mask, 0)
+            masks[layer.name] = mask.view_as(w)
+        return masks
+
+    def _key(self, layer: PrunableLayer) -> str:
+        return f"{layer.weight.module_path}.{layer.weight.attr}" if layer.weight.module_path else layer.weight.attr
+
+    @torch.no_grad()
+    def restore_pruned(self, masks: dict[str, torch.Tensor]) -> None:
+        """Give the pruned weights their dense values back (kept weights, biases, statistics unchanged)."""
+        for layer in self.layers:
+            w = layer.weight.get(self.student)
+            dense = self.snapshot[self._key(layer)]
+            w.copy_(torch.where(masks[layer.name], w, dense))
+
+    @torch.no_grad()
+    def correct(self):
+        if not self.correction:
+            return None
+        with self.autocast():
+            return correct_statistics(
+                self.student, self.teacher, self.layers,
+                bn_batches=self.batches if self.has_batchnorm else None,
+                channel_inputs=self.channel_inputs,
+            )
+
+    @torch.no_grad()
+    def score(self) -> Agreement:
+        was_training = self.student.training
+        self.student.eval()
+        agreement = Agreement(self.logits)
+        try:
+            with self.autocast():
+                for batch, t_out in zip(self.batches, self.teacher_outputs):
+                    agreement.add([o.float() for o in as_outputs(self.student(*batch))], t_out)
+        finally:
+            self.student.train(was_training)
+        return agreement
+
+    def __call__(self, zeros: Sequence[int]) -> Agreement:
+        start = time.perf_counter()
+        self.prune(zeros)
+        self.correct()
+        agreement = self.score()
+        self.evaluations += 1
+        self.seconds += time.perf_counter() - start
+        return agreement
+
+    @property
+    def seconds_per_candidate(self) -> float:
+        return self.seconds / max(self.evaluations, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# evolution
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    genome: np.ndarray
+    zeros: np.ndarray
+    fitness: float
+    details: dict
+    history: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+    generations: int = 0
+
+
+class EvolutionarySearch:
+    """Population of genomes: the all-equal genome + uniform random ones; per generation keep the
+    ``parents`` fittest, make ``crossover`` children (the all-equal genome + uniform crossovers of two random
+    parents), ``mutation`` children (each gene with probability ``mutation_prob``: ``g * (1 + N(0, 1))``)
+    and fill the population with fresh random genomes, which are evaluated (not thrown away).
+
+    Fitness is cached per distinct allocation (integer zero counts), so repeated genomes cost nothing.
+    The best allocation ever evaluated is returned.
+    """
+
+    def __init__(self, evaluate: Callable[[np.ndarray], Agreement], numels: Sequence[int], *, target: float,
+                 regrow: float, s_max: float, population: int, parents: int, crossover: int, mutation: int,
+                 mutation_prob: float, rng: np.random.Generator):
+        self.evaluate = evaluate
+        self.numels = list(numels)
+        self.length = len(self.numels)
+        self.target, self.regrow, self.s_max = target, regrow, s_max
+        self.population, self.parents = population, parents
+        self.crossover, self.mutation, self.mutation_prob = crossover, mutation, mutation_prob
+        self.rng = rng
+        self.cache: dict[bytes, tuple[float, dict]] = {}
+        self.best: SearchResult | None = None
+        self.history: list[dict] = []
+
+    def zeros(self, genome: np.ndarray) -> np.ndarray:
+        return genome_to_zeros(genome, self.numels, self.target, self.regrow, self.s_max)
+
+    def fitness(self, genome: np.ndarray) -> float:
+        zeros = self.zeros(genome)
+        key = zeros.tobytes()
+        if key not in self.cache:
+            agreement = self.evaluate(zeros)
+            self.cache[key] = (agreement.score, agreement.as_dict())
+        score, details = self.cache[key]
+        if self.best is None or score > self.best.fitness:
+            self.best = SearchResult(genome.copy(), zeros, score, details)
+        return score
+
+    def equal(self) -> np.ndarray:
+        return np.full(self.length, self.target, dtype=np.float64)  # any constant: softmax is uniform
+
+    def random(self, k: int) -> list[np.ndarray]:
+        return [self.rng.random(self.length) for _ in range(max(k, 0))]
+
+    def initial(self) -> list[np.ndarray]:
+        return [self.equal(), *self.random(self.population - 1)]
+
+    def children(self, parents: list[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        if self.crossover > 0:
+            out.append(self.equal())
+        while len(out) < self.crossover:
+            if len(parents) >= 2:
+                i, j = self.rng.choice(len(parents), 2, replace=False)
+                pick = self.rng.integers(0, 2, self.length).astype(bool)
+                out.append(np.where(pick, parents[i], parents[j]))
+            else:
+                out.append(parents[0].copy())
+        for _ in range(self.mutation):
+            parent = parents[int(self.rng.integers(len(parents)))]
+            hit = self.rng.random(self.length) < self.mutation_prob
+            out.append(np.where(hit, parent * (1.0 + self.rng.standard_normal(self.length)), parent))
+        out.extend(self.random(self.population - len(out)))
+        return out
+
+    def run(self, generations: int, *, progress=None, stop: Callable[[], bool] = lambda: False,
+            budget_s: float | None = None) -> SearchResult:
+        """Evaluate ``generations`` generations (fewer when ``budget_s`` seconds would be exceeded)."""
+        start = time.perf_counter()
+        population = self.initial()
+        done = 0
+        for gen in range(generations):
+            if stop():
+                break
+            scores = [self.fitness(g) for g in population]
+            done += 1
+            finite = [s for s in scores if math.isfinite(s)]
+            self.history.append({
+                "generation": gen,
+                "best": max(scores),
+                "mean": float(np.mean(finite)) if finite else float("-inf"),
+                "best_so_far": self.best.fitness,
+                "evaluated": len(self.cache),
+                "seconds": round(time.perf_counter() - start, 3),
+            })
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(best=f"{self.best.fitness:.4g}")
+            if gen == generations - 1:
+                break
+            elapsed = time.perf_counter() - start
+            if budget_s is not None and elapsed / done * (done + 1) > budget_s:
+                logger.info("allocation search stopped after %d generations (time budget)", done)
+                break
+            order = np.argsort(-np.asarray(scores), kind="stable")
+            parents = [population[i] for i in order[: self.parents]]
+            population = self.children(parents)
+        assert self.best is not None
+        self.best.history = self.history
+        self.best.evaluations = len(self.cache)
+        self.best.generations = done
+        return self.best

@@ -1,0 +1,312 @@
+"""UniPTS: allocation arithmetic, mask gradients, the base-decayed objective, DST, and an end-to-end run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import graphs
+from onnxsparse.config import PruneConfig, UniPTSConfig
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, lr_at, train
+from onnxsparse.methods.unipts.objective import (
+    Agreement,
+    Distillation,
+    base_decayed_kl,
+    default_gamma,
+    is_class_logits,
+    normalised_mse,
+)
+from onnxsparse.methods.unipts.search import (
+    EvolutionarySearch,
+    fit_to_target,
+    genome_to_zeros,
+    integer_zeros,
+    reduce_regrow,
+)
+from onnxsparse.sparsity.masks import SparseMask, attach_masks, bake_masks, current_masks, magnitude_mask
+
+
+# ------------------------------------------------------------------------------------------ allocation
+def test_reduce_regrow_without_clamping_is_exact():
+    # n = [300, 700], P = 0.5, r = 0.1: R = 100; genome [0, ln 2]: softmax = [1/3, 2/3], regrow [33.3, 66.7]
+    # zeros 0.6 * n - regrow = [146.667, 353.333] (sum 500): floors 146 + 353, the last one to the larger
+    # remainder -> [147, 353]
+    n = [300, 700]
+    s = reduce_regrow([0.0, math.log(2.0)], n, 0.5, 0.1)
+    np.testing.assert_allclose(s * n, [180 - 100 / 3, 420 - 200 / 3])
+    assert genome_to_zeros([0.0, math.log(2.0)], n, 0.5, 0.1, 0.99).tolist() == [147, 353]
+    # the all-equal genome: N = 100, R = 10, every layer regrows R / L = 2.5
+    np.testing.assert_allclose(reduce_regrow([0.9] * 4, [10, 20, 30, 40], 0.5, 0.1) * [10, 20, 30, 40],
+                               [6 - 2.5, 12 - 2.5, 18 - 2.5, 24 - 2.5])  # (P + r) n - R / L
+
+
+def test_clamp_at_zero_redistributes_hand_computed():
+    # n = [10, 90, 900], P = 0.9, r = 0.05: R = 50, s = 0.95 - (50/3)/n = [-0.7167, 0.7648, 0.9315]
+    # layer 0 clamps to 0 (7.1667 zeros too many); the other two shift by delta = -7.1667/990:
+    # s = [0, 0.757576, 0.924242] -> zeros 68.18 + 831.82 = 900 -> integers [0, 68, 832]
+    n = [10, 90, 900]
+    s = fit_to_target(reduce_regrow([1.0, 1.0, 1.0], n, 0.9, 0.05), n, 0.9, 0.99)
+    np.testing.assert_allclose(s, [0.0, 0.95 - 50 / 270 - 7.1666666667 / 990, 0.95 - 50 / 2700 - 7.1666666667 / 990],
+                               rtol=1e-9)
+    assert genome_to_zeros([1.0, 1.0, 1.0], n, 0.9, 0.05, 0.99).tolist() == [0, 68, 832]
+
+
+def test_clamp_at_s_max_redistributes_hand_computed():
+    # n = [100, 900], P = 0.96, r = 0.05: R = 50, softmax([-100, 0]) ~ [0, 1]:
+    # s = [1.01, 1.01 - 50/900] -> layer 0 clamps at 0.99 (2 zeros short) -> layer 1 gets 2/900 more:
+    # zeros [99, 859 + 2] = [99, 861], total 960 = 0.96 * 1000
+    n = [100, 900]
+    assert genome_to_zeros([-100.0, 0.0], n, 0.96, 0.05, 0.99).tolist() == [99, 861]
+
+
+def test_target_above_s_max_is_uniform():
+    zeros = genome_to_zeros([0.3, -2.0, 5.0], [100, 100, 100], 0.995, 0.05, 0.99)
+    assert zeros.sum() == round(0.995 * 300)
+    assert zeros.max() - zeros.min() <= 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_genomes_sum_exactly(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        layers = int(rng.integers(1, 40))
+        n = rng.integers(1, 20_000, layers)
+        target = float(rng.random() * 0.999)
+        genome = rng.standard_normal(layers) * rng.random() * 30
+        zeros = genome_to_zeros(genome, n, target, 0.05, 0.99)
+        assert zeros.sum() == round(target * n.sum())
+        assert ((zeros >= 0) & (zeros <= n)).all()
+        s = fit_to_target(reduce_regrow(genome, n, target, 0.05), n, target, 0.99)
+        assert np.abs(zeros - s * n).max() <= 1 + 1e-6  # within one weight of the continuous share
+        assert (s >= 0).all() and (s <= max(0.99, target) + 1e-12).all()
+
+
+def test_integer_zeros_removes_when_rounding_up():
+    assert integer_zeros(np.array([0.5, 0.5]), [3, 3], 0.5, 0.99).sum() == 3
+
+
+def test_search_keeps_random_children_and_is_deterministic():
+    n = [100, 200, 300, 400]
+    seen: list[bytes] = []
+
+    def evaluate(zeros):
+        seen.append(zeros.tobytes())
+        agreement = Agreement(False)
+        agreement.add([torch.tensor([float(zeros[0])])], [torch.tensor([0.0])])  # prefers few zeros in layer 0
+        return agreement
+
+    def run(seed):
+        seen.clear()
+        search = EvolutionarySearch(evaluate, n, target=0.7, regrow=0.05, s_max=0.99, population=8, parents=3,
+                                    crossover=2, mutation=2, mutation_prob=0.5, rng=np.random.default_rng(seed))
+        children = search.children([np.zeros(4), np.ones(4), np.full(4, 2.0)])
+        assert len(children) == 8  # 2 crossover (incl. the all-equal genome) + 2 mutation + 4 random
+        result = search.run(3)
+        assert result.generations == 3 and len(result.history) == 3
+        assert result.zeros.sum() == round(0.7 * sum(n))
+        return result.zeros.tolist(), list(seen)
+
+    assert run(1) == run(1)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def test_straight_through_gradient_and_decay_on_4x4():
+    torch.manual_seed(0)
+    w = torch.randn(4, 4)
+    decay = 0.3
+    lin = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    mask = magnitude_mask(w, 0.5)
+    attach_masks(lin, [_layer_stub()], {"w": mask}, {"w": 0.5}, dynamic=True, decay=decay)
+    lin.train()
+    g = torch.randn(4, 4)
+    (lin.weight * g).sum().backward()
+    m = current_masks(lin, [_layer_stub()])["w"].float()
+    assert int((m == 0).sum()) == 8
+    expected = g + decay * (1 - m) * w
+    torch.testing.assert_close(lin.parametrizations.weight.original.grad, expected)
+    torch.testing.assert_close(lin.weight.detach(), w * m)
+
+
+def _layer_stub():
+    class _W:
+        module_path = ""
+        attr = "weight"
+
+        def owner(self, module):
+            return module
+
+        def get(self, module):
+            return module.weight
+
+    class _L:
+        name = "w"
+        weight = _W()
+
+    return _L()
+
+
+def test_masks_recompute_and_pruned_weights_regrow():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.5, 0.2, 0.1]]))
+    attach_masks(lin, [_layer_stub()], {"w": magnitude_mask(lin.weight, 0.5)}, {"w": 0.5}, dynamic=True)
+    lin.train()
+    lin(torch.ones(1, 4))
+    assert current_masks(lin, [_layer_stub()])["w"].tolist() == [[True, True, False, False]]
+    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+    for _ in range(2):  # push the pruned 0.2 past the kept 0.5 with a gradient on the pruned weight
+        opt.zero_grad()
+        (lin.weight * torch.tensor([[0.0, 0.4, -0.6, 0.0]])).sum().backward()
+        opt.step()
+        lin(torch.ones(1, 4))
+    assert current_masks(lin, [_layer_stub()])["w"].tolist() == [[True, False, True, False]]
+    lin.eval()
+    frozen = current_masks(lin, [_layer_stub()])["w"].clone()
+    with torch.no_grad():
+        lin.parametrizations.weight.original[0, 3] = 100.0  # eval: the stored mask stays
+    lin(torch.ones(1, 4))
+    assert torch.equal(current_masks(lin, [_layer_stub()])["w"], frozen)
+    bake_masks(lin, [_layer_stub()])
+    assert not parametrize.is_parametrized(lin) and int((lin.weight == 0).sum()) == 2
+
+
+# ------------------------------------------------------------------------------------------ objective
+def test_base_decayed_kl_equals_direct_computation():
+    torch.manual_seed(1)
+    z_s, z_t = torch.randn(5, 7), torch.randn(5, 7) * 3
+    tau, T = 8 * 0.99 ** 3, 4.0
+    q = torch.softmax(z_t / T, 1)
+    log_p = torch.log_softmax(z_s, 1)
+    direct = (q * (torch.log(q) - log_p / tau)).sum() * T * T / 5
+    torch.testing.assert_close(base_decayed_kl(z_s, z_t, tau, T), direct)
+    loss = Distillation(True, tau0=8.0, gamma=0.99, temperature=4.0)
+    torch.testing.assert_close(loss([z_s], [z_t], 3), direct)
+    ref = F.kl_div(F.log_softmax(z_s, 1) / tau, F.softmax(z_t / T, 1), reduction="sum") * T ** 2 / 5
+    torch.testing.assert_close(loss([z_s], [z_t], 3), ref)
+    assert math.isclose(default_gamma(100), 0.99) and math.isclose(default_gamma(10) ** 10, 0.99 ** 100)
+
+
+def test_fallback_objective_for_non_logits():
+    assert is_class_logits([torch.zeros(2, 10)])
+    assert not is_class_logits([torch.zeros(2, 1)])
+    assert not is_class_logits([torch.zeros(2, 10, 4)])
+    assert not is_class_logits([torch.zeros(2, 10), torch.zeros(2, 3)])
+    s, t = [torch.ones(2, 3), torch.zeros(4)], [torch.zeros(2, 3), torch.arange(4.0)]
+    expected = (1.0 / (0 + 1e-8) + (torch.arange(4.0) ** 2).mean() / torch.arange(4.0).var(unbiased=False)) / 2
+    torch.testing.assert_close(normalised_mse(s, t), expected)
+
+
+# ------------------------------------------------------------------------------------------ training loop
+def _toy():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+    student = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    student.load_state_dict(teacher.state_dict())
+    data = torch.randn(64, 6)
+
+    def batches(_epoch):
+        return iter([(data[i : i + 16],) for i in range(0, 64, 16)])
+
+    return teacher, student, batches
+
+
+def test_lr_schedule_warmup_and_cosine():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+class _NanAfter(Distillation):
+    def __init__(self, bad_calls):
+        super().__init__(True, tau0=8.0, gamma=0.9, temperature=4.0)
+        self.calls = 0
+        self.bad_calls = bad_calls
+
+    def __call__(self, s, t, epoch):
+        self.calls += 1
+        loss = super().__call__(s, t, epoch)
+        return loss * float("nan") if self.calls in self.bad_calls else loss
+
+
+def test_nan_loss_rolls_back_then_stops():
+    teacher, student, batches = _toy()
+    plan = TrainPlan(iterations=8, iterations_per_epoch=4, warmup=1, lr=0.05, momentum=0.9, weight_decay=0.0)
+    result = train(student, teacher, batches, _NanAfter({6}), plan, holdout=None, autocast=contextlib.nullcontext)
+    assert result.iterations == 8 and len(result.rollbacks) == 1 and result.rollbacks[0]["step"] == 5
+    teacher, student, batches = _toy()
+    with pytest.raises(OnnxSparseError, match="diverged"):
+        train(student, teacher, batches, _NanAfter(set(range(1, 100))), plan, holdout=None,
+              autocast=contextlib.nullcontext)
+
+
+def test_training_reduces_distillation_loss():
+    teacher, student, batches = _toy()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    holdout = HoldoutScorer(teacher, lambda: [b for b in batches(0)], logits=True, autocast=contextlib.nullcontext)
+    before = holdout(student).mean_kl
+    plan = TrainPlan(iterations=60, iterations_per_epoch=4, warmup=4, lr=0.05, momentum=0.9, weight_decay=0.0)
+    loss = Distillation(False, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
+    result = train(student, teacher, batches, loss, plan, holdout=holdout, autocast=contextlib.nullcontext)
+    assert len(result.curve) == 15
+    assert result.curve[-1]["loss"] < result.curve[0]["loss"]
+    assert holdout(student).mean_kl < before
+
+
+# ------------------------------------------------------------------------------------------ end to end
+TINY = dict(population=4, generations=2, parents=2, crossover=2, mutation=1, epochs=2.0, fitness_samples=32,
+            batch_size=16)
+
+
+@pytest.mark.parametrize("keep_bn", [False, True], ids=["bn_folded", "bn_kept"])
+def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=keep_bn), path)
+    x = np.random.default_rng(0).standard_normal((80, 1, 12, 12)).astype(np.float32)
+    config = PruneConfig(sparsity=0.9, holdout_size=16, unipts=UniPTSConfig(**TINY))
+    result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
+    report = result.report
+    assert report["verification"]["export_max_rel_error"] < 1e-3
+    info = report["method_info"]
+    assert info["allocation"]["ran"] and len(info["allocation"]["history"]) == 2
+    assert set(info["allocation"]["candidates"]) == {"uniform", "global-magnitude", "search"}
+    assert info["training"]["iterations"] == 8 and len(info["training"]["curve"]) == 2
+    assert info["training"]["loss"].startswith("base-decayed KL")
+    total = sum(row["params"] for row in result.layers)
+    assert sum(row["target_zeros"] for row in result.layers) == round(0.9 * total)
+    for row in result.layers:  # exactly the allotted zeros (trained kept weights are never exactly 0)
+        assert row["zeros"] == row["target_zeros"], row
+    assert result.achieved_sparsity == pytest.approx(round(0.9 * total) / total)
+    if keep_bn:
+        assert info["training"]["initial_correction"]["batchnorm_reestimated"] == 3
+
+
+def test_same_seed_same_result(tmp_path):
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
+    x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
+    config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    runs = []
+    for name in ("a.onnx", "b.onnx"):
+        prune(path, tmp_path / name, {"input": x}, config, progress=False)
+        runs.append(onnx.load(tmp_path / name))
+    for a, b in zip(runs[0].graph.initializer, runs[1].graph.initializer):
+        assert a.SerializeToString() == b.SerializeToString()
