@@ -60,12 +60,11 @@ def crop_params(
     crop_w = torch.where(any_fit, crop_w, torch.full_like(crop_w, fallback_w))
     crop_h = torch.where(any_fit, crop_h, torch.full_like(crop_h, fallback_h))
 
-    top = torch.floor(position[:, 0] * (height - crop_h + 1).double()).long().clamp(max=height - 1)
-    left = torch.floor(position[:, 1] * (width - crop_w + 1).double()).long().clamp(max=width - 1)
-    top = torch.where(any_fit, top, (height - crop_h) // 2)
-    left = torch.where(any_fit, left, (width - crop_w) // 2)
-    top = torch.minimum(top, height - crop_h)
-    left = torch.minimum(left, width - crop_w)
+    # Uniform integer offsets in 0..size-crop (position is in [0, 1)); centered for the fallback.
+    top = torch.floor(position[:, 0] * (height - crop_h + 1).double()).long()
+    left = torch.floor(position[:, 1] * (width - crop_w + 1).double()).long()
+    top = torch.where(any_fit, torch.minimum(top, height - crop_h), (height - crop_h) // 2)
+    left = torch.where(any_fit, torch.minimum(left, width - crop_w), (width - crop_w) // 2)
     flip = flip_draw < flip_p
     return top, left, crop_h, crop_w, flip
 

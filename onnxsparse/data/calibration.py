@@ -17,8 +17,8 @@ import onnx
 import torch
 
 from onnxsparse.data.augment import augment_batch
-from onnxsparse.data.images import IMAGE_EXTENSIONS, SKIP_REASONS, decode_files, is_image_file
-from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
+from onnxsparse.data.images import IMAGE_EXTENSIONS, decode_files, is_image_file
+from onnxsparse.data.preprocess import PreprocessConfig, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import (
     FeedCollector,
@@ -234,8 +234,11 @@ def _scan(root: Path) -> _Folder:
                 others.append(path)
     if not any_entry:
         raise OnnxSparseError(f"calibration folder {root} is empty")
-    key = lambda p: p.relative_to(root).as_posix()  # noqa: E731
-    return _Folder(root, tuple(sorted(images, key=key)), tuple(sorted(tensors, key=key)), tuple(sorted(others, key=key)))
+
+    def ordered(paths: list[Path]) -> tuple[Path, ...]:
+        return tuple(sorted(paths, key=lambda p: p.relative_to(root).as_posix()))
+
+    return _Folder(root, ordered(images), ordered(tensors), ordered(others))
 
 
 def _split_sizes(

@@ -232,7 +232,6 @@ def decode_files(
             position += len(window)
             if executor is None:
                 results: Iterator[list[Decoded]] = (_decode_chunk([p], plan) for p in window)
-                chunk_size = 1
             else:
                 chunk_size = max(1, min(32, len(window) // (4 * workers)))
                 results = executor.map(_decode_chunk, _chunks(window, chunk_size), itertools.repeat(plan))

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import onnx
 
@@ -599,7 +599,7 @@ def _per_channel(
     order: str,
     preset_name: str,
     spec: InputSpec,
-    label,
+    label: Callable[[str, Setting], str],
 ) -> Setting:
     if setting is None:
         return Setting((default,) * channels, SOURCE_DEFAULT)

@@ -78,7 +78,9 @@ class FeedCollector:
                 )
             extra = [k for k in keys if k not in names]
             if extra:
-                self._warn_once("extra", f"{where}: ignoring entries that are not model inputs: {', '.join(map(repr, extra))}")
+                self._warn_once(
+                    "extra", f"{where}: ignoring entries that are not model inputs: {', '.join(map(repr, extra))}"
+                )
             return {n: item[n] for n in names}
         if isinstance(item, (np.ndarray, torch.Tensor)):
             if len(names) != 1:
