@@ -341,3 +341,23 @@ def test_decoded_cache_is_capped_without_max_samples(tmp_path, monkeypatch, capl
         tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=10
     )
     assert cs.n_train + cs.n_holdout == 10
+
+
+FASHION_CALIB = Path(__file__).resolve().parents[1] / "samples" / "fashion_mnist" / "calib"
+
+
+@pytest.mark.skipif(not FASHION_CALIB.is_dir(), reason="samples/fashion_mnist/calib does not exist")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fashion_mnist_calib_decoding_speed(workers, capsys):
+    cs = load_calibration(
+        FASHION_CALIB, make_model(["batch", 1, 28, 28]), preprocess=PreprocessConfig(workers=workers)
+    )
+    decode = cs.pipeline["decode"]
+    with capsys.disabled():
+        print(
+            f"\n{FASHION_CALIB}: {decode['images']} images in {decode['seconds']:.2f} s, "
+            f"{decode['images_per_second']:.0f} images/s ({workers} workers)"
+        )
+    assert sum(cs.skipped.values()) == 0
+    assert cs.train["x"].shape[1:] == (1, 28, 28)
+    assert 0.0 <= cs.train["x"].min() and cs.train["x"].max() <= 1.0
