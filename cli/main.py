@@ -10,7 +10,7 @@ import sys
 import click
 
 import onnxsparse
-from onnxsparse.config import METHODS
+from onnxsparse.config import METHODS, SAVE_FORMATS
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse_cli.options import preprocessing, verbosity
 
@@ -55,7 +55,12 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Output model path.")
 @click.option("--dry-run", is_flag=True, help="Run and verify everything but write no model.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="unipts", show_default=True)
-@click.option("--pattern", default="unstructured", show_default=True, help="unstructured or N:M (e.g. 2:4).")
+@click.option("--pattern", default="unstructured", show_default=True,
+              help="unstructured, or N:M (e.g. 2:4): keep the N largest of every M input-channel weights "
+                   "(layer sparsity 1 - N/M; layers whose input channels are not a multiple of M stay dense).")
+@click.option("--save-format", type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
+              help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
+                   "(onnxruntime densifies them at load).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
@@ -77,7 +82,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @preprocessing
 @verbosity
-def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device, exclude, no_correction, batch_size,
+def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
           time_budget, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
@@ -97,7 +102,7 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device
     config = PruneConfig(
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
-        unipts=unipts,
+        save_format=save_format, unipts=unipts,
     )
     result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
                        report_path=report_path, progress=not quiet)
@@ -115,16 +120,32 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, seed, device
 
 def _print_summary(report: dict) -> None:
     rows = report["layers"]
-    click.echo(f"{'layer':<40} {'op':<14} {'params':>10} {'target':>8} {'achieved':>9}", err=True)
+    click.echo(f"{'layer':<40} {'op':<14} {'params':>10} {'target':>8} {'achieved':>9} {'N:M':>5}", err=True)
     for row in rows:
         name = row["node"] or row["name"]
         click.echo(
             f"{name[-40:]:<40} {row['op']:<14} {row['params']:>10,} {row['target_sparsity']:>8.2%} "
-            f"{row['achieved_sparsity']:>9.2%}",
+            f"{row['achieved_sparsity']:>9.2%} {row.get('nm', '-'):>5}",
             err=True,
         )
     for skipped in report["skipped_layers"]:
         click.echo(f"skipped {skipped['node'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
+    for dense in report.get("dense_layers", []):
+        click.echo(f"left dense {dense['node'] or dense['name']} ({dense['op']}): {dense['reason']}", err=True)
+    for note in report.get("notes", []):
+        click.echo(f"note: {note}", err=True)
+    storage = report.get("storage")
+    if storage:
+        def _mb(n):
+            if n is None:
+                return "?"
+            return f"{n / 1e6:.3g} MB" if n >= 1e6 else f"{n / 1e3:.3g} kB"
+
+        parts = [f"{fmt} {_mb(storage[fmt]['bytes'])} (zip {_mb(storage[fmt]['zip_bytes'])})"
+                 for fmt in ("dense", "sparse-initializer")]
+        click.echo(f"storage: input {_mb(storage.get('input_bytes'))} (zip {_mb(storage.get('input_zip_bytes'))}); "
+                   + "; ".join(parts)
+                   + f"; saved as {storage['format']}: {_mb(storage.get('saved_bytes'))}", err=True)
     ver = report.get("verification", {})
     agreement = ver.get("top1_agreement")
     outs = ver.get("outputs", [])
@@ -144,7 +165,11 @@ def _print_summary(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @verbosity
 def inspect(model, as_json, quiet) -> None:
-    """Per-layer weight shapes, parameter counts and current sparsity of MODEL."""
+    """Per-layer weight shapes, parameter counts, current sparsity and N:M pattern of MODEL.
+
+    N:M is the tightest of 1:8, 1:4, 2:8, 2:4, 4:8 the weight satisfies along its input-channel axis
+    (TensorRT's layout); "2:4" says whether 2:4 sparse kernels can use the layer as it is.
+    """
     from onnxsparse.inspect import inspect_model
 
     rows = inspect_model(model)
@@ -152,12 +177,16 @@ def inspect(model, as_json, quiet) -> None:
     zeros = sum(r.zeros for r in rows)
     if as_json:
         click.echo(json.dumps({"layers": [r.as_dict() for r in rows], "params": total, "zeros": zeros,
-                               "sparsity": zeros / total if total else 0.0}, indent=2))
+                               "sparsity": zeros / total if total else 0.0,
+                               "layers_2_4": sum(r.satisfies_2_4 for r in rows)}, indent=2))
         return
-    click.echo(f"{'node':<40} {'op':<14} {'weight shape':<20} {'params':>10} {'sparsity':>9}")
+    click.echo(f"{'node':<40} {'op':<14} {'weight shape':<20} {'params':>10} {'sparsity':>9} {'2:4':>4} {'N:M':>5}")
     for r in rows:
-        click.echo(f"{(r.node or r.tensor)[-40:]:<40} {r.op:<14} {str(list(r.shape)):<20} {r.params:>10,} {r.sparsity:>9.2%}")
-    click.echo(f"{'total':<40} {'':<14} {len(rows):<20} {total:>10,} {(zeros / total if total else 0):>9.2%}")
+        click.echo(f"{(r.node or r.tensor)[-40:]:<40} {r.op:<14} {str(list(r.shape)):<20} {r.params:>10,} "
+                   f"{r.sparsity:>9.2%} {('yes' if r.satisfies_2_4 else 'no'):>4} {r.nm:>5}")
+    n24 = sum(r.satisfies_2_4 for r in rows)
+    click.echo(f"{'total':<40} {'':<14} {len(rows):<20} {total:>10,} {(zeros / total if total else 0):>9.2%} "
+               f"{n24:>4}")
 
 
 

@@ -11,6 +11,7 @@ from onnxsparse.errors import OnnxSparseError
 METHODS = ("unipts", "magnitude", "global-magnitude")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
+SAVE_FORMATS = ("dense", "sparse-initializer")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -116,6 +117,7 @@ class PruneConfig:
     correction_samples: int = 256
     verify_samples: int = 256
     verify_tolerance: float = 1e-3
+    save_format: str = "dense"
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
@@ -137,6 +139,8 @@ class PruneConfig:
         _positive_int(self.correction_samples, "--correction-samples")
         _positive_int(self.verify_samples, "--verify-samples")
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
+        _check(self.save_format in SAVE_FORMATS,
+               f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -1,4 +1,7 @@
-"""Per-layer sparsity of any ONNX model, from the graph alone (no conversion)."""
+"""Per-layer sparsity and N:M pattern of any ONNX model, from the graph alone (no conversion).
+
+Sparse initializers (``--save-format sparse-initializer``) are read as their dense values.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from onnx import numpy_helper
 
 from onnxsparse.importer.load import load_model
 from onnxsparse.importer.normalize import normalize_for_torch
+from onnxsparse.sparsity.patterns import check_nm, format_pattern, onnx_group_axis, tightest_pattern
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -23,6 +27,9 @@ class LayerInfo:
     shape: tuple[int, ...]
     params: int
     zeros: int
+    nm: str = "-"  # tightest standard N:M pattern along the input-channel axis ("2:4", "1:4", ...), "-" if none
+    satisfies_2_4: bool = False
+    nm_axis: int | None = None  # the ONNX initializer axis the N:M groups run along (TensorRT's layout)
 
     @property
     def sparsity(self) -> float:
@@ -48,8 +55,10 @@ def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto])
 
 
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
+    from onnxsparse.exporter.writeback import densify
+
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    norm = normalize_for_torch(proto, convert_opset=False)
+    norm = normalize_for_torch(densify(proto), convert_opset=False)
     constants = {init.name: init for init in norm.model.graph.initializer}
     rows = []
     for node in norm.model.graph.node:
@@ -59,6 +68,8 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
         if value is None:
             continue
         array = numpy_helper.to_array(constants[value])
+        axis = onnx_group_axis(node, list(node.input).index(value), array.ndim)
+        tightest = tightest_pattern(array, axis)
         rows.append(
             LayerInfo(
                 node=norm.original_nodes[node.name][0],
@@ -67,6 +78,9 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
                 shape=tuple(int(d) for d in array.shape),
                 params=int(array.size),
                 zeros=int(np.count_nonzero(array == 0)),
+                nm=format_pattern(tightest) if tightest else "-",
+                satisfies_2_4=axis is not None and check_nm(array, 2, 4, axis),
+                nm_axis=axis,
             )
         )
     return rows

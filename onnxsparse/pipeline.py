@@ -19,7 +19,7 @@ from onnxsparse.config import PruneConfig
 from onnxsparse.device import resolve_device
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
-from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, zip_size
+from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, zip_size
 from onnxsparse.exporter.writeback import to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
@@ -137,6 +137,7 @@ def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays
 def _storage(model_path: Path | None, pruned: onnx.ModelProto, sparse: onnx.ModelProto, save_format: str,
              converted: list[str]) -> dict:
     """File sizes of the pruned model in both formats, and of a zip (deflate) archive of each."""
+    input_bytes = files_size(model_path) if model_path is not None and model_path.is_file() else None
     variants = {}
     for name, proto in (("dense", pruned), ("sparse-initializer", sparse)):
         size = proto.ByteSize()
@@ -149,7 +150,9 @@ def _storage(model_path: Path | None, pruned: onnx.ModelProto, sparse: onnx.Mode
         "format": save_format,
         "sparse_tensors": len(converted) if save_format == "sparse-initializer" else 0,
         "sparse_tensors_possible": len(converted),
-        "input_bytes": files_size(model_path) if model_path is not None and model_path.is_file() else None,
+        "input_bytes": input_bytes,
+        "input_zip_bytes": (zip_size(*model_files(model_path))
+                            if input_bytes is not None and input_bytes < EXTERNAL_DATA_THRESHOLD // 4 else None),
         **variants,
         "saved_bytes": None,
     }

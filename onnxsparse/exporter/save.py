@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +101,68 @@ def save_atomic(
                     path.unlink()
     logger.info("wrote %s", out)
     return out
+
+
+class _CountingSink(io.RawIOBase):
+    """A seekable write-only stream that keeps no data, only the size a file would have (archive sizes
+    without writing an archive; seekable so zipfile writes the same headers it writes to a file)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def write(self, data) -> int:
+        n = len(memoryview(data).cast("B"))
+        self.pos += n
+        self.size = max(self.size, self.pos)
+        return n
+
+
+def zip_size(*members: str | os.PathLike | bytes, level: int = 6) -> int:
+    """Size in bytes of a zip archive (deflate, ``level``) holding ``members``: file paths or raw bytes."""
+    sink = _CountingSink()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for i, member in enumerate(members):
+            if isinstance(member, (bytes, bytearray, memoryview)):
+                archive.writestr(f"member{i}", bytes(member))
+            else:
+                archive.write(os.fspath(member), arcname=Path(member).name)
+    return sink.size
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """``path`` and the external-data files it references (existing ones, in its folder)."""
+    p = Path(path)
+    files = [p]
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:  # noqa: BLE001 - sizes are informational; an unreadable file counts alone
+        return files
+    seen = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data = p.parent / entry.value
+                if data.is_file():
+                    files.append(data)
+    return files
+
+
+def files_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file together with its external data."""
+    return sum(f.stat().st_size for f in model_files(path))

@@ -75,3 +75,80 @@ def write_back(imported: ImportedModel, module: nn.Module, metadata: dict[str, s
 def tensor_arrays(model: onnx.ModelProto, names: list[TensorSource]) -> dict[str, np.ndarray]:
     tensors = _locate(model)
     return {s.name: numpy_helper.to_array(tensors[s]) for s in names if s in tensors}
+
+
+# -- sparse initializers (``--save-format sparse-initializer``) --------------------------------------------
+# ONNX SparseTensorProto in COO form: ``values`` (nnz,) and ``indices`` (nnz,) linear int64 positions in the
+# row-major dense tensor. The ONNX checker requires int64 indices; onnxruntime densifies them at load time.
+_INDEX_BYTES = 8
+_SPARSE_OVERHEAD = 64  # proto framing of one SparseTensorProto, generous
+
+
+def sparse_initializer_bytes(array: np.ndarray) -> int:
+    """Approximate size of ``array`` stored as a SparseTensorProto with linear int64 indices."""
+    nnz = int(np.count_nonzero(array))
+    return nnz * (array.dtype.itemsize + _INDEX_BYTES) + _SPARSE_OVERHEAD
+
+
+def to_sparse_initializers(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` where each named initializer moves to ``graph.sparse_initializer`` (COO, linear
+    int64 indices) when that makes it smaller. Constants in nodes, graph inputs (overridable initializers)
+    and tensors held as external data stay dense. Returns the copy and the names converted.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    wanted = set(names)
+    inputs = {i.name for i in g.input}
+    converted: list[str] = []
+    keep: list[onnx.TensorProto] = []
+    for init in g.initializer:
+        if (
+            init.name not in wanted
+            or init.name in inputs
+            or init.data_location == onnx.TensorProto.EXTERNAL
+            or init.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED)
+        ):
+            keep.append(init)
+            continue
+        array = numpy_helper.to_array(init)
+        if array.ndim == 0 or sparse_initializer_bytes(array) >= array.nbytes:
+            keep.append(init)
+            continue
+        flat = array.reshape(-1)
+        nz = np.flatnonzero(flat)
+        values = numpy_helper.from_array(np.ascontiguousarray(flat[nz]), init.name)
+        indices = numpy_helper.from_array(nz.astype(np.int64), "")
+        g.sparse_initializer.append(helper.make_sparse_tensor(values, indices, list(array.shape)))
+        converted.append(init.name)
+    if converted:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    logger.info("%d initializer(s) stored as sparse tensors", len(converted))
+    return out, converted
+
+
+def sparse_to_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense numpy value of a COO SparseTensorProto (linear or ``(nnz, rank)`` indices)."""
+    values = numpy_helper.to_array(sparse.values)
+    dims = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(dims, dtype=values.dtype)
+    if values.size:
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(tuple(indices.T), dims)
+        dense.reshape(-1)[indices.reshape(-1)] = values.reshape(-1)
+    return dense
+
+
+def densify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when it has no sparse initializers, else a copy with them as dense initializers."""
+    if not len(model.graph.sparse_initializer):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for sparse in g.sparse_initializer:
+        g.initializer.append(numpy_helper.from_array(sparse_to_array(sparse), sparse.values.name))
+    del g.sparse_initializer[:]
+    return out

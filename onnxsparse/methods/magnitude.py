@@ -1,4 +1,8 @@
-"""Baselines: magnitude pruning with a uniform or a global allocation, then statistics correction."""
+"""Baselines: magnitude pruning with a uniform or a global allocation, then statistics correction.
+
+With an N:M ``--pattern`` there is no allocation: every layer keeps the N largest of each M input
+channels (sparsity ``1 - N/M``), layers whose input-channel dimension is not a multiple of M stay dense.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import torch
 
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.sparsity import allocation
-from onnxsparse.sparsity.masks import apply_masks_inplace, magnitude_mask
+from onnxsparse.sparsity import patterns
+from onnxsparse.sparsity.masks import apply_masks_inplace
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +26,19 @@ class _Magnitude:
 
     @torch.no_grad()
     def run(self, ctx: PruneContext) -> MethodResult:
-        sparsities = self.allocate(ctx)
-        masks = {
-            layer.name: magnitude_mask(layer.weight.get(ctx.student), sparsities[layer.name]) for layer in ctx.layers
-        }
+        pattern = ctx.config.pattern
+        info: dict = {"pattern": pattern}
+        if ctx.config.nm is None:
+            sparsities = self.allocate(ctx)
+        else:
+            sparsities = patterns.nm_sparsities(ctx.layers, pattern)
+            info["dense_layers"] = patterns.dense_layers(ctx.layers, pattern)
+            logger.info("pattern %s: no allocation, %d layer(s) left dense", pattern, len(info["dense_layers"]))
+        masks = patterns.pattern_masks(ctx.student, ctx.layers, pattern, sparsities)
         apply_masks_inplace(ctx.student, ctx.layers, masks)
         report = ctx.correct()
-        return MethodResult(sparsities, masks, {"correction": report.as_dict()})
+        info["correction"] = report.as_dict()
+        return MethodResult(sparsities, masks, info)
 
 
 @register_method("magnitude")
