@@ -360,7 +360,7 @@ class ResolvedPreprocess:
         elif self.resize.value is not None:
             steps.append(f"center crop {height}x{width} (input size)")
         else:
-            steps.append(f"resize to {height}x{width} (bilinear)")
+            steps.append(f"resize to {height}x{width} (bilinear, where the size differs)")
         if self.channel_order.value == "bgr":
             steps.append("reverse channels to BGR")
         steps.append(f"multiply by {self.scale.value:.6g}")
