@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from onnxsparse.errors import OnnxSparseError
 
-METHODS = ("unipts", "magnitude", "global-magnitude")
+METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 SAVE_FORMATS = ("dense", "sparse-initializer")

@@ -1,0 +1,429 @@
+"""Layer-wise reconstruction: prune each layer, then re-fit its kept weights to reproduce the dense layer.
+
+A post-training baseline in the style of OBC/ExactOBS (Frantar & Alistarh, 2022) and SparseGPT (Frantar &
+Alistarh, 2023), as OpenVINO POT-style tools do it. Layers are processed in graph order; for layer ``l``:
+
+1. Calibration statistics. ``X_s`` are the layer's inputs in the *student* (every earlier layer already
+   pruned and re-fitted), ``X_d`` the inputs of the same layer in the dense teacher, both as columns (im2col
+   patches for a convolution, one Hessian per convolution group). With ``H = X_s X_s^T`` and
+   ``C = X_s X_d^T`` the layer's reconstruction error of a weight ``W`` is
+   ``||W X_s - W_d X_d||^2 + lam ||W - W_d||^2`` (``lam`` = 1% of the mean diagonal of ``H``, a damping that
+   keeps ``W`` near the dense weight where the calibration data says nothing). A bias column (a constant 1
+   input) lets the fit move the bias too, so channel mean shifts are absorbed.
+2. Its dense optimum ``W* = W_d (C^T + lam I) (H + lam I)^-1`` ("asymmetric" target: the dense layer's output
+   on the dense activations, which also undoes the error the earlier layers left) makes the error a quadratic
+   form ``||W - W*||^2_(H + lam I)``, minimised under the sparsity constraint by SparseGPT: columns in blocks of
+   128, each block's mask chosen by the OBS saliency ``w^2 / [H^-1]_ii^2`` over the whole block (its share of
+   the layer's zeros, so the layer gets exactly ``round(s * n)``), and every pruned weight's error pushed onto
+   the not-yet-processed columns through the Cholesky factor of ``H^-1``.
+3. ExactOBS re-fit: with the mask fixed, every row's kept weights are set to the exact minimiser
+   ``w_K = H_KK^-1 (H w*)_K`` (batched solves; skipped for layers where that costs more than a budget).
+
+Per-layer sparsity is uniform (every layer at the target), as in SparseGPT. Layers whose inputs cannot be
+unfolded (ConvTranspose, non-zero padding modes, string padding) are pruned by magnitude and listed in the
+report. Afterwards the pipeline's statistics correction runs as for the other methods (BatchNorm
+re-estimation where the graph kept BatchNorm; ``--no-correction`` turns it off).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onnxsparse.graph import PrunableLayer
+from onnxsparse.methods.base import MethodResult, PruneContext, register_method
+from onnxsparse.sparsity import allocation
+from onnxsparse.sparsity.masks import magnitude_mask, zeros_for
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 128  # SparseGPT's lazy-batch block size (columns)
+DAMP = 0.01  # lam = DAMP * mean(diag(H))
+MIN_SAMPLES = 512  # calibration samples for the statistics (at least correction_samples)
+MAX_POSITIONS = 256  # im2col positions sampled per image and layer
+STATS_BATCH = 16  # images per forward while collecting statistics (bounds the im2col memory)
+REFIT_FLOPS = 4e10  # exact re-fit only where the batched solves cost less than this
+
+
+class _Stop(Exception):
+    """Raised by a forward pre-hook once the layer's input is captured: the rest of the forward is skipped."""
+
+
+@dataclass
+class _Unfold:
+    """How to turn a layer's input into columns ``(groups, d, n)`` and its weight into ``(groups, rows, d)``."""
+
+    kind: str  # "conv", "linear"
+    groups: int = 1
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    transpose_weight: bool = False  # torch weight is (in, out) (MatMul X @ W)
+    features_axis: int = -1  # axis of the activation holding the input features (-1 or -2)
+
+
+def _plan(layer: PrunableLayer, module: nn.Module, weight: torch.Tensor) -> _Unfold | str:
+    """The unfolding for ``layer``, or why it cannot be reconstructed."""
+    if layer.weight.shared:
+        return "weight shared by several nodes"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and layer.weight.attr == "weight" and module.weight is weight:
+        if module.padding_mode != "zeros":
+            return f"padding mode {module.padding_mode}"
+        if isinstance(module.padding, str):
+            return f"padding {module.padding!r}"
+        return _Unfold("conv", module.groups, tuple(module.kernel_size), tuple(module.stride), tuple(module.padding),
+                       tuple(module.dilation))
+    if isinstance(module, nn.Linear) and module.weight is weight:
+        return _Unfold("linear")
+    if layer.op_type == "MatMul" and weight.dim() == 2 and layer.out_axis_weight is not None:
+        # X @ W (W: in x out, features on the last axis of X) or W @ X (W: out x in, features on axis -2)
+        return _Unfold("linear", transpose_weight=layer.out_axis_weight == 1,
+                       features_axis=-1 if layer.out_axis_act == -1 else -2)
+    return f"{layer.op_type} module {type(module).__name__} is not supported"
+
+
+def _canonical(weight: torch.Tensor, plan: _Unfold) -> torch.Tensor:
+    """Torch weight -> (groups, rows, d) in the column order of :func:`_columns`."""
+    w = weight.detach().double()
+    if plan.kind == "conv":
+        return w.reshape(plan.groups, w.shape[0] // plan.groups, -1)
+    return (w.T if plan.transpose_weight else w).unsqueeze(0)
+
+
+def _from_canonical(w: torch.Tensor, weight: torch.Tensor, plan: _Unfold) -> torch.Tensor:
+    if plan.kind == "conv":
+        return w.reshape(weight.shape)
+    w = w[0]
+    return w.T if plan.transpose_weight else w
+
+
+def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torch.Tensor:
+    """Layer input -> (groups, d, n) columns; ``index`` picks im2col positions (same for teacher and student)."""
+    x = x.detach()
+    if plan.kind == "conv":
+        if len(plan.kernel) == 1:
+            x = x.unsqueeze(2)
+            kernel, stride, padding, dilation = (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
+        else:
+            kernel, stride, padding, dilation = plan.kernel, plan.stride, plan.padding, plan.dilation
+        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
+        if index is not None:
+            cols = cols[:, :, index]
+        n, ck, positions = cols.shape
+        cols = cols.reshape(n, plan.groups, ck // plan.groups, positions)
+        return cols.permute(1, 2, 0, 3).reshape(plan.groups, ck // plan.groups, n * positions)
+    if plan.features_axis == -2:
+        x = x.transpose(-1, -2)
+    rows = x.reshape(-1, x.shape[-1])
+    if index is not None:
+        rows = rows[index]
+    return rows.T.unsqueeze(0)
+
+
+def _positions(x: torch.Tensor, plan: _Unfold, generator: torch.Generator) -> torch.Tensor | None:
+    """Random subset of im2col positions (or token rows) when there are many."""
+    if plan.kind == "conv":
+        spatial = x.shape[2:]
+        if len(plan.kernel) == 1:
+            spatial = (1, *spatial)
+            kernel, stride, padding, dilation = (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
+        else:
+            kernel, stride, padding, dilation = plan.kernel, plan.stride, plan.padding, plan.dilation
+        total = 1
+        for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation):
+            total *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if total <= MAX_POSITIONS:
+            return None
+        return torch.randperm(total, generator=generator)[:MAX_POSITIONS].sort().values.to(x.device)
+    rows = x.numel() // x.shape[-1 if plan.features_axis == -1 else -2]
+    cap = MAX_POSITIONS * x.shape[0]
+    if rows <= cap or x.dim() <= 2:
+        return None
+    return torch.randperm(rows, generator=generator)[:cap].sort().values.to(x.device)
+
+
+class _Capture:
+    """Forward pre-hook that keeps the activation input of one module call and stops the forward."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, _module, args, kwargs=None):
+        tensors = [a for a in list(args) + list((kwargs or {}).values())
+                   if isinstance(a, torch.Tensor) and a is not self.weight]
+        if not tensors:
+            raise RuntimeError("no activation input")
+        self.value = tensors[0]
+        raise _Stop
+
+
+def _capture(model: nn.Module, module_path: str, weight: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    hook = _Capture(weight)
+    handle = model.get_submodule(module_path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(*batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if hook.value is None:
+        raise RuntimeError(f"module {module_path!r} was not called")
+    return hook.value
+
+
+@dataclass
+class _Stats:
+    H: torch.Tensor  # (G, d+1, d+1) incl. the bias column when fitted
+    C: torch.Tensor  # (G, d+1, d+1)
+    columns: int
+
+
+def _statistics(ctx: PruneContext, layer: PrunableLayer, plan: _Unfold, weight_s: torch.Tensor,
+                weight_t: torch.Tensor, n_samples: int, with_bias: bool, asymmetric: bool) -> _Stats:
+    generator = torch.Generator().manual_seed(ctx.config.seed * 1_000_003 + zlib.crc32(layer.name.encode()))
+    H = C = None
+    columns = 0
+    seen = 0
+    for batch in ctx.train_batches(min(STATS_BATCH, n_samples)):
+        if seen >= n_samples:
+            break
+        take = min(batch[0].shape[0], n_samples - seen)
+        batch = tuple(t[:take] for t in batch)
+        seen += take
+        xs = _capture(ctx.student, layer.module_path, weight_s, batch)
+        index = _positions(xs, plan, generator)
+        cs = _columns(xs, plan, index).double()
+        if asymmetric:
+            xd = _capture(ctx.teacher, layer.module_path, weight_t, batch)
+            cd = _columns(xd, plan, index).double()
+        if with_bias:
+            ones = torch.ones(cs.shape[0], 1, cs.shape[2], dtype=cs.dtype, device=cs.device)
+            cs = torch.cat([cs, ones], 1)
+            if asymmetric:
+                cd = torch.cat([cd, ones], 1)
+        h = cs @ cs.transpose(1, 2)
+        H = h if H is None else H + h
+        if asymmetric:
+            c = cs @ cd.transpose(1, 2)
+            C = c if C is None else C + c
+        columns += cs.shape[2]
+    return _Stats(H, C if asymmetric else H, columns)
+
+
+def _block_quotas(total_zeros: int, sizes: list[int]) -> list[int]:
+    """Split ``total_zeros`` over blocks proportionally to their sizes, exactly (cumulative rounding)."""
+    n = sum(sizes)
+    quotas, cum = [], 0
+    for size in sizes:
+        lo = round(total_zeros * cum / n) if n else 0
+        cum += size
+        hi = round(total_zeros * cum / n) if n else 0
+        quotas.append(min(hi - lo, size))
+    return quotas
+
+
+def _sparsegpt(W: torch.Tensor, Hd: torch.Tensor, n_prunable: int, zeros: int,
+               fixed_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on ``W`` (G, R, D) with damped Hessians ``Hd`` (G, D, D); columns >= n_prunable are never pruned.
+
+    Returns (pruned W, mask of kept weights over the first ``n_prunable`` columns).
+    """
+    G, R, D = W.shape
+    W = W.clone()
+    L = torch.linalg.cholesky(Hd)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)  # upper Cholesky factor of H^-1
+    keep = torch.ones(G, R, D, dtype=torch.bool, device=W.device)
+    starts = list(range(0, n_prunable, BLOCK))
+    quotas = _block_quotas(zeros, [G * R * (min(s + BLOCK, n_prunable) - s) for s in starts])
+    for i1, quota in zip(starts, quotas):
+        i2 = min(i1 + BLOCK, n_prunable)
+        W1 = W[:, :, i1:i2].clone()
+        U1 = U[:, i1:i2, i1:i2]
+        diag = torch.diagonal(U1, dim1=1, dim2=2)  # (G, B)
+        if fixed_mask is not None:
+            prune1 = ~fixed_mask[:, :, i1:i2]
+        else:
+            score = (W1 ** 2) / (diag.unsqueeze(1) ** 2)
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+            if quota > 0:
+                order = torch.argsort(score.flatten(), stable=True)[:quota]
+                prune1.view(-1)[order] = True
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, :, i]
+            d = diag[:, i].unsqueeze(1)  # (G, 1)
+            q = torch.where(prune1[:, :, i], torch.zeros_like(w), w)
+            err = (w - q) / d
+            # w_j -= err * U[i, j] for the columns j >= i of this block
+            W1[:, :, i:] -= err.unsqueeze(2) * U1[:, i, i:].unsqueeze(1)
+            W1[:, :, i] = q
+            Err1[:, :, i] = err
+        W[:, :, i1:i2] = W1
+        W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]
+        keep[:, :, i1:i2] = ~prune1
+    W[:, :, :n_prunable] *= keep[:, :, :n_prunable]
+    return W, keep[:, :, :n_prunable]
+
+
+def _refit(W_star: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """Exact minimiser of ``||w - w*||^2_Hd`` per row with the pruned weights held at zero."""
+    G, R, D = W_star.shape
+    n_prunable = keep.shape[2]
+    full_keep = torch.ones(G, R, D, dtype=torch.bool, device=W_star.device)
+    full_keep[:, :, :n_prunable] = keep
+    target = W_star @ Hd  # (G, R, D): rows of (Hd w*)^T (Hd symmetric)
+    out = torch.empty_like(W_star)
+    rows_per_chunk = max(1, chunk_bytes // (8 * D * D))
+    eye = torch.eye(D, dtype=Hd.dtype, device=Hd.device)
+    for g in range(G):
+        for r0 in range(0, R, rows_per_chunk):
+            m = full_keep[g, r0:r0 + rows_per_chunk].to(Hd.dtype)  # (r, D)
+            A = m.unsqueeze(2) * Hd[g].unsqueeze(0) * m.unsqueeze(1) + (1 - m).unsqueeze(2) * eye
+            b = m * target[g, r0:r0 + rows_per_chunk]
+            out[g, r0:r0 + rows_per_chunk] = torch.linalg.solve(A, b.unsqueeze(2)).squeeze(2) * m
+    return out
+
+
+def _damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H + lam I, lam per group, dead input mask) with dead inputs (zero diagonal) given a unit diagonal."""
+    diag = torch.diagonal(H, dim1=1, dim2=2)
+    dead = diag <= 0
+    lam = damp * diag.mean(dim=1).clamp_min(1e-12)  # (G,)
+    Hd = H.clone()
+    Hd += torch.diag_embed(torch.where(dead, torch.ones_like(diag), lam.unsqueeze(1).expand_as(diag)))
+    return Hd, lam, dead
+
+
+@torch.no_grad()
+def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, *, n_samples: int,
+                      asymmetric: bool = True, refit: bool = True,
+                      fixed_mask: torch.Tensor | None = None) -> dict:
+    """Prune ``layer`` of ``ctx.student`` in place to ``sparsity`` and re-fit it; returns a report row."""
+    start = time.perf_counter()
+    weight = layer.weight.get(ctx.student)
+    module = ctx.student.get_submodule(layer.module_path)
+    plan = _plan(layer, module, weight)
+    if isinstance(plan, str):
+        mask = fixed_mask if fixed_mask is not None else magnitude_mask(weight, sparsity)
+        weight.mul_(mask.to(weight.dtype))
+        return {"layer": layer.name, "fitted": False, "reason": plan, "mask": mask}
+    weight_t = layer.weight.get(ctx.teacher)
+    bias = layer.bias.get(ctx.student) if layer.bias is not None and not layer.bias.shared else None
+    with_bias = bias is not None
+    stats = _statistics(ctx, layer, plan, weight, weight_t, n_samples, with_bias, asymmetric)
+    W = _canonical(weight, plan).to(stats.H.device)
+    G, R, d = W.shape
+    if stats.H.shape != (G, d + with_bias, d + with_bias):
+        raise RuntimeError(f"input columns {tuple(stats.H.shape)} do not fit the weight {tuple(W.shape)}")
+    if with_bias:
+        W = torch.cat([W, bias.detach().double().reshape(G, R, 1).to(W.device)], 2)
+    D = W.shape[2]
+    Hd, lam, dead = _damped(stats.H, DAMP)
+    # Dense optimum of the regularised asymmetric problem: W* = W_d (C^T + lam I) (H + lam I)^-1.
+    if asymmetric:
+        rhs = W @ (stats.C.transpose(1, 2) + torch.diag_embed(lam.unsqueeze(1).expand(G, D)))
+        W_star = torch.linalg.solve(Hd, rhs.transpose(1, 2)).transpose(1, 2)
+    else:
+        W_star = W.clone()
+    W_star[:, :, :d] = torch.where(dead[:, :d].unsqueeze(1), torch.zeros_like(W_star[:, :, :d]), W_star[:, :, :d])
+    zeros = zeros_for(sparsity, G * R * d)
+    canon_mask = None
+    if fixed_mask is not None:
+        canon_mask = _canonical(fixed_mask.to(weight.dtype), plan).to(W.device) > 0.5
+    W_new, keep = _sparsegpt(W_star, Hd, d, zeros, canon_mask)
+    refitted = False
+    if refit and G * R * D ** 3 / 3 <= REFIT_FLOPS:
+        W_new = _refit(W_star, Hd, keep)
+        refitted = True
+    # Quality: relative output error on the statistics, before (pruned dense weights) and after.
+    def err(Wx: torch.Tensor) -> float:
+        diff = Wx - W_star
+        num = torch.einsum("grd,gde,gre->", diff, stats.H, diff)
+        den = torch.einsum("grd,gde,gre->", W_star, stats.H, W_star).clamp_min(1e-30)
+        return float(num / den)
+
+    magnitude_only = W_star.clone()
+    magnitude_only[:, :, :d] *= keep
+    row = {"layer": layer.name, "fitted": True, "groups": G, "columns": stats.columns, "inputs": d,
+           "bias": with_bias, "refit": refitted, "dead_inputs": int(dead[:, :d].sum()),
+           "rel_error_masked": err(magnitude_only), "rel_error": err(W_new)}
+    weight.copy_(_from_canonical(W_new[:, :, :d], weight, plan).to(weight.dtype).to(weight.device))
+    if with_bias:
+        bias.copy_(W_new[:, :, d].reshape(bias.shape).to(bias.dtype).to(bias.device))
+    # Kept weights may be exactly zero too (dead inputs): the layer then has more zeros than allotted.
+    row["mask"] = _from_canonical(keep.to(weight.dtype), weight, plan).to(weight.device) > 0.5
+    weight.mul_(row["mask"].to(weight.dtype))
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    return row
+
+
+@register_method("reconstruct")
+class Reconstruct:
+    """SparseGPT-style pruning with layer-wise reconstruction (see the module docstring)."""
+
+    name = "reconstruct"
+
+    @torch.no_grad()
+    def run(self, ctx: PruneContext) -> MethodResult:
+        started = time.perf_counter()
+        layers = ctx.layers
+        fixed: dict[str, torch.Tensor] = {}
+        if ctx.config.nm is not None:
+            from onnxsparse.sparsity import patterns  # N:M masks are chosen by magnitude, then re-fitted
+
+            sparsities = patterns.nm_sparsities(layers, ctx.config.pattern)
+            fixed = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, sparsities)
+        else:
+            sparsities = allocation.uniform(layers, ctx.config.sparsity)
+        n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
+        ctx.student.eval()
+        rows: list[dict] = []
+        masks: dict[str, torch.Tensor] = {}
+        from tqdm import tqdm
+
+        for layer in tqdm(layers, desc="reconstruct", unit="layer", disable=None if ctx.progress else True):
+            if ctx.stop():
+                # Interrupted: the remaining layers get plain magnitude masks so that nothing half-pruned leaks.
+                for rest in layers[len(rows):]:
+                    w = rest.weight.get(ctx.student)
+                    masks[rest.name] = fixed.get(rest.name, magnitude_mask(w, sparsities[rest.name]))
+                    w.mul_(masks[rest.name].to(w.dtype))
+                break
+            try:
+                row = reconstruct_layer(ctx, layer, sparsities[layer.name], n_samples=n_samples,
+                                        fixed_mask=fixed.get(layer.name))
+            except (torch.linalg.LinAlgError, RuntimeError) as exc:
+                logger.warning("layer %s: reconstruction failed (%s); magnitude pruning instead", layer.name, exc)
+                w = layer.weight.get(ctx.student)
+                mask = fixed.get(layer.name, magnitude_mask(w, sparsities[layer.name]))
+                w.mul_(mask.to(w.dtype))
+                row = {"layer": layer.name, "fitted": False, "reason": str(exc)[:200], "mask": mask}
+            masks[layer.name] = row.pop("mask").to(torch.bool)
+            rows.append(row)
+            if row.get("fitted"):
+                logger.debug("%s: relative output error %.4g (mask only %.4g)", layer.name, row["rel_error"],
+                             row["rel_error_masked"])
+        report = ctx.correct()
+        fitted = [r for r in rows if r.get("fitted")]
+        info = {
+            "samples": n_samples, "damp": DAMP, "block": BLOCK, "asymmetric_target": True,
+            "fitted_layers": len(fitted),
+            "magnitude_layers": [{"layer": r["layer"], "reason": r["reason"]} for r in rows if not r.get("fitted")],
+            "mean_rel_error": (sum(r["rel_error"] for r in fitted) / len(fitted)) if fitted else None,
+            "layers": rows,
+            "correction": report.as_dict(),
+            "time_s": round(time.perf_counter() - started, 3),
+        }
+        if any(not math.isfinite(r.get("rel_error", 0.0)) for r in fitted):
+            logger.warning("some layers have a non-finite reconstruction error; check the calibration data")
+        return MethodResult(sparsities, masks, info)
