@@ -61,7 +61,7 @@ def verbosity(func):
 def preprocessing(func):
     """--preset, --resize, --crop, --input-size, --mean, --std, --scale, --channel-order, --layout."""
 
-    @click.option("--preset", type=click.Choice(["imagenet", "none"]), default=None,
+    @click.option("--preset", type=click.Choice(["imagenet", "caffe", "tf", "none"]), default=None,
                   help="Named preprocessing pipeline (imagenet: resize 256, crop 224, ImageNet mean/std).")
     @click.option("--resize", type=int, default=None, help="Resize the shorter image side to this many pixels.")
     @click.option("--crop", type=str, default=None, help="Center crop, N or HxW.")

@@ -214,7 +214,13 @@ def prune(
     method = get_method(config.method)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, device)
     with timer.phase("method"):
-        result = method.run(ctx)
+        try:
+            result = method.run(ctx)
+        except torch.cuda.OutOfMemoryError:
+            raise OnnxSparseError(
+                f"out of memory on {device} with --batch-size {config.batch_size}"
+                f" (UniPTS training batch {config.unipts.batch_size}); lower --batch-size or use --device cpu"
+            ) from None
     student = ctx.student.to("cpu").eval()
     total = sum(layer.numel for layer in imported.layers)
     metadata = {
