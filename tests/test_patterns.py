@@ -382,3 +382,32 @@ def test_inspect_cli_shows_the_nm_column(tiny, tmp_path):
     res = runner.invoke(main, ["prune", str(model), "--sparsity", "0.5", "--pattern", "4:4", "--method", "magnitude",
                                "--calib", str(calib), "--dry-run"])
     assert res.exit_code == 2 and "--pattern N:M needs 0 < N < M, got '4:4'" in res.output
+
+
+def test_speed_benchmark_runs_and_skips_cuda_cleanly(tiny, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("bench_speed", path)
+    speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_speed", speed)  # dataclasses look their module up there
+    spec.loader.exec_module(speed)
+    model, calib = tiny
+    assert speed.main([str(model), "--calib", str(calib), "--seconds", "0.05", "--rounds", "1", "--batch", "4",
+                       "--json", str(tmp_path / "speed.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| magnitude 2:4 | sparse-initializer |" in out and "| magnitude 0.9 unstructured |" in out
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert len(report["cpu"]) == 5 and report["machine"]["cores"]
+    if not torch.cuda.is_available():
+        assert "CUDA 2:4 GEMMs: skipped" in out and report["cuda"] == []
+    # the GEMM operands of a 2:4 model are 2:4 along K (Conv K laid out (kh, kw, C_in))
+    pruned = tmp_path / "p.onnx"
+    from onnxsparse.pipeline import prune
+
+    prune(model, pruned, calib, PruneConfig(sparsity=0.5, method="magnitude", pattern="2:4"), progress=False)
+    ops = speed.gemm_operands(pruned, 2)
+    assert ops and all(patterns.check_nm(op["A"], 2, 4, 1) for op in ops if op["A"].shape[1] % 4 == 0)
+    assert [op["A"].shape for op in ops] == [(8, 9), (16, 72), (10, 16)]  # the grouped conv is not one GEMM
