@@ -28,6 +28,7 @@ def test_registered():
         (nn.Conv2d(6, 4, 3, stride=2, padding=1, dilation=1, groups=2), (2, 6, 7, 9)),
         (nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4), (2, 4, 6, 6)),
         (nn.Conv1d(3, 5, 3, stride=1, padding=1), (2, 3, 11)),
+        (nn.Conv2d(6, 4, 1, groups=2), (2, 6, 5, 7)),  # pointwise: no im2col
     ],
 )
 def test_columns_reproduce_the_convolution(conv, shape):
