@@ -288,20 +288,15 @@ class _Builder:
                 reduction_axes=(1,),
             )
             return
-        a, b = node.input[0], node.input[1]
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if self.source(b) is not None and self.rank(b) == 2 and self.source(a) is None:
-            value, out_axis, reduction, act_axis = b, (0 if trans_b else 1), ((1,) if trans_b else (0,)), -1
-        elif self.source(a) is not None and self.rank(a) == 2 and self.source(b) is None:
-            value, out_axis, reduction, act_axis = a, (1 if trans_a else 0), ((0,) if trans_a else (1,)), -2
-        else:
-            self.skip(node, b, "no constant rank-2 operand (or both operands constant)")
+        operand = self.constant_operand(node, trans_a, trans_b)
+        if operand is None:
+            self.skip(node, node.input[1], "no constant rank-2 operand (or both operands constant)")
             return
-        path = self.buffer_path(node, value)
-        if path is None:
-            self.skip(node, value, "onnx2torch did not keep the operand as a tensor")
+        value, out_axis, reduction, act_axis = operand
+        weight = self.operand_weight(node, value)
+        if weight is None:
             return
-        weight = self.track(value, path[0], path[1], Layout(), "weight")
         bias = None
         if act_axis == -1 and c is not None and beta == 1.0 and self.rank(c) == 1:
             cpath = self.buffer_path(node, c)
@@ -312,22 +307,40 @@ class _Builder:
             reduction_axes=reduction,
         )
 
-    def matmul(self, node: onnx.NodeProto) -> None:
+    def constant_operand(
+        self, node: onnx.NodeProto, trans_a: bool = False, trans_b: bool = False
+    ) -> tuple[str, int, tuple[int, ...], int] | None:
+        """The one constant rank-2 operand of ``A @ B`` (Gemm or MatMul) with its axes.
+
+        Returns (value, output-channel axis of the weight, reduction axes of the weight, output-channel axis
+        of the product), or None when neither or both operands are constant.
+        """
         a, b = node.input[0], node.input[1]
         if self.source(b) is not None and self.rank(b) == 2 and self.source(a) is None:
-            value, out_axis, reduction, act_axis = b, 1, (0,), -1
-        elif self.source(a) is not None and self.rank(a) == 2 and self.source(b) is None:
-            value, out_axis, reduction, act_axis = a, 0, (1,), -2
-        else:
+            return b, (0 if trans_b else 1), ((1,) if trans_b else (0,)), -1
+        if self.source(a) is not None and self.rank(a) == 2 and self.source(b) is None:
+            return a, (1 if trans_a else 0), ((0,) if trans_a else (1,)), -2
+        return None
+
+    def operand_weight(self, node: onnx.NodeProto, value: str) -> TrackedTensor | None:
+        path = self.buffer_path(node, value)
+        if path is None:
+            self.skip(node, value, "onnx2torch did not keep the operand as a tensor")
+            return None
+        return self.track(value, path[0], path[1], Layout(), "weight")
+
+    def matmul(self, node: onnx.NodeProto) -> None:
+        a, b = node.input[0], node.input[1]
+        operand = self.constant_operand(node)
+        if operand is None:
             if self.source(a) is None and self.source(b) is None:
                 return  # activation x activation (attention scores): nothing to prune
             self.skip(node, b if self.source(b) else a, "constant operand is not rank 2 (or both are constant)")
             return
-        path = self.buffer_path(node, value)
-        if path is None:
-            self.skip(node, value, "onnx2torch did not keep the operand as a tensor")
+        value, out_axis, reduction, act_axis = operand
+        weight = self.operand_weight(node, value)
+        if weight is None:
             return
-        weight = self.track(value, path[0], path[1], Layout(), "weight")
         init = self.initializers[value]
         bias = self.add_bias(node, int(init.dims[out_axis])) if act_axis == -1 else None
         self.prunable(
