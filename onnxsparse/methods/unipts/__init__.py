@@ -41,7 +41,10 @@ from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LR = 0.01
+DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
+# DST starts from the corrected pruned model with the pruned weights holding their dense values again
+# (measured on the sample against "corrected" (pruned weights zero) and "dense" (no correction): best holdout KL)
+INIT = "corrected+dense"
 SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
 _CACHE_BYTES = 1 << 30  # fitness / holdout inputs kept on the device up to this size
 
@@ -183,8 +186,13 @@ class UniPTS:
         # ---------------------------------------------------------------- training
         with phases("training"):
             masks = evaluator.prune(zeros)  # dense snapshot restored, chosen allocation applied
-            init_report = evaluator.correct()
-            evaluator.restore_pruned(masks)  # pruned weights get their dense values back (they may regrow)
+            init_report = None
+            if INIT == "dense":
+                evaluator.restore()
+            else:
+                init_report = evaluator.correct()
+                if INIT == "corrected+dense":
+                    evaluator.restore_pruned(masks)  # pruned weights get their dense values back
             del evaluator
             attach_masks(ctx.student, layers, masks, sparsities, dynamic=True, decay=cfg.pruned_decay)
             holdout = self._holdout(ctx, autocast, logits, fitness_batches, eval_bs)
@@ -208,7 +216,7 @@ class UniPTS:
                 "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
                 "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
                 "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
-                "augment": augment, "initial_correction": init_report.as_dict() if init_report else None,
+                "augment": augment, "init": INIT, "initial_correction": init_report.as_dict() if init_report else None,
                 "holdout_before": before.as_dict() if before is not None else None,
                 **trained.as_dict(),
             }
