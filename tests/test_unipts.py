@@ -310,3 +310,18 @@ def test_same_seed_same_result(tmp_path):
         runs.append(onnx.load(tmp_path / name))
     for a, b in zip(runs[0].graph.initializer, runs[1].graph.initializer):
         assert a.SerializeToString() == b.SerializeToString()
+
+
+def test_end_to_end_non_logit_output_uses_normalised_mse(tmp_path):
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "conv.onnx"
+    onnx.save(graphs.conv_bn_relu(), path)
+    x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
+    config = PruneConfig(sparsity=0.5, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    result = prune(path, None, {"x": x}, config, progress=False)
+    info = result.report["method_info"]
+    assert info["training"]["loss"].startswith("normalised MSE") and not info["training"]["logits"]
+    assert "nmse" in info["allocation"]["candidates"]["uniform"]
+    assert all(row["zeros"] >= row["target_zeros"] for row in result.layers)
+    assert result.report["verification"]["export_max_rel_error"] < 1e-3
