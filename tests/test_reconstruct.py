@@ -163,3 +163,19 @@ def test_conv_transpose_falls_back_to_magnitude(tmp_path):
     result = prune(path, tmp_path / "o.onnx", x, PruneConfig(sparsity=0.5, method="reconstruct"), progress=False)
     (fallback,) = result.report["method_info"]["magnitude_layers"]
     assert "not supported" in fallback["reason"] and result.achieved_sparsity == pytest.approx(0.5, abs=1e-2)
+
+
+def test_sampled_positions_match_unfold():
+    torch.manual_seed(0)
+    for kernel, stride, padding, dilation, groups, shape in [
+        ((3, 3), (2, 2), (1, 1), (1, 1), 2, (2, 6, 9, 11)),
+        ((3, 3), (1, 1), (2, 2), (2, 2), 1, (2, 4, 8, 8)),
+        ((1, 5), (1, 1), (0, 2), (1, 1), 1, (2, 3, 1, 13)),
+    ]:
+        x = torch.randn(*shape)
+        plan = _Unfold("conv", groups, kernel, stride, padding, dilation)
+        full = _columns(x, plan, None)
+        positions = full.shape[2] // shape[0]
+        index = torch.randperm(positions)[:5].sort().values
+        ref = full.reshape(*full.shape[:2], shape[0], positions)[:, :, :, index].reshape(*full.shape[:2], -1)
+        assert torch.equal(_columns(x, plan, index), ref)

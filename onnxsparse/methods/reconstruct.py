@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 BLOCK = 128  # SparseGPT's lazy-batch block size (columns)
 DAMP = 0.01  # lam = DAMP * mean(diag(H))
 MIN_SAMPLES = 256  # calibration samples for the statistics (at least correction_samples)
-MAX_POSITIONS = 256  # im2col positions sampled per image and layer
+MAX_POSITIONS = 256  # im2col positions (or token rows) sampled per image and layer, at most
+MIN_COLUMNS, COLUMNS_PER_INPUT = 8192, 32  # columns wanted per layer: max(MIN, PER_INPUT * inputs per group)
 UNFOLD_BYTES = 96 * 2**20  # im2col columns are built for this many bytes of samples at a time
 REFIT_FLOPS = 4e10  # exact re-fit only where the batched solves cost less than this
 
@@ -128,9 +129,18 @@ def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torc
             kernel, stride, padding, dilation = (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
         else:
             kernel, stride, padding, dilation = plan.kernel, plan.stride, plan.padding, plan.dilation
-        cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
-        if index is not None:
-            cols = cols[:, :, index]
+        if index is None:
+            cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
+        else:  # only the sampled positions: gather the patches from the padded input
+            xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+            out_w = (xp.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+            oh, ow = index // out_w, index % out_w
+            kh = torch.arange(kernel[0], device=x.device).repeat_interleave(kernel[1])
+            kw = torch.arange(kernel[1], device=x.device).repeat(kernel[0])
+            rows = oh.unsqueeze(0) * stride[0] + (kh * dilation[0]).unsqueeze(1)  # (k, P)
+            cols_ = ow.unsqueeze(0) * stride[1] + (kw * dilation[1]).unsqueeze(1)
+            cols = xp[:, :, rows, cols_]  # (N, C, k, P), channel-major like unfold
+            cols = cols.reshape(cols.shape[0], -1, cols.shape[-1])
         n, ck, positions = cols.shape
         cols = cols.reshape(n, plan.groups, ck // plan.groups, positions)
         return cols.permute(1, 2, 0, 3).reshape(plan.groups, ck // plan.groups, n * positions)
@@ -142,8 +152,9 @@ def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torc
     return rows.T.unsqueeze(0)
 
 
-def _positions(x: torch.Tensor, plan: _Unfold, generator: torch.Generator) -> torch.Tensor | None:
-    """Random subset of im2col positions (or token rows) when there are many."""
+def _positions(x: torch.Tensor, plan: _Unfold, generator: torch.Generator,
+               per_sample: int = MAX_POSITIONS) -> torch.Tensor | None:
+    """Random subset of ``per_sample`` im2col positions (or token rows) per sample when there are more."""
     if plan.kind == "conv":
         spatial = x.shape[2:]
         if len(plan.kernel) == 1:
@@ -154,11 +165,11 @@ def _positions(x: torch.Tensor, plan: _Unfold, generator: torch.Generator) -> to
         total = 1
         for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation):
             total *= (size + 2 * p - d * (k - 1) - 1) // s + 1
-        if total <= MAX_POSITIONS:
+        if total <= per_sample:
             return None
-        return torch.randperm(total, generator=generator)[:MAX_POSITIONS].sort().values.to(x.device)
+        return torch.randperm(total, generator=generator)[:per_sample].sort().values.to(x.device)
     rows = x.numel() // x.shape[-1 if plan.features_axis == -1 else -2]
-    cap = MAX_POSITIONS * x.shape[0]
+    cap = per_sample * x.shape[0]
     if rows <= cap or x.dim() <= 2:
         return None
     return torch.randperm(rows, generator=generator)[:cap].sort().values.to(x.device)
@@ -181,6 +192,7 @@ class _Capture:
 
 
 def _capture(model: nn.Module, module_path: str, weight: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The layer's input for one batch by a forward pass (stopped at the layer)."""
     hook = _Capture(weight)
     handle = model.get_submodule(module_path).register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -194,6 +206,79 @@ def _capture(model: nn.Module, module_path: str, weight: torch.Tensor, batch: tu
     return hook.value
 
 
+class _Walker:
+    """Runs a GraphModule node by node on fixed calibration batches, keeping only the values still needed.
+
+    Layers are visited in graph order, so reaching the input of the next layer evaluates only the nodes since
+    the previous one: the whole method costs about one forward pass of the student and one of the teacher,
+    instead of one per layer. Weights are changed in place, so values held for later nodes stay exact (a
+    node never depends on a layer that comes after it).
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]) -> None:
+        self.gm = gm
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.envs = [dict(zip(placeholders, batch)) for batch in batches]
+        self.last_use: dict[fx.Node, int] = {}
+        for i, node in enumerate(self.nodes):
+            for inp in node.all_input_nodes:
+                self.last_use[inp] = i
+
+    def _find(self, module_path: str) -> int | None:
+        for i in range(self.pos, len(self.nodes)):
+            node = self.nodes[i]
+            if node.op == "call_module" and (module_path == node.target or module_path.startswith(f"{node.target}.")):
+                return i
+        return None
+
+    def _run(self, i: int) -> None:
+        node = self.nodes[i]
+        if node.op in ("placeholder", "output"):
+            return
+        for env in self.envs:
+            self.interp.env = env
+            env[node] = self.interp.run_node(node)
+            for inp in node.all_input_nodes:
+                if self.last_use.get(inp) == i:
+                    del env[inp]
+
+    def inputs(self, module_path: str, weight: torch.Tensor) -> list[torch.Tensor] | None:
+        """The layer's activation input for every batch, or None when no graph node calls its module."""
+        index = self._find(module_path)
+        if index is None:
+            return None
+        for i in range(self.pos, index):
+            self._run(i)
+        self.pos = index  # the layer's own node runs next time, with the pruned weight
+        node, module = self.nodes[index], self.gm.get_submodule(module_path)
+        out = []
+        for env in self.envs:
+            self.interp.env = env
+            hook = _Capture(weight)
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                self.interp.run_node(node)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            if hook.value is None:
+                return None
+            out.append(hook.value)
+        return out
+
+
+def _layer_inputs(model: nn.Module, walker: _Walker | None, batches: list[tuple[torch.Tensor, ...]],
+                  module_path: str, weight: torch.Tensor) -> list[torch.Tensor]:
+    got = walker.inputs(module_path, weight) if walker is not None else None
+    if got is None:
+        got = [_capture(model, module_path, weight, batch) for batch in batches]
+    return got
+
+
 @dataclass
 class _Stats:
     H: torch.Tensor  # (G, d+1, d+1) incl. the bias column when fitted
@@ -201,41 +286,44 @@ class _Stats:
     columns: int
 
 
-def _statistics(ctx: PruneContext, layer: PrunableLayer, plan: _Unfold, weight_s: torch.Tensor,
-                weight_t: torch.Tensor, n_samples: int, with_bias: bool, asymmetric: bool) -> _Stats:
-    generator = torch.Generator().manual_seed(ctx.config.seed * 1_000_003 + zlib.crc32(layer.name.encode()))
+def _statistics(plan: _Unfold, xs_batches: list[torch.Tensor], xd_batches: list[torch.Tensor] | None,
+                with_bias: bool, generator: torch.Generator) -> _Stats:
+    """H = X_s X_s^T and C = X_s X_d^T over the batches (C = H without teacher inputs)."""
     H = C = None
     columns = 0
-    seen = 0
-    for batch in ctx.train_batches(min(ctx.config.batch_size, n_samples)):
-        if seen >= n_samples:
-            break
-        take = min(batch[0].shape[0], n_samples - seen)
-        batch = tuple(t[:take] for t in batch)
-        seen += take
-        xs_all = _capture(ctx.student, layer.module_path, weight_s, batch)
-        xd_all = _capture(ctx.teacher, layer.module_path, weight_t, batch) if asymmetric else None
-        # im2col of a whole batch can be large (k*k times the activation): a few samples at a time
-        per_sample = max(1, xs_all[:1].numel() * 4 * (math.prod(plan.kernel) if plan.kind == "conv" else 1))
-        step = max(1, UNFOLD_BYTES // per_sample)
+    samples = sum(x.shape[0] for x in xs_batches)
+    x0 = xs_batches[0]
+    if plan.kind == "conv":
+        inputs = x0.shape[1] // plan.groups * math.prod(plan.kernel)
+    else:
+        inputs = x0.shape[plan.features_axis]
+    wanted = max(MIN_COLUMNS, COLUMNS_PER_INPUT * inputs)
+    per_sample = max(1, min(MAX_POSITIONS, math.ceil(wanted / max(samples, 1))))
+    for b, xs_all in enumerate(xs_batches):
+        xd_all = xd_batches[b] if xd_batches is not None else None
+        # patches are k*k times the activation: build the columns a few samples at a time
+        sample_bytes = max(1, xs_all[:1].numel() * 4 * (math.prod(plan.kernel) if plan.kind == "conv" else 1))
+        step = max(1, UNFOLD_BYTES // sample_bytes)
         for i in range(0, xs_all.shape[0], step):
             xs = xs_all[i:i + step]
-            index = _positions(xs, plan, generator)
+            index = _positions(xs, plan, generator, per_sample)
             # float32 products of at most a few thousand columns, accumulated in float64
             cs = _columns(xs, plan, index).float()
-            cd = _columns(xd_all[i:i + step], plan, index).float() if asymmetric else None
+            cd = _columns(xd_all[i:i + step], plan, index).float() if xd_all is not None else None
             if with_bias:
                 ones = torch.ones(cs.shape[0], 1, cs.shape[2], dtype=cs.dtype, device=cs.device)
                 cs = torch.cat([cs, ones], 1)
-                if asymmetric:
+                if cd is not None:
                     cd = torch.cat([cd, ones], 1)
             h = (cs @ cs.transpose(1, 2)).double()
             H = h if H is None else H + h
-            if asymmetric:
+            if cd is not None:
                 c = (cs @ cd.transpose(1, 2)).double()
                 C = c if C is None else C + c
             columns += cs.shape[2]
-    return _Stats(H, C if asymmetric else H, columns)
+    if H is None:
+        raise RuntimeError("no calibration samples reached the layer")
+    return _Stats(H, C if C is not None else H, columns)
 
 
 def _block_quotas(total_zeros: int, sizes: list[int]) -> list[int]:
@@ -324,7 +412,8 @@ def _damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @torch.no_grad()
-def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, *, n_samples: int,
+def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, *,
+                      batches: list[tuple[torch.Tensor, ...]], walkers: tuple[_Walker | None, _Walker | None] = (None, None),
                       asymmetric: bool = True, refit: bool = True,
                       fixed_mask: torch.Tensor | None = None) -> dict:
     """Prune ``layer`` of ``ctx.student`` in place to ``sparsity`` and re-fit it; returns a report row."""
@@ -339,7 +428,11 @@ def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, 
     weight_t = layer.weight.get(ctx.teacher)
     bias = layer.bias.get(ctx.student) if layer.bias is not None and not layer.bias.shared else None
     with_bias = bias is not None
-    stats = _statistics(ctx, layer, plan, weight, weight_t, n_samples, with_bias, asymmetric)
+    xs = _layer_inputs(ctx.student, walkers[0], batches, layer.module_path, weight)
+    xd = _layer_inputs(ctx.teacher, walkers[1], batches, layer.module_path, weight_t) if asymmetric else None
+    generator = torch.Generator().manual_seed(ctx.config.seed * 1_000_003 + zlib.crc32(layer.name.encode()))
+    stats = _statistics(plan, xs, xd, with_bias, generator)
+    del xs, xd
     W = _canonical(weight, plan).to(stats.H.device)
     G, R, d = W.shape
     if stats.H.shape != (G, d + with_bias, d + with_bias):
@@ -405,7 +498,17 @@ class Reconstruct:
         else:
             sparsities = allocation.uniform(layers, ctx.config.sparsity)
         n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
+        batches = []
+        seen = 0
+        for batch in ctx.train_batches(min(ctx.config.batch_size, n_samples)):
+            take = min(batch[0].shape[0], n_samples - seen)
+            batches.append(tuple(t[:take] for t in batch))
+            seen += take
+            if seen >= n_samples:
+                break
         ctx.student.eval()
+        walkers = tuple(_Walker(m, batches) if isinstance(m, fx.GraphModule) else None
+                        for m in (ctx.student, ctx.teacher))
         rows: list[dict] = []
         masks: dict[str, torch.Tensor] = {}
         from tqdm import tqdm
@@ -419,7 +522,7 @@ class Reconstruct:
                     w.mul_(masks[rest.name].to(w.dtype))
                 break
             try:
-                row = reconstruct_layer(ctx, layer, sparsities[layer.name], n_samples=n_samples,
+                row = reconstruct_layer(ctx, layer, sparsities[layer.name], batches=batches, walkers=walkers,
                                         fixed_mask=fixed.get(layer.name))
             except (torch.linalg.LinAlgError, RuntimeError) as exc:
                 logger.warning("layer %s: reconstruction failed (%s); magnitude pruning instead", layer.name, exc)
