@@ -222,6 +222,7 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quie
         return
     click.echo(f"{'model':<10} {result.model}")
     click.echo(f"{'data':<10} {result.data} ({result.images:,} images, {result.classes} classes)")
+    click.echo(f"{'pipeline':<10} " + " -> ".join(result.preprocess.get("steps", [])))
     click.echo(f"{'top-1':<10} {_pct(result.top1)} ({result.correct_top1:,}/{result.images:,})")
     click.echo(f"{'top-5':<10} {_pct(result.top5)}")
     if result.skipped:
