@@ -325,3 +325,11 @@ def test_end_to_end_non_logit_output_uses_normalised_mse(tmp_path):
     assert "nmse" in info["allocation"]["candidates"]["uniform"]
     assert all(row["zeros"] >= row["target_zeros"] for row in result.layers)
     assert result.report["verification"]["export_max_rel_error"] < 1e-3
+
+
+def test_paper_preset_is_the_official_recipe():
+    paper = UniPTSConfig.paper()
+    assert (paper.population, paper.generations, paper.parents, paper.crossover, paper.mutation) == (25, 25, 10, 12, 12)
+    assert (paper.epochs, paper.lr, paper.temperature, paper.tau0, paper.pruned_decay) == (100.0, 0.01, 4.0, 8.0, 5e-5)
+    quick = UniPTSConfig()
+    assert quick.crossover + quick.mutation < quick.population  # every generation has random children too
