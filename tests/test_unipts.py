@@ -333,3 +333,19 @@ def test_paper_preset_is_the_official_recipe():
     assert (paper.epochs, paper.lr, paper.temperature, paper.tau0, paper.pruned_decay) == (100.0, 0.01, 4.0, 8.0, 5e-5)
     quick = UniPTSConfig()
     assert quick.crossover + quick.mutation < quick.population  # every generation has random children too
+
+
+def test_end_to_end_2_4_pattern(tmp_path):
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
+    x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
+    config = PruneConfig(sparsity=0.5, pattern="2:4", holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
+    info = result.report["method_info"]["allocation"]
+    assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
+    assert len(info["dense_layers"]) == 1  # the stem conv has one input channel
+    for row in result.layers:
+        assert row["zeros"] == (0 if row["name"] in info["dense_layers"] else row["params"] // 2)
+    assert result.report["verification"]["export_max_rel_error"] < 1e-3

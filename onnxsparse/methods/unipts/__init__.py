@@ -35,7 +35,7 @@ from onnxsparse.methods.unipts.search import (
     sparsities_to_zeros,
     zeros_to_sparsities,
 )
-from onnxsparse.sparsity import allocation
+from onnxsparse.sparsity import allocation, patterns
 from onnxsparse.sparsity.correction import correct as correct_statistics
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks
 
@@ -107,10 +107,7 @@ class UniPTS:
 
     def run(self, ctx: PruneContext) -> MethodResult:
         cfg: UniPTSConfig = ctx.config.unipts
-        if ctx.config.nm is not None:
-            raise OnnxSparseError(
-                f"--method unipts supports --pattern unstructured only, got {ctx.config.pattern!r}"
-            )
+        nm = ctx.config.nm
         started = time.perf_counter()
         phases = _Phases()
         layers = ctx.layers
@@ -136,17 +133,24 @@ class UniPTS:
                 has_batchnorm=ctx.imported.has_batchnorm,
                 channel_inputs=ctx.correction_inputs() if correction else None, autocast=autocast,
             )
-            candidates: dict[str, np.ndarray] = {
-                "uniform": sparsities_to_zeros(allocation.uniform(layers, target), layers),
-                "global-magnitude": sparsities_to_zeros(allocation.global_magnitude(ctx.student, layers, target), layers),
-            }
-            fitness: dict[str, dict] = {}
-            for name, zeros in candidates.items():
-                agreement = evaluator(zeros)
-                fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
+            if nm is None:
+                candidates: dict[str, np.ndarray] = {
+                    "uniform": sparsities_to_zeros(allocation.uniform(layers, target), layers),
+                    "global-magnitude": sparsities_to_zeros(
+                        allocation.global_magnitude(ctx.student, layers, target), layers),
+                }
+                fitness: dict[str, dict] = {}
+                for name, zeros in candidates.items():
+                    agreement = evaluator(zeros)
+                    fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
+            else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
+                pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
+                candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
+                agreement = evaluator.score_masks(pattern_masks)
+                fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
             search_info: dict = {"ran": False}
             budget_left = None if cfg.time_budget is None else cfg.time_budget - (time.perf_counter() - started)
-            if cfg.search and len(layers) > 1:
+            if nm is None and cfg.search and len(layers) > 1:
                 rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
                 search = EvolutionarySearch(
                     evaluator, numels, target=target, regrow=cfg.regrow, s_max=cfg.max_layer_sparsity,
@@ -173,6 +177,9 @@ class UniPTS:
             chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
             zeros = candidates[chosen]
             sparsities = zeros_to_sparsities(zeros, layers)
+            if nm is not None:
+                search_info.update({"pattern": ctx.config.pattern,
+                                    "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
             search_info.update({
                 "fitness_samples": sum(b[0].shape[0] for b in batches),
                 "fitness_measure": "negative KL(teacher || student), T=1" if logits
@@ -185,7 +192,8 @@ class UniPTS:
 
         # ---------------------------------------------------------------- training
         with phases("training"):
-            masks = evaluator.prune(zeros)  # dense snapshot restored, chosen allocation applied
+            # dense snapshot restored, chosen allocation applied
+            masks = evaluator.prune(zeros) if nm is None else evaluator.apply_masks(pattern_masks)
             init_report = None
             if INIT == "dense":
                 evaluator.restore()
@@ -194,7 +202,9 @@ class UniPTS:
                 if INIT == "corrected+dense":
                     evaluator.restore_pruned(masks)  # pruned weights get their dense values back
             del evaluator
-            attach_masks(ctx.student, layers, masks, sparsities, dynamic=True, decay=cfg.pruned_decay)
+            for layer in layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
+                attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
+                             mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
             holdout = self._holdout(ctx, autocast, logits, fitness_batches, eval_bs)
             plan = self._plan(ctx, cfg, started)
             gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))

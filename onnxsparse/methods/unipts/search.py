@@ -205,6 +205,21 @@ class FitnessEvaluator:
             w.copy_(torch.where(masks[layer.name], w, dense))
 
     @torch.no_grad()
+    def apply_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Restore the dense weights, then zero what ``masks`` (True = kept) prune."""
+        self.restore()
+        for layer in self.layers:
+            w = layer.weight.get(self.student)
+            w.masked_fill_(~masks[layer.name].to(w.device), 0)
+        return masks
+
+    def score_masks(self, masks: dict[str, torch.Tensor]) -> Agreement:
+        """Fitness of fixed masks (an N:M pattern): prune, correct, score."""
+        self.apply_masks(masks)
+        self.correct()
+        return self.score()
+
+    @torch.no_grad()
     def correct(self):
         if not self.correction:
             return None
