@@ -78,13 +78,20 @@ def main() -> None:
 @click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (uniform allocation).")
 @click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.01).")
 @click.option("--time-budget", type=float, default=None, help="UniPTS: seconds for search + training.")
+@click.option("--correction-samples", type=int, default=256, show_default=True,
+              help="Calibration samples used to fit the per-channel correction (one batch).")
+@click.option("--verify-samples", type=int, default=256, show_default=True,
+              help="Holdout samples compared in onnxruntime before writing.")
+@click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest relative error allowed between onnxruntime and the pruned torch model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @preprocessing
 @verbosity
 def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
-          time_budget, report_path, force, preprocess, quiet) -> None:
+          time_budget, correction_samples, verify_samples, verify_tolerance, report_path,
+          force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
     from onnxsparse.config import PruneConfig, UniPTSConfig
     from onnxsparse.pipeline import prune as run_prune
@@ -102,7 +109,8 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
     config = PruneConfig(
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
-        save_format=save_format, unipts=unipts,
+        save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
+        verify_tolerance=verify_tolerance, unipts=unipts,
     )
     result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
                        report_path=report_path, progress=not quiet)
