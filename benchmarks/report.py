@@ -108,8 +108,10 @@ def markdown(results: dict) -> str:
         if "wall_s" not in inv:
             continue
         load = inv.get("load_before", [None])[0]
+        budget = inv.get("unipts_budget_s")
         lines.append(f"- `{' '.join(inv['argv'])}`: {_secs(inv['wall_s'])} wall, started {inv['started']}"
-                     + (f", load average {load:.1f} at start" if load is not None else ""))
+                     + (f", load average {load:.1f} at start" if load is not None else "")
+                     + (f"; UniPTS time budget {budget:g} s per run" if budget else ""))
     lines.append("")
     for name, case in results.get("cases", {}).items():
         if case.get("runs"):
