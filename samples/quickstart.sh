@@ -12,5 +12,7 @@ mkdir -p "$out"
 sample=samples/fashion_mnist
 onnxsparse prune "$sample/model.onnx" --sparsity "${SPARSITY:-0.9}" --calib "$sample/calib" \
     -o "$out/model-sparse.onnx" --report "$out/report.json" --force "$@"
-echo "dense:  $(python3 samples/eval_sample.py "$sample/model.onnx" --data "$sample/test" | tail -n 1)"
-echo "sparse: $(python3 samples/eval_sample.py "$out/model-sparse.onnx" --data "$sample/test" | tail -n 1)"
+dense=$(onnxsparse eval "$sample/model.onnx" --data "$sample/test" | grep '^top-1')
+sparse=$(onnxsparse eval "$out/model-sparse.onnx" --data "$sample/test" | grep '^top-1')
+echo "dense  model $dense"
+echo "sparse model $sparse"
