@@ -36,19 +36,16 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import cpu_model  # noqa: E402
+
 logger = logging.getLogger("benchmarks.speed")
 
 
 # -- machine ------------------------------------------------------------------------------------------------
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": ort.__version__, "onnx": onnx.__version__}
     try:
