@@ -32,7 +32,7 @@ from onnxsparse.methods.unipts.search import (
     integer_zeros,
     reduce_regrow,
 )
-from onnxsparse.sparsity.masks import SparseMask, attach_masks, bake_masks, current_masks, magnitude_mask
+from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks, magnitude_mask
 
 
 # ------------------------------------------------------------------------------------------ allocation

@@ -31,7 +31,6 @@ from onnxsparse.methods.unipts.objective import Distillation, as_outputs, defaul
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
-    genome_to_zeros,
     sparsities_to_zeros,
     zeros_to_sparsities,
 )
