@@ -1,11 +1,7 @@
 """Statistics correction after pruning, on calibration data.
 
-* BatchNorm re-estimation where the graph kept BatchNorm: running statistics re-averaged (cumulative
-  average) in train-mode forwards without gradients. With the dense model as ``reference`` (the default in
-  :func:`correct`) the change is relative: the dense model is re-estimated on the same batches, and each
-  BatchNorm keeps its original statistics moved by what pruning changed (mean shifted by the difference,
-  variance scaled by the ratio). Calibration data unlike the training data then cannot move an unpruned
-  model (sparsity 0 stays a no-op); with data like the training data it equals plain re-estimation.
+* BatchNorm re-estimation where the graph kept BatchNorm: running statistics reset and re-averaged
+  (cumulative average) in train-mode forwards without gradients.
 * For layers not followed by BatchNorm (the common BN-folded export): a per-output-channel scale ``a`` and
   shift ``b`` fitted so that the pruned layer's output has the dense layer's per-channel mean and standard
   deviation, then folded into the layer: ``W[c] *= a[c]`` and ``bias[c] = a[c] * bias[c] + b[c]``. Zeros stay
@@ -14,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -60,38 +55,25 @@ _SILENT_VAR_RATIO = 1e-4
 
 
 @torch.no_grad()
-def reestimate_batchnorm(
-    module: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, ...]],
-    reference: nn.Module | None = None,
-) -> tuple[int, int]:
-    """Re-estimate every BatchNorm's running statistics (see module docstring). Returns (layers, samples)."""
+def reestimate_batchnorm(module: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]]) -> tuple[int, int]:
+    """Reset and re-estimate every BatchNorm's running statistics. Returns (layers, samples seen)."""
     bns = _batchnorms(module)
     if not bns:
         return 0, 0
-    ref = copy.deepcopy(reference) if reference is not None else None
-    ref_bns = _batchnorms(ref) if ref is not None else []
-    if ref is not None and [b.num_features for b in ref_bns] != [b.num_features for b in bns]:
-        ref, ref_bns = None, []
-    dense = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    dense_var = [bn.running_var.clone() for bn in bns]
     was_training = module.training
-    saved = [bn.momentum for bn in bns]
-    for bn in [*bns, *ref_bns]:
+    saved = []
+    for bn in bns:
+        saved.append(bn.momentum)
         bn.reset_running_stats()
         bn.momentum = None  # cumulative moving average
     module.eval()
     for bn in bns:
         bn.train()
-    if ref is not None:
-        ref.eval()
-        for bn in ref_bns:
-            bn.train()
     seen = 0
     try:
         for batch in batches:
             module(*batch)
-            if ref is not None:
-                ref(*batch)
             seen += batch[0].shape[0]
     finally:
         for bn, momentum in zip(bns, saved):
@@ -99,17 +81,8 @@ def reestimate_batchnorm(
         module.train(was_training)
         if not was_training:
             module.eval()
-    for i, bn in enumerate(bns):
-        dense_mean, dense_var = dense[i]
-        mean, var = bn.running_mean, bn.running_var
-        if ref is not None:
-            ref_mean, ref_var = ref_bns[i].running_mean, ref_bns[i].running_var
-            usable = ref_var > _EPS
-            mean = dense_mean + (mean - ref_mean)
-            var = torch.where(usable, dense_var * var / ref_var.clamp_min(_EPS), dense_var)
-        var = torch.where(var < _SILENT_VAR_RATIO * dense_var, dense_var, var)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
+    for bn, var in zip(bns, dense_var):
+        bn.running_var.copy_(torch.where(bn.running_var < _SILENT_VAR_RATIO * var, var, bn.running_var))
     return len(bns), seen
 
 def _channel_stats(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +196,7 @@ def correct(
     """BatchNorm re-estimation (where there is BatchNorm), then per-channel correction of the other layers."""
     report = CorrectionReport()
     if bn_batches is not None:
-        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches, teacher)
+        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches)
     if channel_inputs is not None:
         fit_channel_correction(student, teacher, layers, channel_inputs, report)
     return report
