@@ -445,6 +445,12 @@ def _from_collector(
     log.info(
         "calibration data: %d samples from %s -> %d train, %d holdout (seed %d)", n, where, train, holdout, seed
     )
+    return _tensor_set(arrays, train_index, holdout_index, specs, pipeline)
+
+
+def _tensor_set(arrays: dict[str, np.ndarray], train_index, holdout_index, specs: list[InputSpec],
+                pipeline: dict) -> CalibrationSet:
+    """A CalibrationSet of already-preprocessed tensors (no augmentation, nothing skipped)."""
     return CalibrationSet(
         train={name: a[train_index] for name, a in arrays.items()},
         holdout={name: a[holdout_index] for name, a in arrays.items()},
@@ -486,16 +492,7 @@ def _load_dataset(
         "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
     }
     log.info("calibration data: %s of %d items -> %d train, %d holdout (seed %d)", what, n, train, holdout, seed)
-    return CalibrationSet(
-        train={name: a[holdout:] for name, a in arrays.items()},
-        holdout={name: a[:holdout] for name, a in arrays.items()},
-        input_names=tuple(s.name for s in specs),
-        augment=False,
-        pipeline=pipeline,
-        skipped={},
-        layouts={s.name: s.layout for s in specs},
-        dtypes={s.name: s.dtype for s in specs},
-    )
+    return _tensor_set(arrays, slice(holdout, None), slice(None, holdout), specs, pipeline)
 
 
 def _load_images(
