@@ -80,7 +80,7 @@ def main() -> None:
 @click.option("--iterations", type=int, default=None, help="UniPTS: training iterations (overrides --epochs).")
 @click.option("--search-generations", type=int, default=None, help="UniPTS: allocation-search generations.")
 @click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
-@click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (uniform allocation).")
+@click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (keeps the fitter of the uniform and global-magnitude allocations).")
 @click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.05; 0.01 with --recipe paper).")
 @click.option("--time-budget", type=float, default=None, help="UniPTS: seconds for search + training.")
 @click.option("--correction-samples", type=int, default=256, show_default=True,
