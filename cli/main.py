@@ -89,14 +89,19 @@ def main() -> None:
               help="Holdout samples compared in onnxruntime before writing.")
 @click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,
               help="Largest relative error allowed between onnxruntime and the pruned torch model.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Keep checkpoints here (after the search, every --checkpoint-every epochs of training).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run kept in this run directory (same model, data and options).")
+@click.option("--checkpoint-every", type=int, default=5, show_default=True, help="Epochs between checkpoints.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @preprocessing
 @verbosity
 def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
-          time_budget, correction_samples, verify_samples, verify_tolerance, report_path,
-          force, preprocess, quiet) -> None:
+          time_budget, correction_samples, verify_samples, verify_tolerance, run_dir, resume_dir,
+          checkpoint_every, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
     from onnxsparse.config import PruneConfig, UniPTSConfig
     from onnxsparse.pipeline import prune as run_prune
@@ -115,10 +120,13 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
         save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
-        verify_tolerance=verify_tolerance, unipts=unipts,
+        verify_tolerance=verify_tolerance, checkpoint_every=checkpoint_every, unipts=unipts,
     )
+    if run_dir is not None and resume_dir is not None and run_dir != resume_dir:
+        raise OnnxSparseError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
     result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
-                       report_path=report_path, progress=not quiet)
+                       report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,
+                       resume=resume_dir is not None)
     if report_path is not None:
         from onnxsparse.report_plot import plot_path, write_report_plot
 

@@ -119,6 +119,7 @@ class PruneConfig:
     correction_samples: int = 256
     verify_samples: int = 256
     verify_tolerance: float = 1e-3
+    checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
     save_format: str = "dense"
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
@@ -141,6 +142,7 @@ class PruneConfig:
         _positive_int(self.correction_samples, "--correction-samples")
         _positive_int(self.verify_samples, "--verify-samples")
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
+        _positive_int(self.checkpoint_every, "--checkpoint-every")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import onnx
 import torch
 
 import onnxsparse
+from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.device import resolve_device
 from onnxsparse.errors import OnnxSparseError
@@ -168,6 +170,8 @@ def prune(
     force: bool = False,
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> PruneResult:
     """Prune ``model`` to ``config.sparsity`` using ``calib`` and write the verified result to ``output``.
 
@@ -203,7 +207,12 @@ def prune(
     teacher = imported.module.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress)
+    runs = None
+    if run_dir is not None:
+        runs = RunDir(run_dir, _fingerprint(model_path, imported, calib, config, preprocess), resume=resume)
+    elif resume:
+        raise OnnxSparseError("resume needs a run directory")
+    ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress, run_dir=runs)
     notes: list[str] = []
     if config.nm is not None:
         n, m = config.nm
@@ -312,6 +321,20 @@ def prune(
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2, default=_json_default))
     return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
+
+
+def _fingerprint(model_path: Path | None, imported: ImportedModel, calib, config: PruneConfig, preprocess) -> dict:
+    """What must match for a run directory to be resumed: model bytes, options, calibration source."""
+    digest = hashlib.sha256()
+    if model_path is not None:
+        with open(model_path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    else:
+        digest.update(imported.proto.SerializeToString())
+    source = str(Path(calib).resolve()) if isinstance(calib, (str, os.PathLike)) else type(calib).__name__
+    return {"model_sha256": digest.hexdigest(), "config": config.as_dict(), "calibration": source,
+            "preprocess": repr(preprocess)}
 
 
 def _json_default(obj):

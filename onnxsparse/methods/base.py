@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
@@ -33,6 +34,7 @@ class PruneContext:
     device: torch.device
     progress: bool = True
     stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
+    run_dir: RunDir | None = None  # checkpoints of a long run (None: no checkpoints)
 
     @property
     def layers(self):

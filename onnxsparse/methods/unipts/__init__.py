@@ -15,6 +15,7 @@ Phases (``MethodResult.info`` reports each):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -100,6 +101,11 @@ def _progress(ctx: PruneContext, total: int, desc: str):
                 leave=False, dynamic_ncols=True)
 
 
+def _plain(obj):
+    """Plain Python data (what a weights_only checkpoint may hold) from numpy-laden report data."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
 @register_method("unipts")
 class UniPTS:
     name = "unipts"
@@ -132,62 +138,72 @@ class UniPTS:
                 has_batchnorm=ctx.imported.has_batchnorm,
                 channel_inputs=ctx.correction_inputs() if correction else None, autocast=autocast,
             )
-            if nm is None:
-                candidates: dict[str, np.ndarray] = {
-                    "uniform": sparsities_to_zeros(allocation.uniform(layers, target), layers),
-                    "global-magnitude": sparsities_to_zeros(
-                        allocation.global_magnitude(ctx.student, layers, target), layers),
-                }
-                fitness: dict[str, dict] = {}
-                for name, zeros in candidates.items():
-                    agreement = evaluator(zeros)
-                    fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
-            else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
-                pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
-                candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
-                agreement = evaluator.score_masks(pattern_masks)
-                fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
-            search_info: dict = {"ran": False}
-            budget_left = None if cfg.time_budget is None else cfg.time_budget - (time.perf_counter() - started)
-            if nm is None and cfg.search and len(layers) > 1:
-                rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
-                search = EvolutionarySearch(
-                    evaluator, numels, target=target, regrow=cfg.regrow, s_max=cfg.max_layer_sparsity,
-                    population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
-                    mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
-                )
-                generations = cfg.generations
-                search_budget = None
-                if budget_left is not None:
-                    search_budget = max(SEARCH_SHARE * budget_left, 0.0)
-                    per_gen = evaluator.seconds_per_candidate * cfg.population
-                    generations = max(1, min(generations, int(search_budget / max(per_gen, 1e-9))))
-                with _progress(ctx, generations, "unipts search") as bar:
-                    found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
-                candidates["search"] = found.zeros
-                fitness["search"] = {"fitness": found.fitness, **found.details}
-                search_info = {
-                    "ran": True, "generations": found.generations, "planned_generations": generations,
-                    "population": cfg.population, "parents": cfg.parents, "crossover": cfg.crossover,
-                    "mutation": cfg.mutation, "mutation_prob": cfg.mutation_prob, "regrow": cfg.regrow,
-                    "max_layer_sparsity": cfg.max_layer_sparsity, "evaluations": found.evaluations,
-                    "genome": found.genome.tolist(), "history": found.history,
-                }
-            chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
-            zeros = candidates[chosen]
+            saved = ctx.run_dir.load("allocation") if ctx.run_dir is not None else None
+            if saved is not None:  # resumed run: the allocation was searched already
+                zeros = saved["zeros"].numpy()
+                search_info = saved["info"]
+                if nm is not None:
+                    pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
+            else:
+                if nm is None:
+                    candidates: dict[str, np.ndarray] = {
+                        "uniform": sparsities_to_zeros(allocation.uniform(layers, target), layers),
+                        "global-magnitude": sparsities_to_zeros(
+                            allocation.global_magnitude(ctx.student, layers, target), layers),
+                    }
+                    fitness: dict[str, dict] = {}
+                    for name, zeros in candidates.items():
+                        agreement = evaluator(zeros)
+                        fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
+                else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
+                    pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
+                    candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
+                    agreement = evaluator.score_masks(pattern_masks)
+                    fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
+                search_info: dict = {"ran": False}
+                budget_left = None if cfg.time_budget is None else cfg.time_budget - (time.perf_counter() - started)
+                if nm is None and cfg.search and len(layers) > 1:
+                    rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
+                    search = EvolutionarySearch(
+                        evaluator, numels, target=target, regrow=cfg.regrow, s_max=cfg.max_layer_sparsity,
+                        population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
+                        mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
+                    )
+                    generations = cfg.generations
+                    search_budget = None
+                    if budget_left is not None:
+                        search_budget = max(SEARCH_SHARE * budget_left, 0.0)
+                        per_gen = evaluator.seconds_per_candidate * cfg.population
+                        generations = max(1, min(generations, int(search_budget / max(per_gen, 1e-9))))
+                    with _progress(ctx, generations, "unipts search") as bar:
+                        found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
+                    candidates["search"] = found.zeros
+                    fitness["search"] = {"fitness": found.fitness, **found.details}
+                    search_info = {
+                        "ran": True, "generations": found.generations, "planned_generations": generations,
+                        "population": cfg.population, "parents": cfg.parents, "crossover": cfg.crossover,
+                        "mutation": cfg.mutation, "mutation_prob": cfg.mutation_prob, "regrow": cfg.regrow,
+                        "max_layer_sparsity": cfg.max_layer_sparsity, "evaluations": found.evaluations,
+                        "genome": found.genome.tolist(), "history": found.history,
+                    }
+                chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
+                zeros = candidates[chosen]
             sparsities = zeros_to_sparsities(zeros, layers)
-            if nm is not None:
-                search_info.update({"pattern": ctx.config.pattern,
-                                    "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
-            search_info.update({
-                "fitness_samples": sum(b[0].shape[0] for b in batches),
-                "fitness_measure": "negative KL(teacher || student), T=1" if logits
-                else "negative normalised MSE per output",
-                "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
-                "candidates": fitness,
-                "chosen": chosen,
-            })
+            if saved is None:
+                if nm is not None:
+                    search_info.update({"pattern": ctx.config.pattern,
+                                        "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
+                search_info.update({
+                    "fitness_samples": sum(b[0].shape[0] for b in batches),
+                    "fitness_measure": "negative KL(teacher || student), T=1" if logits
+                    else "negative normalised MSE per output",
+                    "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
+                    "candidates": fitness,
+                    "chosen": chosen,
+                })
             info["allocation"] = search_info
+            if ctx.run_dir is not None and saved is None:
+                ctx.run_dir.save("allocation", {"zeros": torch.as_tensor(zeros), "info": _plain(search_info)})
 
         # ---------------------------------------------------------------- training
         with phases("training"):
@@ -217,9 +233,14 @@ class UniPTS:
                                          device=ctx.device, drop_last=True)
 
             before = holdout(ctx.student) if holdout is not None else None
+            resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
+            checkpoint = (lambda state: ctx.run_dir.save("training", state)) if ctx.run_dir is not None else None
             with _progress(ctx, plan.iterations, "unipts train") as bar:
                 trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
-                                autocast=autocast, progress=bar, stop=ctx.stop)
+                                autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
+                                checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every)
+            info["resumed"] = {"allocation": saved is not None,
+                               "training_step": int(resume["step"]) if resume is not None else None}
             info["training"] = {
                 "loss": loss_fn.name, "logits": logits, "tau0": cfg.tau0, "gamma": gamma,
                 "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,

@@ -114,8 +114,15 @@ def train(
     autocast: Callable[[], contextlib.AbstractContextManager],
     progress=None,
     stop: Callable[[], bool] = lambda: False,
+    resume: dict | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
-    """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations."""
+    """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations.
+
+    ``checkpoint`` receives the state at the end of every ``checkpoint_every``-th epoch; ``resume`` is such a
+    state: training continues from it and reaches what the uninterrupted run would have.
+    """
     result = TrainResult(planned_iterations=plan.iterations)
     total = plan.iterations
     if total <= 0:
@@ -128,9 +135,18 @@ def train(
     epoch = 0
     start = time.perf_counter()
     timed_from: tuple[int, float] | None = None
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        optimizer.load_state_dict(resume["optimizer"])
+        step, base_lr, total = int(resume["step"]), float(resume["base_lr"]), int(resume["total"])
+        result.curve, result.rollbacks = list(resume["curve"]), list(resume["rollbacks"])
+        result.planned_iterations = total
+        if progress is not None:
+            progress.total = total
+            progress.update(step)
     good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     good_optim = copy.deepcopy(optimizer.state_dict())
-    good_step = 0
+    good_step = step
     while step < total:
         if stop():
             result.stopped = "cancelled"
@@ -220,6 +236,9 @@ def train(
                 good_state[k].copy_(v)
         good_optim = copy.deepcopy(optimizer.state_dict())
         good_step = step
+        if checkpoint is not None and step < total and len(result.curve) % max(checkpoint_every, 1) == 0:
+            checkpoint({"student": good_state, "optimizer": good_optim, "step": step, "base_lr": base_lr,
+                        "total": total, "curve": result.curve, "rollbacks": result.rollbacks})
     result.iterations = step
     elapsed = time.perf_counter() - start
     result.seconds_per_iteration = elapsed / max(step, 1)
