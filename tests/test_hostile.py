@@ -150,3 +150,38 @@ def test_external_data_inside_folder_loads(tmp_path):
     (tmp_path / "w.bin").write_bytes(raw)
     model = load_model(path)
     assert numpy_helper.to_array(model.graph.initializer[0]).tobytes() == raw
+
+
+def test_model_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    import onnxsparse.importer.load as load
+
+    path = _save(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "m.onnx")
+    monkeypatch.setattr(load, "physical_memory", lambda: 4096)
+    with pytest.raises(OnnxSparseError, match=r"pruning it needs about .* GiB of memory and this machine has"):
+        load_model(path)
+
+
+def test_cuda_out_of_memory_names_the_batch_size(tmp_path, monkeypatch):
+    import torch
+
+    import onnxsparse.methods.magnitude as magnitude
+    from onnxsparse import PruneConfig, prune
+
+    def oom(self, ctx):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(magnitude._Magnitude, "run", oom)
+    feeds = [{"input": np.zeros((4, 1, 12, 12), np.float32)} for _ in range(4)]
+    with pytest.raises(OnnxSparseError, match="out of memory .* --batch-size 16 .*lower --batch-size"):
+        prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds,
+              PruneConfig(sparsity=0.5, method="magnitude", batch_size=16), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_output_folder_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = _save(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "m.onnx")
+    out = _cli_error("prune", model, "--sparsity", "0.5", "--calib", tmp_path / "missing-calib",
+                     "-o", blocker / "o.onnx")
+    assert "output folder" in out and "does not exist" in out  # checked before the calibration path

@@ -54,6 +54,35 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
+# Peak memory of a run relative to the tensor bytes: the original proto, its normalised copy, the torch
+# teacher and student, the student's dense snapshot and optimizer state.
+MEMORY_FACTOR = 6
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(path: Path, model: onnx.ModelProto) -> None:
+    """Refuse, before loading tensors, a model whose run cannot fit in this machine's memory."""
+    size = path.stat().st_size
+    for tensor in _external_tensors(model):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        if "length" in info:
+            size += int(info["length"])
+        else:
+            size += (path.parent / info["location"]).stat().st_size
+    memory = physical_memory()
+    if memory is not None and size * MEMORY_FACTOR > memory:
+        raise OnnxSparseError(
+            f"{str(path)!r} holds {size / 2**30:.1f} GiB of tensors; pruning it needs about "
+            f"{size * MEMORY_FACTOR / 2**30:.0f} GiB of memory and this machine has {memory / 2**30:.0f} GiB"
+        )
+
+
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data; user errors raise :class:`OnnxSparseError`."""
     p = Path(path)
@@ -68,6 +97,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise OnnxSparseError(f"{str(p)!r} is not an ONNX model: it has no graph")
     check_external_data(model, p.parent)
+    check_fits_in_memory(p, model)
     if any(True for _ in _external_tensors(model)):
         external_data_helper.load_external_data_for_model(model, str(p.parent))
         logger.info("loaded external data for %s", p)
