@@ -188,3 +188,24 @@ def export_torch(model: nn.Module, shape=(1, 1, 12, 12), keep_bn: bool = False, 
         dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}}, opset_version=opset, dynamo=False, **kwargs,
     )
     return onnx.load_from_string(buf.getvalue())
+
+
+def all_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant tensor of ``model``: initializers and Constant-node values, by name."""
+    out = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for ``model``, dynamic dimensions set to 3."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {
+        i.name: rng.standard_normal([d if isinstance(d, int) else 3 for d in i.shape]).astype(np.float32)
+        for i in session.get_inputs()
+    }

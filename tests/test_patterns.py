@@ -175,20 +175,6 @@ def _consumer_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
     raise AssertionError(f"{name} feeds no prunable node")
 
 
-def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return out
-
-
-def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return {i.name: rng.standard_normal([d if isinstance(d, int) else 3 for d in i.shape]).astype(np.float32)
-            for i in ort_session(model).get_inputs()}
-
-
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_every_layer_type_pruned_2_4_along_the_tensorrt_axis(case):
     build, expected = LAYER_CASES[case]
@@ -199,7 +185,7 @@ def test_every_layer_type_pruned_2_4_along_the_tensorrt_axis(case):
     masks = patterns.pattern_masks(student, imported.layers, "2:4", sparsities)
     apply_masks_inplace(student, imported.layers, masks)
     out, _ = write_back(imported, student)
-    before, after = _weights(model), _weights(out)
+    before, after = graphs.all_tensors(model), graphs.all_tensors(out)
     dense = patterns.dense_layers(imported.layers, "2:4")
     if expected is not None:
         assert {layer.name for layer in imported.layers} == set(expected)
@@ -224,7 +210,7 @@ def test_every_layer_type_pruned_2_4_along_the_tensorrt_axis(case):
         other = [a for a in range(array.ndim) if a != axis and array.shape[a] % 4 == 0]
         if other and array.ndim == 2:  # a transposed layout would show up as groups along the other axis
             assert not patterns.check_nm(array, 2, 4, other[0])
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     with torch.no_grad():
         ref = student(*[torch.from_numpy(feeds[n]) for n in imported.input_names])
     np.testing.assert_allclose(ort_session(out).run(None, feeds)[0], ref.numpy(), rtol=1e-4, atol=1e-5)
@@ -242,7 +228,7 @@ def test_other_nm_patterns_on_a_k10_gemm():
     masks = patterns.pattern_masks(student, imported.layers, "2:5", patterns.nm_sparsities(imported.layers, "2:5"))
     apply_masks_inplace(student, imported.layers, masks)
     out, _ = write_back(imported, student)
-    array = _weights(out)["fc.weight"]
+    array = graphs.all_tensors(out)["fc.weight"]
     assert patterns.check_nm(array, 2, 5, 1) and int((array == 0).sum()) == 36
 
 
@@ -311,7 +297,7 @@ def test_sparse_initializer_save_loads_in_onnxruntime_with_identical_outputs(tin
     # inspect reads sparse initializers as their dense values
     assert [(r.tensor, r.zeros) for r in inspect_model(sparse_out)] == [
         (r.tensor, r.zeros) for r in inspect_model(dense_out)]
-    dense_weights = _weights(onnx.load(str(dense_out)))
+    dense_weights = graphs.all_tensors(onnx.load(str(dense_out)))
     for sparse in saved.graph.sparse_initializer:
         np.testing.assert_array_equal(sparse_to_array(sparse), dense_weights[sparse.values.name])
 
@@ -330,11 +316,11 @@ def test_to_sparse_initializers_only_where_smaller():
     assert converted == ["conv1.weight"]
     assert {i.name for i in out.graph.initializer} == set(w) - {"conv1.weight"}
     assert out.ByteSize() < model.ByteSize() and len(model.graph.sparse_initializer) == 0
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     for a, b in zip(ort_session(model).run(None, feeds), ort_session(out).run(None, feeds)):
         np.testing.assert_array_equal(a, b)
     restored = densify(out)
-    np.testing.assert_array_equal(_weights(restored)["conv1.weight"], sparse_w)
+    np.testing.assert_array_equal(graphs.all_tensors(restored)["conv1.weight"], sparse_w)
 
 
 def test_check_model_file_accepts_sparse_initializers(tmp_path):

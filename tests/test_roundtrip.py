@@ -6,11 +6,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 import graphs
-from onnxsparse.exporter import ort_session, save_atomic, write_back
-from onnxsparse.importer import import_model, initializer_array
+from onnxsparse.exporter import ort_session, save_atomic, tensor_arrays, write_back
+from onnxsparse.importer import import_model
 from onnxsparse.sparsity.masks import apply_masks_inplace, magnitude_mask, zeros_for
 
 CASES = {
@@ -28,23 +27,6 @@ CASES = {
     "torch_bn_folded": lambda: graphs.export_torch(graphs.tiny_cnn()),
     "torch_bn_kept": lambda: graphs.export_torch(graphs.tiny_cnn(), keep_bn=True),
 }
-
-
-def _feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    sess = ort_session(model)
-    return {
-        i.name: rng.standard_normal([d if isinstance(d, int) else 3 for d in i.shape]).astype(np.float32)
-        for i in sess.get_inputs()
-    }
-
-
-def _all_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return out
 
 
 def _graph_signature(model: onnx.ModelProto):
@@ -65,11 +47,11 @@ def test_sparsity_zero_is_a_no_op(case):
     assert imported.layers, "every case has prunable weights"
     out, changed = write_back(imported, imported.clone_module())
     assert changed == []
-    before, after = _all_tensors(model), _all_tensors(out)
+    before, after = graphs.all_tensors(model), graphs.all_tensors(out)
     assert before.keys() == after.keys()
     for name in before:
         assert before[name].tobytes() == after[name].tobytes(), name
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     for a, b in zip(ort_session(model).run(None, feeds), ort_session(out).run(None, feeds)):
         np.testing.assert_array_equal(a, b)
 
@@ -87,7 +69,7 @@ def test_half_sparsity_round_trip(case):
     assert {p.key: p.value for p in out.metadata_props}["onnxsparse.method"] == "test"
     prunable = {layer.name for layer in imported.layers}
     assert set(changed) == prunable
-    before, after = _all_tensors(model), _all_tensors(out)
+    before, after = graphs.all_tensors(model), graphs.all_tensors(out)
     for name, array in after.items():
         assert array.dtype == before[name].dtype and array.shape == before[name].shape
         if name in prunable:
@@ -96,7 +78,7 @@ def test_half_sparsity_round_trip(case):
             np.testing.assert_allclose(array[kept], before[name][kept], rtol=1e-6)
         else:
             assert array.tobytes() == before[name].tobytes(), f"non-prunable {name} changed"
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     ort_out = ort_session(out).run(None, feeds)
     with torch.no_grad():
         torch_out = student(*[torch.from_numpy(feeds[n]) for n in imported.input_names])
@@ -120,7 +102,7 @@ def test_torch_exported_resnet_block_with_shared_identity():
 
     model = graphs.export_torch(Shared(), shape=(1, 2, 6, 6))
     imported = import_model(model)
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     with torch.no_grad():
         out = imported.module(*[torch.from_numpy(feeds[n]) for n in imported.input_names])
     np.testing.assert_allclose(out.numpy(), ort_session(model).run(None, feeds)[0], rtol=1e-4, atol=1e-5)
@@ -159,10 +141,11 @@ def test_external_data_round_trip(tmp_path):
     assert (dst.parent / "pruned.onnx.data").is_file()
     assert sorted(p.name for p in dst.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data"]
     reloaded = onnx.load(str(dst))
+    arrays = tensor_arrays(reloaded, [layer.weight.source for layer in imported.layers])
     for layer in imported.layers:
-        array = initializer_array(reloaded, layer.weight.source)
+        array = arrays[layer.name]
         assert int((array == 0).sum()) == zeros_for(0.5, array.size)
-    feeds = _feeds(model)
+    feeds = graphs.random_feeds(model)
     np.testing.assert_allclose(
         ort_session(dst).run(None, feeds)[0], ort_session(out).run(None, feeds)[0], rtol=1e-6
     )

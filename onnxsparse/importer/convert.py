@@ -9,10 +9,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 import onnx
-import torch
-from onnx import numpy_helper
 from torch import fx, nn
 
 from onnxsparse.errors import OnnxSparseError
@@ -417,15 +414,3 @@ def import_model(
     )
     return imported
 
-
-def initializer_array(model: onnx.ModelProto, source: TensorSource) -> np.ndarray:
-    """The current value of ``source`` in ``model`` as a numpy array."""
-    if source.kind == "initializer":
-        for init in model.graph.initializer:
-            if init.name == source.name:
-                return numpy_helper.to_array(init)
-    else:
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.output and node.output[0] == source.name:
-                return numpy_helper.to_array(node.attribute[0].t)
-    raise KeyError(source)
