@@ -20,9 +20,3 @@ def resolve_device(spec: str) -> torch.device:
             )
         return device
     return torch.device("cpu")
-
-
-def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g

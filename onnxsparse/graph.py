@@ -6,7 +6,6 @@ map from every torch tensor the tool may change back to the ONNX tensor it came 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -133,19 +132,3 @@ class ImportedModel:
         import copy
 
         return copy.deepcopy(self.module)
-
-    def summary(self) -> list[dict]:
-        return [
-            {
-                "name": layer.name,
-                "node": layer.node_name,
-                "op": layer.op_type,
-                "shape": list(layer.shape),
-                "params": layer.numel,
-            }
-            for layer in self.layers
-        ]
-
-
-def replace(obj, **changes):
-    return dataclasses.replace(obj, **changes)

@@ -25,10 +25,3 @@ def global_magnitude(module: nn.Module, layers: list[PrunableLayer], sparsity: f
     order = torch.argsort(values, stable=True)[:k]
     counts = torch.bincount(owner[order].long(), minlength=len(layers))
     return {layer.name: counts[i].item() / mags[i].numel() for i, layer in enumerate(layers)}
-
-
-def achieved(sparsities: dict[str, float], layers: list[PrunableLayer]) -> float:
-    total = sum(layer.numel for layer in layers)
-    if total == 0:
-        return 0.0
-    return sum(zeros_for(sparsities.get(layer.name, 0.0), layer.numel) for layer in layers) / total

@@ -123,8 +123,3 @@ def apply_masks_inplace(module: nn.Module, layers: list[PrunableLayer], masks: d
         if layer.name in masks:
             w = layer.weight.get(module)
             w.mul_(masks[layer.name].to(w.dtype))
-
-
-def layer_sparsity(weight: torch.Tensor) -> float:
-    n = weight.numel()
-    return float((weight == 0).sum().item()) / n if n else 0.0
