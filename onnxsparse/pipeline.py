@@ -224,7 +224,9 @@ def prune(
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, device)
     with timer.phase("method"):
         try:
-            result = method.run(ctx)
+            # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
+            # (training or statistics correction would otherwise move weights at sparsity 0).
+            result = _unchanged(imported) if config.sparsity == 0 and config.nm is None else method.run(ctx)
         except torch.cuda.OutOfMemoryError:
             raise OnnxSparseError(
                 f"out of memory on {device} with --batch-size {config.batch_size}"
@@ -321,6 +323,12 @@ def prune(
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2, default=_json_default))
     return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
+
+
+def _unchanged(imported: ImportedModel) -> MethodResult:
+    masks = {layer.name: torch.ones(layer.shape, dtype=torch.bool) for layer in imported.layers}
+    return MethodResult({layer.name: 0.0 for layer in imported.layers}, masks,
+                        {"skipped": "sparsity 0: nothing to prune, every tensor is left as it was"})
 
 
 def _fingerprint(model_path: Path | None, imported: ImportedModel, calib, config: PruneConfig, preprocess) -> dict:

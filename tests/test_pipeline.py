@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -77,3 +78,16 @@ def test_same_seed_same_result():
     b = prune(model, None, _feeds(), config, progress=False).report
     assert a["layers"] == b["layers"]
     assert a["verification"]["outputs"] == b["verification"]["outputs"]
+
+
+def test_sparsity_zero_is_bit_identical_with_default_options(tmp_path):
+    # Default method (UniPTS) and correction on a BatchNorm graph: nothing may move at sparsity 0.
+    model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
+    out = tmp_path / "same.onnx"
+    result = prune(model, out, _feeds(), PruneConfig(sparsity=0.0), progress=False)
+    assert result.report["method_info"]["skipped"].startswith("sparsity 0")
+    before = graphs.all_tensors(model)
+    after = graphs.all_tensors(onnx.load(out))
+    assert before.keys() == after.keys()
+    for name, array in before.items():
+        assert array.dtype == after[name].dtype and np.array_equal(array, after[name]), name
