@@ -16,7 +16,7 @@ import click
 
 import onnxsparse
 from onnxsparse.config import METHODS, SAVE_FORMATS
-from onnxsparse.errors import OnnxSparseError
+from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse_cli.options import preprocessing, verbosity
 
 
@@ -24,6 +24,10 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except QualityGateFailed as exc:
+            click.echo(f"onnxsparse: {exc}", err=True)
+            click.echo(f"FAILED: agreement {exc.agreement:.2%} < --min-agreement {exc.threshold:.2%}")
+            sys.exit(3)
         except OnnxSparseError as exc:
             click.echo(f"onnxsparse: error: {exc}", err=True)
             click.echo("FAILED", err=True)
@@ -82,13 +86,19 @@ def main() -> None:
 @click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
 @click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (keeps the fitter of the uniform and global-magnitude allocations).")
 @click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.05; 0.01 with --recipe paper).")
-@click.option("--time-budget", type=float, default=None, help="UniPTS: seconds for search + training.")
+@click.option("--time-budget", type=float, default=None,
+              help="UniPTS: seconds for search + training; the recipe shrinks to fit (quick recipe: 480; "
+                   "0: no cap, the recipe's full search and epochs).")
 @click.option("--correction-samples", type=int, default=256, show_default=True,
               help="Calibration samples used to fit the per-channel correction (one batch).")
 @click.option("--verify-samples", type=int, default=256, show_default=True,
               help="Holdout samples compared in onnxruntime before writing.")
 @click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,
               help="Largest relative error allowed between onnxruntime and the pruned torch model.")
+@click.option("--min-agreement", type=float, default=0.8, show_default=True,
+              help="Quality gate: lowest agreement with the dense model on the holdout (top-1 for class outputs, "
+                   "per position for sequences, R^2 otherwise) below which nothing is written and the exit status "
+                   "is 3; 0 turns the gate off.")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Keep checkpoints here (after the search, every --checkpoint-every epochs of training).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
@@ -100,7 +110,7 @@ def main() -> None:
 @verbosity
 def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
-          time_budget, correction_samples, verify_samples, verify_tolerance, run_dir, resume_dir,
+          time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement, run_dir, resume_dir,
           checkpoint_every, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
     from onnxsparse.config import PruneConfig, UniPTSConfig
@@ -112,6 +122,8 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         "epochs": epochs, "iterations": iterations, "generations": search_generations, "population": population,
         "lr": lr, "time_budget": time_budget, "batch_size": batch_size,
     }.items() if v is not None}
+    if time_budget == 0:
+        overrides["time_budget"] = None
     overrides["augment"] = preprocess.augment
     if no_search:
         overrides["search"] = False
@@ -120,7 +132,8 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
         save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
-        verify_tolerance=verify_tolerance, checkpoint_every=checkpoint_every, unipts=unipts,
+        verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
+        unipts=unipts,
     )
     if run_dir is not None and resume_dir is not None and run_dir != resume_dir:
         raise OnnxSparseError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
@@ -168,11 +181,11 @@ def _print_summary(report: dict) -> None:
                    + "; ".join(parts)
                    + f"; saved as {storage['format']}: {_mb(storage.get('saved_bytes'))}", err=True)
     ver = report.get("verification", {})
-    agreement = ver.get("top1_agreement")
+    agreement = ver.get("agreement")
     outs = ver.get("outputs", [])
     line = f"verified on {ver.get('samples', 0)} holdout samples with onnxruntime:"
     if agreement is not None:
-        line += f" top-1 agreement with dense {agreement:.2%};"
+        line += f" agreement with dense {agreement:.2%} ({ver.get('measure')});"
     if outs:
         line += f" cosine {outs[0]['cosine']:.4f};"
     line += f" export error {ver.get('export_max_rel_error', 0):.2g}"

@@ -19,7 +19,7 @@ import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.device import resolve_device
-from onnxsparse.errors import OnnxSparseError
+from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, zip_size
 from onnxsparse.exporter.writeback import to_sparse_initializers
@@ -213,6 +213,8 @@ def prune(
     elif resume:
         raise OnnxSparseError("resume needs a run directory")
     ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress, run_dir=runs)
+    with timer.phase("calibration data"):
+        signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes: list[str] = []
     if config.nm is not None:
         n, m = config.nm
@@ -272,29 +274,39 @@ def prune(
             yield {k: v[:take] for k, v in feed.items()}
 
     verification = {}
+    gate: dict = {"min_agreement": config.min_agreement, "split": split}
 
     def validate(path: Path) -> None:
         nonlocal verification
         dense_ref = model_path if model_path is not None else imported.proto
-        verification = verify_file(
+        checked = verify_file(
             path, dense_ref, feeds(), student=student, input_names=calib_set.input_names, device="cpu",
-            tolerance=config.verify_tolerance,
-        ).as_dict()
+            tolerance=config.verify_tolerance, kinds=[(s.kind, s.axis) for s in signals],
+        )
+        verification = checked.as_dict()
+        gate.update({"agreement": checked.agreement, "measure": checked.measure,
+                     "passed": checked.agreement is None or checked.agreement >= config.min_agreement})
+        if not gate["passed"]:
+            raise QualityGateFailed(checked.agreement, config.min_agreement, checked.measure, checked.samples)
 
+    failed: QualityGateFailed | None = None
     with timer.phase("verify+save"):
-        if output is not None:
-            save_atomic(to_save, output, validate=validate)
-            storage["saved_bytes"] = files_size(output)
-        else:
-            import tempfile
+        try:
+            if output is not None:
+                save_atomic(to_save, output, validate=validate)
+                storage["saved_bytes"] = files_size(output)
+            else:
+                import tempfile
 
-            with tempfile.TemporaryDirectory() as tmp:
-                save_atomic(to_save, Path(tmp) / "dry-run.onnx", validate=validate)
-                storage["saved_bytes"] = files_size(Path(tmp) / "dry-run.onnx")
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_atomic(to_save, Path(tmp) / "dry-run.onnx", validate=validate)
+                    storage["saved_bytes"] = files_size(Path(tmp) / "dry-run.onnx")
+        except QualityGateFailed as exc:
+            failed = exc  # the report is still written: it says why
     report = {
         "onnxsparse": onnxsparse.__version__,
         "model": str(model_path) if model_path is not None else "<ModelProto>",
-        "output": str(output) if output is not None else None,
+        "output": str(output) if output is not None and failed is None else None,
         "method": config.method,
         "pattern": config.pattern,
         "target_sparsity": config.sparsity,
@@ -317,11 +329,16 @@ def prune(
         "changed_tensors": len(changed),
         "method_info": result.info,
         "verification": verification,
+        "signals": signals.as_list(),
+        "quality_gate": gate,
         "time_s": {**{k: round(v, 3) for k, v in timer.phases.items()},
                    "total": round(time.perf_counter() - started, 3)},
     }
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2, default=_json_default))
+    if failed is not None:
+        failed.report = report
+        raise failed
     return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
 
 

@@ -3,8 +3,10 @@
 Two comparisons on the holdout feeds:
 * export fidelity: the sparse model in onnxruntime against the torch student it was written from
   (a mismatch means a write-back bug: the file is refused);
-* dense vs sparse in onnxruntime: top-1 agreement (class-logit outputs), cosine similarity and
-  absolute differences per output (reported; quality, not correctness).
+* dense vs sparse in onnxruntime, per output: an agreement figure by the output's kind (top-1 agreement for
+  class outputs, per-position top-1 agreement for sequence outputs, R^2 = 1 - SSE / SST for binary and dense
+  outputs: a task-neutral measure), cosine similarity and absolute differences. ``agreement`` is the lowest of
+  them: the figure the quality gate (``--min-agreement``) reads.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ class OutputComparison:
     cosine: float
     max_abs_diff: float
     mean_abs_diff: float
+    kind: str = "dense"
+    agreement: float | None = None
+    measure: str = ""
 
 
 @dataclass
 class Verification:
     samples: int = 0
     top1_agreement: float | None = None
+    agreement: float | None = None  # the lowest per-output agreement
+    measure: str = ""  # what ``agreement`` is, for the output that set it
     outputs: list[OutputComparison] = field(default_factory=list)
     export_max_rel_error: float | None = None
     checker: str = "not run"
@@ -102,6 +109,23 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b))
 
 
+def output_agreement(a: np.ndarray, b: np.ndarray, kind: str, axis: int = -1) -> tuple[float | None, str]:
+    """Agreement of output ``b`` with the dense ``a`` (full arrays, batch first) by the output's kind."""
+    if a.size == 0:
+        return None, ""
+    if kind in ("class", "sequence") and np.issubdtype(a.dtype, np.floating) and a.ndim >= 2:
+        axis = axis if -a.ndim <= axis < a.ndim else -1
+        if a.shape[axis] > 1:
+            what = "top-1 agreement" if kind == "class" else "per-position top-1 agreement"
+            return float((a.argmax(axis) == b.argmax(axis)).mean()), what
+    a64, b64 = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
+    sst = float(((a64 - a64.mean()) ** 2).sum())
+    sse = float(((a64 - b64) ** 2).sum())
+    if sst <= 0:
+        return (1.0 if sse == 0 else 0.0), "R^2 (1 - SSE/SST)"
+    return max(1.0 - sse / sst, 0.0), "R^2 (1 - SSE/SST)"
+
+
 def compare_sessions(
     dense: ort.InferenceSession,
     sparse: ort.InferenceSession,
@@ -109,7 +133,10 @@ def compare_sessions(
     student: nn.Module | None = None,
     input_names: tuple[str, ...] = (),
     device: torch.device | str = "cpu",
+    kinds: list[tuple[str, int]] | None = None,
 ) -> Verification:
+    """``kinds``: (kind, class axis) per output, from :mod:`onnxsparse.methods.signals`; without it a 2-D float
+    first output with more than one column counts as class output and everything else as dense."""
     names = [o.name for o in sparse.get_outputs()]
     dense_out: list[list[np.ndarray]] = [[] for _ in names]
     sparse_out: list[list[np.ndarray]] = [[] for _ in names]
@@ -134,13 +161,29 @@ def compare_sessions(
     for i, name in enumerate(names):
         if not dense_out[i]:
             continue
-        a = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in dense_out[i]])
-        b = np.concatenate([x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1) for x in sparse_out[i]])
+        full_a = _concat(dense_out[i])
+        full_b = _concat(sparse_out[i])
+        a = full_a.reshape(full_a.shape[0], -1)
+        b = full_b.reshape(full_b.shape[0], -1)
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        result.outputs.append(OutputComparison(name, _cosine(a, b), float(diff.max()), float(diff.mean())))
-        if i == 0 and a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
-            result.top1_agreement = float((a.argmax(1) == b.argmax(1)).mean())
+        if kinds is not None and i < len(kinds):
+            kind, axis = kinds[i]
+        else:
+            kind, axis = ("class", 1) if (i == 0 and full_a.ndim == 2 and full_a.shape[1] > 1
+                                          and np.issubdtype(full_a.dtype, np.floating)) else ("dense", -1)
+        agreement, measure = output_agreement(full_a, full_b, kind, axis)
+        result.outputs.append(OutputComparison(name, _cosine(a, b), float(diff.max()), float(diff.mean()),
+                                               kind, agreement, measure))
+        if kind == "class" and result.top1_agreement is None and measure == "top-1 agreement":
+            result.top1_agreement = agreement
+        if agreement is not None and (result.agreement is None or agreement < result.agreement):
+            result.agreement, result.measure = agreement, f"{measure} of output {name!r}"
     return result
+
+
+def _concat(chunks: list[np.ndarray]) -> np.ndarray:
+    """Batches of one output joined on the batch axis (a scalar output counts as one sample)."""
+    return np.concatenate([x.reshape(1, 1) if x.ndim == 0 else x for x in chunks])
 
 
 def verify_file(
@@ -152,11 +195,12 @@ def verify_file(
     input_names: tuple[str, ...],
     device: torch.device | str,
     tolerance: float,
+    kinds: list[tuple[str, int]] | None = None,
 ) -> Verification:
     checker = check_model_file(path)
     sparse_sess = ort_session(path)
     dense_sess = ort_session(dense)
-    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device)
+    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:
         raise OnnxSparseError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,8 @@ from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
-from onnxsparse.sparsity.correction import CorrectionReport, correct
+from onnxsparse.methods.signals import Signals
+from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, apply_correction, choose_correction, correction_modes
 
 if TYPE_CHECKING:
     from onnxsparse.data import CalibrationSet
@@ -35,6 +37,29 @@ class PruneContext:
     progress: bool = True
     stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
     run_dir: RunDir | None = None  # checkpoints of a long run (None: no checkpoints)
+    signals: Signals | None = None  # what each output is (methods.signals); None: described on first use
+    _scorer: object = field(default=None, init=False, repr=False)
+
+    def output_signals(self) -> Signals:
+        if self.signals is None:
+            from onnxsparse.methods.signals import describe_outputs
+
+            first = next(iter(self.train_batches(min(8, self.calib.n_train))))
+            self.signals = describe_outputs(self.imported, self.teacher, first)
+        return self.signals
+
+    def holdout_scorer(self):
+        """Agreement with the teacher on the holdout split (the training split when there is none), cached."""
+        if self._scorer is None:
+            from onnxsparse.methods.scoring import FixedBatches, HoldoutScorer
+
+            split = "holdout" if self.calib.n_holdout > 0 else "train"
+            n = self.calib.n_holdout if split == "holdout" else min(self.calib.n_train, self.config.verify_samples)
+            source = FixedBatches(self, split, n, self.config.batch_size)
+            self._scorer = HoldoutScorer(self.teacher, source, signals=self.output_signals(),
+                                         autocast=contextlib.nullcontext)
+            self._scorer.split = split if split == "holdout" else "train (no holdout split)"
+        return self._scorer
 
     @property
     def layers(self):
@@ -54,17 +79,25 @@ class PruneContext:
             torch.from_numpy(self.calib.train[name][:n]).to(self.device) for name in self.calib.input_names
         )
 
-    def correct(self, module: nn.Module | None = None,
-                channel_inputs: tuple[torch.Tensor, ...] | None = None) -> CorrectionReport:
-        """Statistics correction of ``module`` (default: the student) unless ``--no-correction``."""
-        if not self.config.correction:
-            return CorrectionReport()
+    def apply_correction(self, mode: str, module: nn.Module | None = None, *, bn_batches=None) -> CorrectionReport:
+        """One statistics-correction mode (sparsity.correction.apply_correction) on ``module`` (default: student)."""
         module = self.student if module is None else module
-        bn = self.train_batches() if self.imported.has_batchnorm else None
-        return correct(
-            module, self.teacher, self.layers, bn_batches=bn,
-            channel_inputs=channel_inputs if channel_inputs is not None else self.correction_inputs(),
-        )
+        if bn_batches is None and mode == "reestimate":
+            bn_batches = self.train_batches()
+        return apply_correction(mode, module, self.teacher, self.layers, bn_batches=bn_batches,
+                                channel_inputs=self.correction_inputs() if mode != "none" else None)
+
+    def correct(self, module: nn.Module | None = None) -> CorrectionChoice:
+        """The statistics correction of ``module`` (default: the student) that agrees best with the dense
+        model on the holdout, "none" included: correction never makes the model worse on the holdout.
+        ``--no-correction`` applies none."""
+        module = self.student if module is None else module
+        if not self.config.correction:
+            return CorrectionChoice("none", {}, CorrectionReport(), "--no-correction")
+        scorer = self.holdout_scorer()
+        modes = correction_modes(self.imported.has_batchnorm, self.layers)
+        return choose_correction(module, modes, lambda mode: self.apply_correction(mode, module),
+                                 lambda: scorer(module).score, measured_on=scorer.split)
 
 
 @dataclass

@@ -479,6 +479,55 @@ def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, 
     return row
 
 
+def reconstruct_all(ctx: PruneContext, sparsities: dict[str, float],
+                    fixed: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], list[dict], int]:
+    """Prune and re-fit every layer of ``ctx.student`` in graph order at ``sparsities`` (``fixed`` masks where
+    given). Returns (masks, one report row per layer, calibration samples used)."""
+    fixed = fixed or {}
+    layers = ctx.layers
+    n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
+    batches = []
+    seen = 0
+    for batch in ctx.train_batches(min(ctx.config.batch_size, n_samples)):
+        take = min(batch[0].shape[0], n_samples - seen)
+        batches.append(tuple(t[:take] for t in batch))
+        seen += take
+        if seen >= n_samples:
+            break
+    was_training = ctx.student.training
+    ctx.student.eval()
+    walkers = tuple(_Walker(m, batches) if isinstance(m, fx.GraphModule) else None
+                    for m in (ctx.student, ctx.teacher))
+    rows: list[dict] = []
+    masks: dict[str, torch.Tensor] = {}
+    from tqdm import tqdm
+
+    for layer in tqdm(layers, desc="reconstruct", unit="layer", disable=None if ctx.progress else True, leave=False):
+        if ctx.stop():
+            # Interrupted: the remaining layers get plain magnitude masks so that nothing half-pruned leaks.
+            for rest in layers[len(rows):]:
+                w = rest.weight.get(ctx.student)
+                masks[rest.name] = fixed.get(rest.name, magnitude_mask(w, sparsities[rest.name]))
+                w.mul_(masks[rest.name].to(w.dtype))
+            break
+        try:
+            row = reconstruct_layer(ctx, layer, sparsities[layer.name], batches=batches, walkers=walkers,
+                                    fixed_mask=fixed.get(layer.name))
+        except (torch.linalg.LinAlgError, RuntimeError) as exc:
+            logger.warning("layer %s: reconstruction failed (%s); magnitude pruning instead", layer.name, exc)
+            w = layer.weight.get(ctx.student)
+            mask = fixed.get(layer.name, magnitude_mask(w, sparsities[layer.name]))
+            w.mul_(mask.to(w.dtype))
+            row = {"layer": layer.name, "fitted": False, "reason": str(exc)[:200], "mask": mask}
+        masks[layer.name] = row.pop("mask").to(torch.bool)
+        rows.append(row)
+        if row.get("fitted"):
+            logger.debug("%s: relative output error %.4g (mask only %.4g)", layer.name, row["rel_error"],
+                         row["rel_error_masked"])
+    ctx.student.train(was_training)
+    return masks, rows, n_samples
+
+
 @register_method("reconstruct")
 class Reconstruct:
     """SparseGPT-style pruning with layer-wise reconstruction (see the module docstring)."""
@@ -497,44 +546,8 @@ class Reconstruct:
             fixed = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, sparsities)
         else:
             sparsities = allocation.uniform(layers, ctx.config.sparsity)
-        n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
-        batches = []
-        seen = 0
-        for batch in ctx.train_batches(min(ctx.config.batch_size, n_samples)):
-            take = min(batch[0].shape[0], n_samples - seen)
-            batches.append(tuple(t[:take] for t in batch))
-            seen += take
-            if seen >= n_samples:
-                break
+        masks, rows, n_samples = reconstruct_all(ctx, sparsities, fixed)
         ctx.student.eval()
-        walkers = tuple(_Walker(m, batches) if isinstance(m, fx.GraphModule) else None
-                        for m in (ctx.student, ctx.teacher))
-        rows: list[dict] = []
-        masks: dict[str, torch.Tensor] = {}
-        from tqdm import tqdm
-
-        for layer in tqdm(layers, desc="reconstruct", unit="layer", disable=None if ctx.progress else True):
-            if ctx.stop():
-                # Interrupted: the remaining layers get plain magnitude masks so that nothing half-pruned leaks.
-                for rest in layers[len(rows):]:
-                    w = rest.weight.get(ctx.student)
-                    masks[rest.name] = fixed.get(rest.name, magnitude_mask(w, sparsities[rest.name]))
-                    w.mul_(masks[rest.name].to(w.dtype))
-                break
-            try:
-                row = reconstruct_layer(ctx, layer, sparsities[layer.name], batches=batches, walkers=walkers,
-                                        fixed_mask=fixed.get(layer.name))
-            except (torch.linalg.LinAlgError, RuntimeError) as exc:
-                logger.warning("layer %s: reconstruction failed (%s); magnitude pruning instead", layer.name, exc)
-                w = layer.weight.get(ctx.student)
-                mask = fixed.get(layer.name, magnitude_mask(w, sparsities[layer.name]))
-                w.mul_(mask.to(w.dtype))
-                row = {"layer": layer.name, "fitted": False, "reason": str(exc)[:200], "mask": mask}
-            masks[layer.name] = row.pop("mask").to(torch.bool)
-            rows.append(row)
-            if row.get("fitted"):
-                logger.debug("%s: relative output error %.4g (mask only %.4g)", layer.name, row["rel_error"],
-                             row["rel_error_masked"])
         fitted = [r for r in rows if r.get("fitted")]
         info = {
             "samples": n_samples, "damp": DAMP, "block": BLOCK, "asymmetric_target": True,

@@ -2,6 +2,12 @@
 
 * BatchNorm re-estimation where the graph kept BatchNorm: running statistics reset and re-averaged
   (cumulative average) in train-mode forwards without gradients.
+* Dense-relative BatchNorm correction: each BatchNorm keeps the dense model's statistics, moved by what
+  pruning changed on the calibration data. With ``(m_t, v_t)`` / ``(m_s, v_s)`` the per-channel mean and
+  variance of the BatchNorm's input in the dense / pruned model on the same samples and ``(mu, var)`` the dense
+  running statistics: ``var' = var * v_s / v_t`` and ``mu' = m_s - (m_t - mu) * sqrt(var' / var)``, so the
+  pruned model's normalised output has the dense model's first two moments on the calibration data while the
+  statistics the model was trained with stay its reference (a no-op at sparsity 0, whatever the data).
 * For layers not followed by BatchNorm (the common BN-folded export): a per-output-channel scale ``a`` and
   shift ``b`` fitted so that the pruned layer's output has the dense layer's per-channel mean and standard
   deviation, then folded into the layer: ``W[c] *= a[c]`` and ``bias[c] = a[c] * bias[c] + b[c]``. Zeros stay
@@ -200,3 +206,147 @@ def correct(
     if channel_inputs is not None:
         fit_channel_correction(student, teacher, layers, channel_inputs, report)
     return report
+
+
+@torch.no_grad()
+def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """Dense-relative BatchNorm correction (see the module docstring) on one batch. Returns (layers, samples).
+
+    BatchNorms are corrected in execution order during one student forward, so each one sees the corrected
+    earlier layers. Teacher and student must have the same module paths (the student is a clone).
+    """
+    names = [name for name, m in student.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # noqa: SLF001
+    if not names:
+        return 0, 0
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().movedim(1, 0).reshape(x.shape[1], -1).double()
+        return x.mean(dim=1), x.var(dim=1, unbiased=False)
+
+    def teacher_hook(name):
+        def hook(_module, args):
+            dense[name] = stats(args[0])
+
+        return hook
+
+    handles = [teacher.get_submodule(n).register_forward_pre_hook(teacher_hook(n)) for n in names]
+    try:
+        teacher(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def student_hook(name):
+        def hook(module, args):
+            if name not in dense:
+                return
+            m_t, v_t = dense[name]
+            m_s, v_s = stats(args[0])
+            mu, var = module.running_mean.double(), module.running_var.double()
+            # a channel constant in either model has nothing to match: it keeps the dense statistics
+            ok = (v_t > _EPS) & (v_s > _EPS)
+            new_var = torch.where(ok, var * v_s / v_t.clamp_min(_EPS), var)
+            new_mu = torch.where(ok, m_s - (m_t - mu) * torch.sqrt(new_var / var.clamp_min(_EPS)), mu)
+            module.running_var.copy_(new_var.to(module.running_var.dtype))
+            module.running_mean.copy_(new_mu.to(module.running_mean.dtype))
+
+        return hook
+
+    was_training = student.training
+    student.eval()
+    handles = [student.get_submodule(n).register_forward_pre_hook(student_hook(n)) for n in names]
+    try:
+        student(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        student.train(was_training)
+    return len(names), int(inputs[0].shape[0])
+
+
+# The statistics corrections a run can choose between (sparsity.correction.choose), cheapest first: a tie
+# keeps the earlier one, so "none" wins wherever no correction helps.
+MODES_BATCHNORM = ("none", "channel", "relative", "reestimate")
+MODES_PLAIN = ("none", "channel")
+
+
+def correction_modes(has_batchnorm: bool, layers: list[PrunableLayer]) -> tuple[str, ...]:
+    if has_batchnorm:
+        return MODES_BATCHNORM if any(correctable(layer) for layer in layers) else ("none", "relative", "reestimate")
+    return MODES_PLAIN
+
+
+@torch.no_grad()
+def apply_correction(
+    mode: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: list[PrunableLayer],
+    *,
+    bn_batches: Iterable[tuple[torch.Tensor, ...]] | None,
+    channel_inputs: tuple[torch.Tensor, ...] | None,
+) -> CorrectionReport:
+    """One correction mode: ``none``; ``channel`` (per-channel fit of the layers not followed by BatchNorm);
+    ``relative`` (dense-relative BatchNorm, then channel); ``reestimate`` (BatchNorm re-estimated on the
+    calibration data, then channel)."""
+    report = CorrectionReport()
+    if mode == "none":
+        return report
+    if mode == "relative" and channel_inputs is not None:
+        report.batchnorm_layers, report.batchnorm_samples = relative_batchnorm(student, teacher, channel_inputs)
+    elif mode == "reestimate" and bn_batches is not None:
+        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches)
+    elif mode not in ("channel", "relative", "reestimate"):
+        raise ValueError(f"unknown correction mode {mode!r}")
+    if channel_inputs is not None:
+        fit_channel_correction(student, teacher, layers, channel_inputs, report)
+    return report
+
+
+@dataclass
+class CorrectionChoice:
+    """The correction a run kept, and the score of every candidate (higher is better)."""
+
+    mode: str
+    scores: dict[str, float]
+    report: CorrectionReport
+    measured_on: str = "holdout"
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.mode, "scores": self.scores, "measured_on": self.measured_on,
+                **self.report.as_dict()}
+
+
+@torch.no_grad()
+def choose_correction(
+    student: nn.Module,
+    modes: tuple[str, ...],
+    apply,
+    score,
+    *,
+    measured_on: str = "holdout",
+) -> CorrectionChoice:
+    """Try every mode on ``student`` (``apply(mode) -> CorrectionReport``, ``score() -> float``) from the same
+    state, keep the best-scoring one applied. Ties keep the earlier mode."""
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    def restore() -> None:
+        for k, v in student.state_dict().items():
+            v.copy_(state[k])
+
+    scores: dict[str, float] = {}
+    best = None
+    for mode in modes:
+        restore()
+        report = apply(mode)
+        scores[mode] = float(score())
+        if best is None or scores[mode] > scores[best[0]]:
+            best = (mode, report, {k: v.detach().clone() for k, v in student.state_dict().items()}
+                    if mode != modes[-1] else None)
+    mode, report, kept = best
+    if mode != modes[-1]:
+        for k, v in student.state_dict().items():
+            v.copy_(kept[k])
+    logger.info("statistics correction: %s (%s)", mode, ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
+    return CorrectionChoice(mode, scores, report, measured_on)

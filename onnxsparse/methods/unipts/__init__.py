@@ -4,12 +4,21 @@ dynamic sparse training, label-free, on any imported model.
 Phases (``MethodResult.info`` reports each):
 
 1. allocation: the evolutionary search over reduce-regrow genomes (:mod:`.search`), scored by agreement with
-   the dense teacher after statistics correction; the uniform and global-magnitude allocations are scored
-   the same way and the fittest of the three is kept;
-2. training: dynamic sparse training with the base-decayed KL (class logits) or a normalised MSE (other
-   outputs) (:mod:`.dst`, :mod:`.objective`), starting from the corrected pruned model;
-3. finish: masks baked (exactly the allotted zeros per layer), then a final statistics correction that is
-   kept only if it raises agreement with the teacher on the calibration holdout.
+   the dense teacher after statistics correction; the uniform and global-magnitude allocations are scored the
+   same way and the fittest is kept. Every candidate respects the per-layer caps (``max_layer_sparsity``, and
+   the global target for the first, last and small layers: :func:`onnxsparse.sparsity.allocation.layer_caps`);
+2. start: two starting points for distillation, scored on the calibration holdout: the magnitude-pruned model
+   after the statistics correction that agrees best, and the layer-wise reconstruction of the same allocation
+   (:func:`onnxsparse.methods.reconstruct.reconstruct_all`); the better one is trained;
+3. training: dynamic sparse training with the per-output objective (:mod:`.dst`, :mod:`.objective`), on the
+   signal each output describes (:mod:`onnxsparse.methods.signals`: logits behind a Softmax, per position for
+   sequences, ...);
+4. finish: masks baked (exactly the allotted zeros per layer), the statistics correction chosen again on the
+   holdout ("none" included), and the trained model kept only if it agrees with the dense model on the holdout
+   at least as well as the starting point: UniPTS never ends below its own start.
+
+The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by default): the search takes at most
+``SEARCH_SHARE`` of it, training shortens itself to what is left.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
+from datetime import datetime, timedelta
 
 import numpy as np
 import torch
@@ -27,26 +38,25 @@ from tqdm import tqdm
 from onnxsparse.config import UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
-from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, train
-from onnxsparse.methods.unipts.objective import Distillation, as_outputs, default_gamma, is_class_logits
+from onnxsparse.methods.scoring import FixedBatches
+from onnxsparse.methods.unipts.dst import TrainPlan, train
+from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
+    fit_to_target,
+    integer_zeros,
     sparsities_to_zeros,
     zeros_to_sparsities,
 )
 from onnxsparse.sparsity import allocation, patterns
-from onnxsparse.sparsity.correction import correct as correct_statistics
+from onnxsparse.sparsity.correction import correction_modes
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
-# DST starts from the corrected pruned model with the pruned weights holding their dense values again
-# (measured on the sample against "corrected" (pruned weights zero) and "dense" (no correction): best holdout KL)
-INIT = "corrected+dense"
 SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
-_CACHE_BYTES = 1 << 30  # fitness / holdout inputs kept on the device up to this size
 
 
 def autocast_for(device: torch.device):
@@ -54,33 +64,6 @@ def autocast_for(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-def _take(batches, n: int) -> list[tuple[torch.Tensor, ...]]:
-    out, seen = [], 0
-    for batch in batches:
-        if seen >= n:
-            break
-        take = min(n - seen, batch[0].shape[0])
-        out.append(tuple(t[:take] for t in batch))
-        seen += take
-    return out
-
-
-class _Batches:
-    """A fixed, unaugmented list of batches: kept on the device when small, else re-read each time."""
-
-    def __init__(self, ctx: PruneContext, split: str, n: int, batch_size: int):
-        self.ctx, self.split, self.n, self.batch_size = ctx, split, n, batch_size
-        arrays = ctx.calib.train if split == "train" else ctx.calib.holdout
-        nbytes = sum(a[:n].nbytes for a in arrays.values())
-        self.cached = _take(self._read(), n) if nbytes <= _CACHE_BYTES else None
-
-    def _read(self):
-        return self.ctx.calib.batches(self.split, self.batch_size, shuffle=False, seed=0, device=self.ctx.device)
-
-    def __call__(self):
-        return self.cached if self.cached is not None else _take(self._read(), self.n)
 
 
 class _Phases:
@@ -101,9 +84,26 @@ def _progress(ctx: PruneContext, total: int, desc: str):
                 leave=False, dynamic_ncols=True)
 
 
+def _announce(ctx: PruneContext, message: str) -> None:
+    """A line for the user on stderr (beside the progress bars), and in the log."""
+    logger.info(message)
+    if ctx.progress:
+        tqdm.write(f"onnxsparse: {message}", file=sys.stderr)
+
+
 def _plain(obj):
     """Plain Python data (what a weights_only checkpoint may hold) from numpy-laden report data."""
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def _restore(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for k, v in module.state_dict().items():
+        v.copy_(state[k])
 
 
 @register_method("unipts")
@@ -112,171 +112,213 @@ class UniPTS:
 
     def run(self, ctx: PruneContext) -> MethodResult:
         cfg: UniPTSConfig = ctx.config.unipts
-        nm = ctx.config.nm
         started = time.perf_counter()
         phases = _Phases()
         layers = ctx.layers
-        numels = [layer.numel for layer in layers]
-        target = float(ctx.config.sparsity)
         autocast = autocast_for(ctx.device)
-        n_train = ctx.calib.n_train
-        if n_train < 2:
-            raise OnnxSparseError(f"UniPTS needs at least 2 calibration training samples, got {n_train}")
-        eval_bs = ctx.config.batch_size
+        if ctx.calib.n_train < 2:
+            raise OnnxSparseError(f"UniPTS needs at least 2 calibration training samples, got {ctx.calib.n_train}")
+        signals = ctx.output_signals()
         info: dict = {"device": str(ctx.device), "autocast": "bf16" if autocast is not contextlib.nullcontext else None,
-                      "threads": torch.get_num_threads() if ctx.device.type == "cpu" else None}
+                      "threads": torch.get_num_threads() if ctx.device.type == "cpu" else None,
+                      "signals": signals.as_list(), "time_budget_s": cfg.time_budget}
+        if cfg.time_budget is not None:
+            eta = datetime.now() + timedelta(seconds=cfg.time_budget)
+            _announce(ctx, f"UniPTS time budget {cfg.time_budget:.0f} s for search + training (search at most "
+                           f"{SEARCH_SHARE * cfg.time_budget:.0f} s): done by about {eta:%H:%M:%S}, then "
+                           "verification (--time-budget changes it)")
 
-        # ---------------------------------------------------------------- allocation
         with phases("allocation"):
-            fitness_batches = _Batches(ctx, "train", min(cfg.fitness_samples, n_train), eval_bs)
-            batches = fitness_batches()
-            with torch.no_grad(), autocast():
-                logits = is_class_logits([o for o in as_outputs(ctx.teacher(*batches[0]))])
-            correction = ctx.config.correction
+            fitness_batches = FixedBatches(ctx, "train", min(cfg.fitness_samples, ctx.calib.n_train),
+                                           ctx.config.batch_size)
             evaluator = FitnessEvaluator(
-                ctx.student, ctx.teacher, layers, batches, logits=logits, correction=correction,
+                ctx.student, ctx.teacher, layers, fitness_batches(), signals=signals, correction="none",
                 has_batchnorm=ctx.imported.has_batchnorm,
-                channel_inputs=ctx.correction_inputs() if correction else None, autocast=autocast,
+                channel_inputs=ctx.correction_inputs() if ctx.config.correction else None, autocast=autocast,
             )
-            saved = ctx.run_dir.load("allocation") if ctx.run_dir is not None else None
-            if saved is not None:  # resumed run: the allocation was searched already
-                zeros = saved["zeros"].numpy()
-                search_info = saved["info"]
-                if nm is not None:
-                    pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
-            else:
-                if nm is None:
-                    candidates: dict[str, np.ndarray] = {
-                        "uniform": sparsities_to_zeros(allocation.uniform(layers, target), layers),
-                        "global-magnitude": sparsities_to_zeros(
-                            allocation.global_magnitude(ctx.student, layers, target), layers),
-                    }
-                    fitness: dict[str, dict] = {}
-                    for name, zeros in candidates.items():
-                        agreement = evaluator(zeros)
-                        fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
-                else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
-                    pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
-                    candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
-                    agreement = evaluator.score_masks(pattern_masks)
-                    fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
-                search_info: dict = {"ran": False}
-                budget_left = None if cfg.time_budget is None else cfg.time_budget - (time.perf_counter() - started)
-                if nm is None and cfg.search and len(layers) > 1:
-                    rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
-                    search = EvolutionarySearch(
-                        evaluator, numels, target=target, regrow=cfg.regrow, s_max=cfg.max_layer_sparsity,
-                        population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
-                        mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
-                    )
-                    generations = cfg.generations
-                    search_budget = None
-                    if budget_left is not None:
-                        search_budget = max(SEARCH_SHARE * budget_left, 0.0)
-                        per_gen = evaluator.seconds_per_candidate * cfg.population
-                        generations = max(1, min(generations, int(search_budget / max(per_gen, 1e-9))))
-                    with _progress(ctx, generations, "unipts search") as bar:
-                        found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
-                    candidates["search"] = found.zeros
-                    fitness["search"] = {"fitness": found.fitness, **found.details}
-                    search_info = {
-                        "ran": True, "generations": found.generations, "planned_generations": generations,
-                        "population": cfg.population, "parents": cfg.parents, "crossover": cfg.crossover,
-                        "mutation": cfg.mutation, "mutation_prob": cfg.mutation_prob, "regrow": cfg.regrow,
-                        "max_layer_sparsity": cfg.max_layer_sparsity, "evaluations": found.evaluations,
-                        "genome": found.genome.tolist(), "history": found.history,
-                    }
-                chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
-                zeros = candidates[chosen]
-            sparsities = zeros_to_sparsities(zeros, layers)
-            if saved is None:
-                if nm is not None:
-                    search_info.update({"pattern": ctx.config.pattern,
-                                        "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
-                search_info.update({
-                    "fitness_samples": sum(b[0].shape[0] for b in batches),
-                    "fitness_measure": "negative KL(teacher || student), T=1" if logits
-                    else "negative normalised MSE per output",
-                    "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
-                    "candidates": fitness,
-                    "chosen": chosen,
-                })
-            info["allocation"] = search_info
-            if ctx.run_dir is not None and saved is None:
-                ctx.run_dir.save("allocation", {"zeros": torch.as_tensor(zeros), "info": _plain(search_info)})
+            zeros, pattern_masks, info["allocation"], resumed = self._allocate(ctx, cfg, evaluator, started)
+        sparsities = zeros_to_sparsities(zeros, layers)
 
-        # ---------------------------------------------------------------- training
-        with phases("training"):
-            # dense snapshot restored, chosen allocation applied
-            masks = evaluator.prune(zeros) if nm is None else evaluator.apply_masks(pattern_masks)
-            init_report = None
-            if INIT == "dense":
-                evaluator.restore()
-            else:
-                init_report = evaluator.correct()
-                if INIT == "corrected+dense":
-                    evaluator.restore_pruned(masks)  # pruned weights get their dense values back
+        with phases("start"):
+            masks = evaluator.prune(zeros) if pattern_masks is None else evaluator.apply_masks(pattern_masks)
+            info["start"], start_state = self._start(ctx, evaluator, masks, sparsities, pattern_masks)
             del evaluator
-            for layer in layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
-                attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
-                             mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
-            holdout = self._holdout(ctx, autocast, logits, fitness_batches, eval_bs)
-            plan = self._plan(ctx, cfg, started)
-            gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))
-            loss_fn = Distillation(logits, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature)
-            train_bs = min(cfg.batch_size, n_train)
-            augment = bool(cfg.augment and ctx.calib.augment)
 
-            def epoch_batches(epoch: int):
-                seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
-                return ctx.calib.batches("train", train_bs, shuffle=True, seed=seed, augment=augment,
-                                         device=ctx.device, drop_last=True)
+        with phases("training"):
+            info["training"], info["resumed"] = self._train(ctx, cfg, signals, masks, sparsities, autocast,
+                                                            started, resumed)
 
-            before = holdout(ctx.student) if holdout is not None else None
-            resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
-            checkpoint = (lambda state: ctx.run_dir.save("training", state)) if ctx.run_dir is not None else None
-            with _progress(ctx, plan.iterations, "unipts train") as bar:
-                trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
-                                autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
-                                checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every)
-            info["resumed"] = {"allocation": saved is not None,
-                               "training_step": int(resume["step"]) if resume is not None else None}
-            info["training"] = {
-                "loss": loss_fn.name, "logits": logits, "tau0": cfg.tau0, "gamma": gamma,
-                "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
-                "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
-                "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
-                "augment": augment, "init": INIT, "initial_correction": init_report.as_dict() if init_report else None,
-                "holdout_before": before.as_dict() if before is not None else None,
-                **trained.as_dict(),
-            }
-
-        # ---------------------------------------------------------------- finish
         with phases("finish"):
             final_masks = current_masks(ctx.student, layers)
-            for layer in layers:
+            for i, layer in enumerate(layers):
                 got = int((~final_masks[layer.name]).sum())
-                if got != int(zeros[layers.index(layer)]):
+                if got != int(zeros[i]):
                     raise OnnxSparseError(f"internal error: layer {layer.name!r} mask has {got} zeros")
             bake_masks(ctx.student, layers)
-            info["final_correction"] = self._final_correction(ctx, holdout, fitness_batches, autocast)
-            self._check_finite(ctx, holdout)
+            info["final_correction"], info["kept"] = self._finish(ctx, start_state, info["start"])
+            if info["kept"] == "start":
+                final_masks = {layer.name: layer.weight.get(ctx.student).detach() != 0 for layer in layers}
+            self._check_finite(ctx)
         info["sparsities"] = sparsities
         info["time_s"] = {**phases.seconds, "total": round(time.perf_counter() - started, 3)}
         return MethodResult(sparsities, final_masks, info)
 
     # ------------------------------------------------------------------------------------------------
+    def _allocate(self, ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, started: float):
+        """(zeros per layer, N:M masks or None, report, resumed) — the search, or what a run directory kept."""
+        layers = ctx.layers
+        nm = ctx.config.nm
+        pattern_masks = None
+        if nm is not None:
+            pattern_masks = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, {})
+        saved = ctx.run_dir.load("allocation") if ctx.run_dir is not None else None
+        if saved is not None:  # resumed run: the allocation was searched already
+            evaluator.mode = saved["info"].get("correction_mode", evaluator.mode)
+            return saved["zeros"].numpy(), pattern_masks, saved["info"], True
+        target = float(ctx.config.sparsity)
+        numels = [layer.numel for layer in layers]
+        caps, protected = allocation.layer_caps(ctx.imported.proto, layers, target, cfg.max_layer_sparsity)
+        fitness: dict[str, dict] = {}
+        if nm is None:
+            uniform = sparsities_to_zeros(allocation.uniform(layers, target), layers)
+            evaluator.mode = self._fitness_correction(ctx, evaluator, uniform)
+            magnitude = allocation.global_magnitude(ctx.student, layers, target)
+            s = fit_to_target(np.array([magnitude[l.name] for l in layers]), numels, target, caps)
+            candidates: dict[str, np.ndarray] = {
+                "uniform": uniform,
+                "global-magnitude": integer_zeros(s, numels, target, caps),
+            }
+            for name, zeros in candidates.items():
+                agreement = evaluator(zeros)
+                fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
+        else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
+            candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
+            evaluator.mode = self._fitness_correction(ctx, evaluator, None, pattern_masks)
+            agreement = evaluator.score_masks(pattern_masks)
+            fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
+        search_info: dict = {"ran": False}
+        if nm is None and cfg.search and len(layers) > 1:
+            found, search_info = self._search(ctx, cfg, evaluator, numels, caps, started)
+            candidates["search"] = found.zeros
+            fitness["search"] = {"fitness": found.fitness, **found.details}
+        chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
+        zeros = candidates[chosen]
+        if nm is not None:
+            search_info.update({"pattern": ctx.config.pattern,
+                                "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
+        n_fitness = sum(b[0].shape[0] for b in evaluator.batches)
+        search_info.update({
+            "fitness_samples": n_fitness,
+            "fitness_measure": "negative mean distance to the dense model per output (KL for class/sequence "
+                               "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
+            "correction_mode": evaluator.mode,
+            "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
+            "layer_caps": {layer.name: cap for layer, cap in zip(layers, caps) if cap < cfg.max_layer_sparsity},
+            "protected_layers": protected,
+            "candidates": fitness,
+            "chosen": chosen,
+        })
+        if ctx.run_dir is not None:
+            ctx.run_dir.save("allocation", {"zeros": torch.as_tensor(zeros), "info": _plain(search_info)})
+        return zeros, pattern_masks, search_info, False
+
     @staticmethod
-    def _holdout(ctx, autocast, logits, fitness_batches, eval_bs):
-        if ctx.calib.n_holdout > 0:
-            source = _Batches(ctx, "holdout", ctx.calib.n_holdout, eval_bs)
-            split = "holdout"
+    def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, masks=None) -> str:
+        """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation."""
+        if not ctx.config.correction:
+            return "none"
+        best, best_score = "none", -math.inf
+        for mode in correction_modes(ctx.imported.has_batchnorm, ctx.layers):
+            evaluator.mode = mode
+            score = (evaluator.score_masks(masks) if masks is not None else evaluator(zeros)).score
+            if score > best_score:
+                best, best_score = mode, score
+        return best
+
+    @staticmethod
+    def _search(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, numels, caps, started):
+        rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
+        search = EvolutionarySearch(
+            evaluator, numels, target=float(ctx.config.sparsity), regrow=cfg.regrow, s_max=caps,
+            population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
+            mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
+        )
+        generations = cfg.generations
+        search_budget = None
+        if cfg.time_budget is not None:
+            search_budget = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
+            per_gen = evaluator.seconds_per_candidate * cfg.population
+            generations = max(1, min(generations, int(search_budget / max(per_gen, 1e-9))))
+        with _progress(ctx, generations, "unipts search") as bar:
+            found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
+        return found, {
+            "ran": True, "generations": found.generations, "planned_generations": generations,
+            "population": cfg.population, "parents": cfg.parents, "crossover": cfg.crossover,
+            "mutation": cfg.mutation, "mutation_prob": cfg.mutation_prob, "regrow": cfg.regrow,
+            "max_layer_sparsity": cfg.max_layer_sparsity, "evaluations": found.evaluations,
+            "genome": found.genome.tolist(), "history": found.history,
+        }
+
+    @staticmethod
+    def _start(ctx: PruneContext, evaluator: FitnessEvaluator, masks, sparsities, pattern_masks):
+        """Score the two starting points on the holdout, leave the student at the better one (pruned weights
+        given their dense values back when it is the magnitude start, for dynamic sparse training). Returns the
+        report and the chosen start with its masks applied (for the final comparison)."""
+        from onnxsparse.methods.reconstruct import reconstruct_all
+
+        holdout = ctx.holdout_scorer()
+        choice = ctx.correct()
+        scores = {"magnitude+correction": holdout(ctx.student)}
+        states = {"magnitude+correction": _snapshot(ctx.student)}
+        evaluator.restore()
+        with torch.no_grad():
+            rec_masks, rows, _ = reconstruct_all(ctx, sparsities, pattern_masks)
+        scores["reconstruct"] = holdout(ctx.student)
+        fitted = sum(1 for r in rows if r.get("fitted"))
+        chosen = max(scores, key=lambda k: (scores[k].score, k == "reconstruct"))
+        if chosen == "reconstruct":
+            states["reconstruct"] = _snapshot(ctx.student)
         else:
-            source = fitness_batches
-            split = "train (no holdout split)"
-        scorer = HoldoutScorer(ctx.teacher, source, logits=logits, autocast=autocast)
-        scorer.split = split
-        return scorer
+            _restore(ctx.student, states["magnitude+correction"])
+            evaluator.restore_pruned(masks)  # pruned weights get their dense values back
+        report = {"chosen": chosen, "measured_on": holdout.split,
+                  "candidates": {k: v.as_dict() for k, v in scores.items()},
+                  "correction": choice.as_dict(), "reconstructed_layers": fitted}
+        _announce(ctx, f"UniPTS start: {chosen} (holdout " + ", ".join(
+            f"{k} {v.score:.4g}" for k, v in scores.items()) + ")")
+        return report, states[chosen]
+
+    def _train(self, ctx: PruneContext, cfg: UniPTSConfig, signals, masks, sparsities, autocast, started, resumed):
+        for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
+            attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
+                         mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
+        holdout = ctx.holdout_scorer()
+        plan = self._plan(ctx, cfg, started)
+        gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))
+        loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature)
+        train_bs = min(cfg.batch_size, ctx.calib.n_train)
+        augment = bool(cfg.augment and ctx.calib.augment)
+
+        def epoch_batches(epoch: int):
+            seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
+            return ctx.calib.batches("train", train_bs, shuffle=True, seed=seed, augment=augment,
+                                     device=ctx.device, drop_last=True)
+
+        before = holdout(ctx.student)
+        resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
+        checkpoint = (lambda state: ctx.run_dir.save("training", state)) if ctx.run_dir is not None else None
+        with _progress(ctx, plan.iterations, "unipts train") as bar:
+            trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
+                            autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
+                            checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every)
+        report = {
+            "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": gamma,
+            "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
+            "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
+            "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
+            "augment": augment, "holdout_before": before.as_dict(), **trained.as_dict(),
+        }
+        return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
 
     @staticmethod
     def _plan(ctx: PruneContext, cfg: UniPTSConfig, started: float) -> TrainPlan:
@@ -292,32 +334,31 @@ class UniPTS:
                          weight_decay=cfg.weight_decay, budget_s=budget)
 
     @staticmethod
-    def _final_correction(ctx: PruneContext, holdout: HoldoutScorer, fitness_batches, autocast) -> dict:
-        """Statistics correction of the trained model, kept only if holdout agreement improves."""
-        if not ctx.config.correction:
-            return {"applied": False, "reason": "--no-correction"}
-        before = holdout(ctx.student)
-        saved = {k: v.detach().clone() for k, v in ctx.student.state_dict().items()}
-        with torch.no_grad(), autocast():
-            report = correct_statistics(
-                ctx.student, ctx.teacher, ctx.layers,
-                bn_batches=fitness_batches() if ctx.imported.has_batchnorm else None,
-                channel_inputs=ctx.correction_inputs(),
-            )
-        after = holdout(ctx.student)
-        keep = after.score > before.score
-        if not keep:
-            with torch.no_grad():
-                for k, v in ctx.student.state_dict().items():
-                    v.copy_(saved[k])
-        return {"applied": keep, "measured_on": holdout.split, "before": before.as_dict(),
-                "after": after.as_dict(), "correction": report.as_dict()}
+    def _finish(ctx: PruneContext, start_state: dict[str, torch.Tensor], start_report: dict) -> tuple[dict, str]:
+        """Statistics correction of the trained model chosen on the holdout, then the trained model against the
+        starting point: the one that agrees better with the dense model is kept."""
+        holdout = ctx.holdout_scorer()
+        choice = ctx.correct()
+        trained = holdout(ctx.student)
+        start = start_report["candidates"][start_report["chosen"]]
+        start_score = -math.inf
+        if start_state is not None:
+            trained_state = _snapshot(ctx.student)
+            _restore(ctx.student, start_state)
+            start_score = holdout(ctx.student).score
+            if trained.score >= start_score:
+                _restore(ctx.student, trained_state)
+        kept = "trained" if trained.score >= start_score else "start"
+        if kept == "start":
+            _announce(ctx, f"UniPTS: training did not improve on its start on the holdout "
+                           f"({trained.score:.4g} < {start_score:.4g}); the start ({start_report['chosen']}) is kept")
+        return {**choice.as_dict(), "trained": trained.as_dict(), "start": start}, kept
 
     @staticmethod
-    def _check_finite(ctx: PruneContext, holdout: HoldoutScorer) -> None:
+    def _check_finite(ctx: PruneContext) -> None:
         bad = [n for n, p in ctx.student.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise OnnxSparseError(f"UniPTS produced non-finite weights ({', '.join(bad[:3])}); nothing was written")
-        agreement = holdout(ctx.student)
+        agreement = ctx.holdout_scorer()(ctx.student)
         if not math.isfinite(agreement.score):
             raise OnnxSparseError("UniPTS produced non-finite outputs on the holdout samples; nothing was written")

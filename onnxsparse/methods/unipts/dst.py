@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.unipts.objective import Agreement, Distillation, as_outputs
+from onnxsparse.methods.scoring import HoldoutScorer
+from onnxsparse.methods.unipts.objective import Distillation
 
 logger = logging.getLogger(__name__)
 
@@ -74,33 +75,6 @@ class TrainResult:
 
 def _finite_params(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point())
-
-
-class HoldoutScorer:
-    """Agreement of the student with teacher outputs cached once, on a fixed list of batches."""
-
-    def __init__(self, teacher: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,
-                 logits: bool, autocast: Callable[[], contextlib.AbstractContextManager]):
-        self.batches = batches
-        self.logits = logits
-        self.autocast = autocast
-        self.targets: list[list[torch.Tensor]] = []
-        with torch.no_grad(), autocast():
-            for batch in batches():
-                self.targets.append([o.detach().float() for o in as_outputs(teacher(*batch))])
-
-    @torch.no_grad()
-    def __call__(self, student: nn.Module) -> Agreement:
-        was_training = student.training
-        student.eval()
-        agreement = Agreement(self.logits)
-        try:
-            with self.autocast():
-                for batch, target in zip(self.batches(), self.targets):
-                    agreement.add([o.float() for o in as_outputs(student(*batch))], target)
-        finally:
-            student.train(was_training)
-        return agreement
 
 
 def train(
@@ -166,8 +140,8 @@ def train(
                 group["lr"] = lr
             with autocast():
                 with torch.no_grad():
-                    t_out = as_outputs(teacher(*batch))
-                s_out = as_outputs(student(*batch))
+                    t_out = loss_fn.signals.forward(teacher, batch)
+                s_out = loss_fn.signals.forward(student, batch)
                 loss = loss_fn(s_out, t_out, epoch)
             if not torch.isfinite(loss):
                 diverged = True

@@ -1,18 +1,27 @@
-"""Base-decayed distillation objective (UniPTS section 1) and label-free agreement measures.
+"""Base-decayed distillation objective (UniPTS section 1) and label-free agreement measures, per output.
 
-Class logits (a single 2-D ``(N, C > 1)`` float output) use the base-decayed KL::
+What is compared for each output is described once per run by :mod:`onnxsparse.methods.signals` (the logits
+behind a trailing Softmax, not the probabilities). Per kind:
 
-    F.kl_div(F.log_softmax(z_s, 1) / tau_e, F.softmax(z_t / T, 1), reduction="sum") * T**2 / B
-    tau_e = tau0 * gamma**epoch
+* ``class`` ``(N, C)`` logits: the base-decayed KL::
 
-Any other output signature (several outputs, detection heads, embeddings, 1-class or N-D outputs) uses the
-normalised MSE fallback: per output, ``mean((s - t)^2) / (var(t) + eps)``, averaged over the outputs, so each
-output weighs the same whatever its scale.
+      F.kl_div(F.log_softmax(z_s, 1) / tau_e, F.softmax(z_t / T, 1), reduction="sum") * T**2 / B
+      tau_e = tau0 * gamma**epoch
+
+* ``sequence`` logits (a class axis and other positions, e.g. CTC ``(N, T, C)``): the same KL per position,
+  summed over classes and averaged over every position;
+* ``binary`` (logits behind a Sigmoid): the Bernoulli KL per element, averaged;
+* ``dense``: the normalised MSE ``mean((s - t)^2) / (var(t) + eps)``, so each output weighs the same whatever
+  its scale.
+
+Several outputs: the mean of their terms (all are distilled).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from onnxsparse.methods.signals import Signals
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +30,12 @@ _EPS = 1e-8
 
 KL_NAME = "base-decayed KL on class logits (tau0 * gamma**epoch, T)"
 MSE_NAME = "normalised MSE per output (mean squared error / teacher variance), averaged over outputs"
+LOSS_NAMES = {
+    "class": "base-decayed KL over classes (tau0 * gamma**epoch, T)",
+    "sequence": "base-decayed KL over classes per position, averaged over positions (tau0 * gamma**epoch, T)",
+    "binary": "Bernoulli KL per element of the logits behind Sigmoid",
+    "dense": "normalised MSE (mean squared error / teacher variance)",
+}
 
 
 def as_outputs(out) -> list[torch.Tensor]:
@@ -61,6 +76,26 @@ def base_decayed_kl(z_s: torch.Tensor, z_t: torch.Tensor, tau_e: float, temperat
     ) * temperature ** 2 / b
 
 
+def _classes_last(z: torch.Tensor, axis: int) -> torch.Tensor:
+    """``z`` with its class axis last, flattened to ``(positions, C)``."""
+    return z.movedim(axis, -1).reshape(-1, z.shape[axis])
+
+
+def sequence_kl(z_s: torch.Tensor, z_t: torch.Tensor, axis: int, tau_e: float, temperature: float) -> torch.Tensor:
+    """Base-decayed KL over the class axis, averaged over every other position (batch included)."""
+    s, t = _classes_last(z_s.float(), axis), _classes_last(z_t.float(), axis)
+    return F.kl_div(F.log_softmax(s, 1) / tau_e, F.softmax(t / temperature, 1), reduction="sum") \
+        * temperature ** 2 / s.shape[0]
+
+
+def bernoulli_kl(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """Mean KL(Bernoulli(sigmoid(z_t)) || Bernoulli(sigmoid(z_s))) over elements."""
+    z_s, z_t = z_s.float(), z_t.float()
+    q = torch.sigmoid(z_t)
+    return (F.binary_cross_entropy_with_logits(z_s, q, reduction="mean")
+            - F.binary_cross_entropy_with_logits(z_t, q, reduction="mean"))
+
+
 def normalised_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     terms = []
     for s, t in zip(student, teacher):
@@ -70,89 +105,158 @@ def normalised_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tens
 
 
 class Distillation:
-    """The loss for one model: KL for class logits, normalised MSE otherwise."""
+    """The loss for one model: a term per output by its kind (see the module docstring), averaged."""
 
-    def __init__(self, logits: bool, *, tau0: float, gamma: float, temperature: float):
-        self.logits = logits
+    def __init__(self, signals: Signals | bool, *, tau0: float, gamma: float, temperature: float):
+        self.signals = Signals.of(signals)
         self.tau0 = tau0
         self.gamma = gamma
         self.temperature = temperature
 
     @property
+    def logits(self) -> bool:
+        return self.signals.logits
+
+    @property
     def name(self) -> str:
-        return KL_NAME if self.logits else MSE_NAME
+        if not self.signals:
+            return MSE_NAME
+        if len(self.signals) == 1:
+            return KL_NAME if self.signals.kind(0) == "class" else LOSS_NAMES[self.signals.kind(0)]
+        return "; ".join(f"{s.output or i}: {LOSS_NAMES[s.kind]}" for i, s in enumerate(self.signals))
 
     def tau(self, epoch: float) -> float:
         return tau_at(epoch, self.tau0, self.gamma)
 
     def __call__(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], epoch: float) -> torch.Tensor:
-        if self.logits:
-            return base_decayed_kl(student[0], teacher[0], self.tau(epoch), self.temperature)
-        return normalised_mse(student, teacher)
+        if not self.signals:
+            return normalised_mse(student, teacher)
+        terms = []
+        for i, (s, t) in enumerate(zip(student, teacher)):
+            kind = self.signals.kind(i)
+            if kind == "class":
+                terms.append(base_decayed_kl(s, t, self.tau(epoch), self.temperature))
+            elif kind == "sequence":
+                terms.append(sequence_kl(s, t, self.signals.axis(i), self.tau(epoch), self.temperature))
+            elif kind == "binary":
+                terms.append(bernoulli_kl(s, t))
+            else:
+                terms.append(normalised_mse([s], [t]))
+        return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+
+
+class _Term:
+    """Running sums for one compared tensor."""
+
+    def __init__(self, kind: str, axis: int):
+        self.kind, self.axis = kind, axis
+        self.divergence = 0.0  # summed KL (class / sequence / binary)
+        self.positions = 0  # distributions (class, sequence) or elements (binary) seen
+        self.agree = 0
+        self.sse = self.st = self.s1 = 0.0
+        self.count = 0
+
+    def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        s, t = s.float(), t.float()
+        if self.kind in ("class", "sequence"):
+            s2, t2 = _classes_last(s, self.axis if self.kind == "sequence" else 1), \
+                _classes_last(t, self.axis if self.kind == "sequence" else 1)
+            log_s, log_t = F.log_softmax(s2, 1), F.log_softmax(t2, 1)
+            self.divergence += float((log_t.exp() * (log_t - log_s)).sum())
+            self.agree += int((s2.argmax(1) == t2.argmax(1)).sum())
+            self.positions += s2.shape[0]
+            return
+        if self.kind == "binary":
+            self.divergence += float(bernoulli_kl(s, t)) * t.numel()
+            self.agree += int(((s > 0) == (t > 0)).sum())
+            self.positions += t.numel()
+            return
+        s, t = s.double(), t.double()
+        self.sse += float(((s - t) ** 2).sum())
+        self.st += float((t ** 2).sum())
+        self.s1 += float(t.sum())
+        self.count += t.numel()
+
+    @property
+    def kl(self) -> float | None:
+        return self.divergence / self.positions if self.kind != "dense" and self.positions else None
+
+    @property
+    def top1(self) -> float | None:
+        return self.agree / self.positions if self.kind != "dense" and self.positions else None
+
+    @property
+    def nmse(self) -> float | None:
+        if self.kind != "dense" or not self.count:
+            return None
+        var = self.st - self.s1 * self.s1 / max(self.count, 1)
+        return self.sse / max(var, _EPS)
+
+    @property
+    def distance(self) -> float:
+        value = self.nmse if self.kind == "dense" else self.kl
+        return float("inf") if value is None else value
 
 
 class Agreement:
     """Label-free closeness of student outputs to cached teacher outputs, accumulated over batches.
 
-    For class logits: mean KL(teacher || student) at temperature 1 and top-1 agreement. Otherwise: the
-    normalised MSE per output (sum of squared errors / sum of squared deviations of the teacher from its
-    mean, i.e. 1 - R^2), averaged over outputs. ``score`` is higher-is-better (negative KL or negative NMSE).
+    Per compared tensor: mean KL and top-1 agreement for class and sequence logits (per position), mean
+    Bernoulli KL and sign agreement for binary logits, the normalised MSE (1 - R^2) for dense outputs.
+    ``score`` is higher-is-better: minus the mean of the per-output distances.
     """
 
-    def __init__(self, logits: bool):
-        self.logits = logits
+    def __init__(self, signals: Signals | bool):
+        self.signals = Signals.of(signals)
+        self.terms: list[_Term] = []
         self.n = 0
-        self.kl = 0.0
-        self.agree = 0
-        self.sse: list[float] = []
-        self.st: list[float] = []
-        self.s1: list[float] = []
-        self.count: list[int] = []
+
+    @property
+    def logits(self) -> bool:
+        return self.signals.logits
 
     @torch.no_grad()
     def add(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> None:
-        if self.logits:
-            s, t = student[0].float(), teacher[0].float()
-            self.n += s.shape[0]
-            log_s, log_t = F.log_softmax(s, 1), F.log_softmax(t, 1)
-            self.kl += float((log_t.exp() * (log_t - log_s)).sum())
-            self.agree += int((s.argmax(1) == t.argmax(1)).sum())
-            return
-        if not self.sse:
-            k = len(teacher)
-            self.sse, self.st, self.s1, self.count = [0.0] * k, [0.0] * k, [0.0] * k, [0] * k
+        if not self.terms:
+            self.terms = [_Term(self.signals.kind(i), self.signals.axis(i)) for i in range(len(teacher))]
         self.n += student[0].shape[0] if student[0].dim() else 1
-        for i, (s, t) in enumerate(zip(student, teacher)):
-            s, t = s.double(), t.double()
-            self.sse[i] += float(((s - t) ** 2).sum())
-            self.st[i] += float((t ** 2).sum())
-            self.s1[i] += float(t.sum())
-            self.count[i] += t.numel()
+        for term, s, t in zip(self.terms, student, teacher):
+            term.add(s, t)
+
+    def _mean(self, values: list[float | None]) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
 
     @property
     def mean_kl(self) -> float | None:
-        return self.kl / self.n if self.logits and self.n else None
+        return self._mean([t.kl for t in self.terms if t.kind in ("class", "sequence")])
 
     @property
     def top1(self) -> float | None:
-        return self.agree / self.n if self.logits and self.n else None
+        """Top-1 agreement of the class/sequence outputs (the lowest where there are several)."""
+        values = [t.top1 for t in self.terms if t.kind in ("class", "sequence") and t.top1 is not None]
+        return min(values) if values else None
 
     @property
     def nmse(self) -> float | None:
-        if self.logits or not self.sse:
-            return None
-        vals = []
-        for sse, st, s1, c in zip(self.sse, self.st, self.s1, self.count):
-            var = st - s1 * s1 / max(c, 1)
-            vals.append(sse / max(var, _EPS))
-        return sum(vals) / len(vals)
+        return self._mean([t.nmse for t in self.terms if t.kind == "dense"])
 
     @property
     def score(self) -> float:
-        value = -self.mean_kl if self.logits else -self.nmse
+        if not self.terms:
+            return float("-inf")
+        value = -sum(t.distance for t in self.terms) / len(self.terms)
         return value if value == value else float("-inf")  # NaN -> worst
 
     def as_dict(self) -> dict:
-        if self.logits:
-            return {"kl": self.mean_kl, "top1_agreement": self.top1, "samples": self.n}
-        return {"nmse": self.nmse, "samples": self.n}
+        out: dict = {}
+        if self.mean_kl is not None:
+            out["kl"] = self.mean_kl
+            out["top1_agreement"] = self.top1
+        binary = [t for t in self.terms if t.kind == "binary"]
+        if binary:
+            out["binary_kl"] = self._mean([t.kl for t in binary])
+        if self.nmse is not None:
+            out["nmse"] = self.nmse
+        out["samples"] = self.n
+        return out

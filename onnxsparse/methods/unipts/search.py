@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from onnxsparse.graph import PrunableLayer
-from onnxsparse.methods.unipts.objective import Agreement, as_outputs
-from onnxsparse.sparsity.correction import correct as correct_statistics
+from onnxsparse.methods.signals import Signals
+from onnxsparse.methods.unipts.objective import Agreement
+from onnxsparse.sparsity.correction import apply_correction
 from onnxsparse.sparsity.masks import zeros_for
 
 logger = logging.getLogger(__name__)
@@ -45,25 +46,26 @@ def reduce_regrow(genome: Sequence[float], numels: Sequence[int], target: float,
     return target + regrow - regrow * n.sum() * softmax(g) / n
 
 
-def fit_to_target(s: np.ndarray, numels: Sequence[int], target: float, s_max: float) -> np.ndarray:
+def fit_to_target(s: np.ndarray, numels: Sequence[int], target: float, s_max) -> np.ndarray:
     """Clamp ``s`` into ``[0, s_max]`` keeping ``sum s_l n_l = target * N``: ``clip(s + delta, 0, s_max)``.
 
-    ``delta`` solves a monotone piecewise-linear equation; it is found exactly from the sorted breakpoints.
-    ``s_max`` below ``target`` is raised to ``target`` (the only feasible allocation is then uniform).
+    ``s_max`` is one cap or one per layer. ``delta`` solves a monotone piecewise-linear equation; it is found
+    exactly from the sorted breakpoints. Caps whose total cannot hold ``target * N`` zeros are raised by a
+    common amount until they can (at worst to ``target`` everywhere: the uniform allocation).
     """
     n = np.asarray(numels, dtype=np.float64)
     s = np.asarray(s, dtype=np.float64)
-    s_max = max(float(s_max), float(target))
-    if np.all((s >= 0) & (s <= s_max)):
+    cap = feasible_caps(s_max, numels, target)
+    if np.all((s >= 0) & (s <= cap)):
         return s.copy()
     want = target * n.sum()
 
     def total(delta: float) -> float:
-        return float((np.clip(s + delta, 0.0, s_max) * n).sum())
+        return float((np.clip(s + delta, 0.0, cap) * n).sum())
 
-    points = np.unique(np.concatenate([-s, s_max - s]))
+    points = np.unique(np.concatenate([-s, cap - s]))
     values = np.array([total(d) for d in points])
-    # total() rises from 0 (all at 0) to s_max * N (all at s_max) over the breakpoints
+    # total() rises from 0 (all at 0) to sum(cap * n) (all at their caps) over the breakpoints
     i = int(np.searchsorted(values, want, side="left"))
     if i == 0:
         delta = float(points[0])
@@ -72,17 +74,36 @@ def fit_to_target(s: np.ndarray, numels: Sequence[int], target: float, s_max: fl
     else:
         d0, d1, v0, v1 = points[i - 1], points[i], values[i - 1], values[i]
         delta = float(d0 if v1 == v0 else d0 + (want - v0) * (d1 - d0) / (v1 - v0))
-    return np.clip(s + delta, 0.0, s_max)
+    return np.clip(s + delta, 0.0, cap)
 
 
-def integer_zeros(s: np.ndarray, numels: Sequence[int], target: float, s_max: float) -> np.ndarray:
+def feasible_caps(s_max, numels: Sequence[int], target: float) -> np.ndarray:
+    """Per-layer caps (a scalar cap broadcast) raised, where needed, so that ``sum cap_l n_l >= target N``."""
+    n = np.asarray(numels, dtype=np.float64)
+    cap = np.broadcast_to(np.asarray(s_max, dtype=np.float64), n.shape).copy()
+    cap = np.maximum(cap, 0.0)
+    want = target * n.sum()
+    if (cap * n).sum() >= want - 1e-9:
+        return cap
+    # raise the lowest caps first (water-filling from below) until the total fits; never above max(target, cap)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if (np.maximum(cap, mid) * n).sum() >= want:
+            hi = mid
+        else:
+            lo = mid
+    return np.maximum(cap, hi)
+
+
+def integer_zeros(s: np.ndarray, numels: Sequence[int], target: float, s_max) -> np.ndarray:
     """Integer zeros per layer summing to ``round(target * N)``, each within one weight of ``s_l n_l``."""
     n = np.asarray(numels, dtype=np.int64)
     total = int(round(target * int(n.sum())))
     real = np.asarray(s, dtype=np.float64) * n
-    top = max(s_max, target) * n
+    top = feasible_caps(s_max, numels, target) * n
     cap = np.minimum(n, np.floor(top + 1e-9).astype(np.int64))
-    if int(cap.sum()) < total:  # s_max rounds down everywhere: let layers at the cap round up by one
+    if int(cap.sum()) < total:  # caps round down everywhere: let layers at the cap round up by one
         cap = np.minimum(n, np.ceil(top - 1e-9).astype(np.int64))
     zeros = np.clip(np.floor(real + 1e-9).astype(np.int64), 0, cap)
     short = total - int(zeros.sum())
@@ -109,7 +130,7 @@ def integer_zeros(s: np.ndarray, numels: Sequence[int], target: float, s_max: fl
     return zeros
 
 
-def genome_to_zeros(genome, numels, target: float, regrow: float, s_max: float) -> np.ndarray:
+def genome_to_zeros(genome, numels, target: float, regrow: float, s_max) -> np.ndarray:
     s = fit_to_target(reduce_regrow(genome, numels, target, regrow), numels, target, s_max)
     return integer_zeros(s, numels, target, s_max)
 
@@ -146,8 +167,8 @@ class FitnessEvaluator:
         layers: Sequence[PrunableLayer],
         batches: list[tuple[torch.Tensor, ...]],
         *,
-        logits: bool,
-        correction: bool,
+        signals: Signals | bool,
+        correction: bool | str,
         has_batchnorm: bool,
         channel_inputs: tuple[torch.Tensor, ...] | None,
         autocast: Callable[[], object],
@@ -156,8 +177,11 @@ class FitnessEvaluator:
         self.teacher = teacher
         self.layers = list(layers)
         self.batches = batches
-        self.logits = logits
-        self.correction = correction
+        self.signals = Signals.of(signals)
+        # the statistics-correction mode applied before scoring (sparsity.correction.apply_correction);
+        # True: the plain re-estimation (BatchNorm graphs) / channel fit, False: none
+        self.mode = correction if isinstance(correction, str) else (
+            ("reestimate" if has_batchnorm else "channel") if correction else "none")
         self.has_batchnorm = has_batchnorm
         self.channel_inputs = channel_inputs
         self.autocast = autocast
@@ -173,7 +197,7 @@ class FitnessEvaluator:
             self.teacher_outputs = []
             with self.autocast():
                 for batch in batches:
-                    self.teacher_outputs.append([o.detach().float() for o in as_outputs(teacher(*batch))])
+                    self.teacher_outputs.append([o.detach().float() for o in self.signals.forward(teacher, batch)])
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -221,11 +245,11 @@ class FitnessEvaluator:
 
     @torch.no_grad()
     def correct(self):
-        if not self.correction:
+        if self.mode == "none":
             return None
         with self.autocast():
-            return correct_statistics(
-                self.student, self.teacher, self.layers,
+            return apply_correction(
+                self.mode, self.student, self.teacher, self.layers,
                 bn_batches=self.batches if self.has_batchnorm else None,
                 channel_inputs=self.channel_inputs,
             )
@@ -234,11 +258,11 @@ class FitnessEvaluator:
     def score(self) -> Agreement:
         was_training = self.student.training
         self.student.eval()
-        agreement = Agreement(self.logits)
+        agreement = Agreement(self.signals)
         try:
             with self.autocast():
                 for batch, t_out in zip(self.batches, self.teacher_outputs):
-                    agreement.add([o.float() for o in as_outputs(self.student(*batch))], t_out)
+                    agreement.add([o.float() for o in self.signals.forward(self.student, batch)], t_out)
         finally:
             self.student.train(was_training)
         return agreement
@@ -282,7 +306,7 @@ class EvolutionarySearch:
     """
 
     def __init__(self, evaluate: Callable[[np.ndarray], Agreement], numels: Sequence[int], *, target: float,
-                 regrow: float, s_max: float, population: int, parents: int, crossover: int, mutation: int,
+                 regrow: float, s_max, population: int, parents: int, crossover: int, mutation: int,
                  mutation_prob: float, rng: np.random.Generator):
         self.evaluate = evaluate
         self.numels = list(numels)

@@ -1,0 +1,195 @@
+"""What each model output is, computed once per run: the loss, the fitness, the correction chooser and the
+quality gate all read the same description.
+
+For every graph output the importer's ONNX graph is walked back through shape-only ops (``Identity``,
+``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``, ``Transpose``) to a trailing ``Softmax``, ``LogSoftmax``
+or ``Sigmoid``; where one is found, the tensor that feeds it (the logits) is what distillation compares, read
+with a forward pre-hook on the converted module. Kinds:
+
+* ``class``: ``(N, C > 1)`` logits (raw outputs of that shape count too): KL over C, top-1 agreement;
+* ``sequence``: logits of any other rank with a class axis (CTC text recognition ``(N, T, C)``, token
+  classification, per-pixel softmax): KL over the class axis averaged over every other position, per-position
+  top-1 agreement;
+* ``binary``: logits behind a ``Sigmoid`` (multi-label heads, probability maps): Bernoulli KL per element;
+* ``dense``: anything else (embeddings, regression, feature maps): normalised MSE (1 - R^2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import onnx
+import torch
+from torch import nn
+
+from onnxsparse.graph import ImportedModel
+
+logger = logging.getLogger(__name__)
+
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+_ACTIVATIONS = {"Softmax": "softmax", "LogSoftmax": "log_softmax", "Sigmoid": "sigmoid"}
+KINDS = ("class", "sequence", "binary", "dense")
+
+
+@dataclass(frozen=True)
+class OutputSignal:
+    """How one graph output is distilled and measured."""
+
+    output: str  # ONNX graph output name
+    index: int  # position among the module's outputs
+    kind: str  # one of KINDS
+    source: str  # human-readable: where the compared tensor comes from
+    module_path: str | None = None  # converted module whose first input is the compared tensor (None: the output)
+    axis: int = -1  # class axis of the compared tensor (class / sequence)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _activation_behind(model: onnx.ModelProto, output: str) -> tuple[int, onnx.NodeProto] | None:
+    """(node index, node) of the Softmax/LogSoftmax/Sigmoid that ``output`` is reached from through shape-only ops."""
+    producer = {out: (i, node) for i, node in enumerate(model.graph.node) for out in node.output}
+    value = output
+    for _ in range(16):
+        found = producer.get(value)
+        if found is None:
+            return None
+        i, node = found
+        if node.op_type in _ACTIVATIONS and node.domain in ("", "ai.onnx"):
+            return i, node
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return None
+        value = node.input[0]
+    return None
+
+
+def _softmax_axis(node: onnx.NodeProto, opset: int, rank: int) -> int:
+    axis = None
+    for attr in node.attribute:
+        if attr.name == "axis":
+            axis = int(onnx.helper.get_attribute_value(attr))
+    if axis is None:
+        axis = 1 if opset < 13 else -1
+    axis = axis % rank
+    if opset < 13 and axis != rank - 1:
+        # opset < 13 flattens the input to 2-D at ``axis``: a distribution over the trailing axes; only the
+        # common case (one trailing axis) keeps a class axis we can name
+        return -1
+    return axis
+
+
+class Signals:
+    """The per-output description of one model, and the forward that returns the compared tensors."""
+
+    def __init__(self, signals: Sequence[OutputSignal]):
+        self.signals = tuple(signals)
+
+    @classmethod
+    def of(cls, value: Signals | bool) -> Signals:
+        """``value`` itself, or from a bool: True = one class-logit output, False = every output dense."""
+        if isinstance(value, Signals):
+            return value
+        return cls([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)] if value else [])
+
+    def kind(self, index: int) -> str:
+        """Kind of the ``index``-th compared tensor; outputs beyond the description are dense."""
+        return self.signals[index].kind if index < len(self.signals) else "dense"
+
+    def axis(self, index: int) -> int:
+        return self.signals[index].axis if index < len(self.signals) else -1
+
+    def __len__(self) -> int:
+        return len(self.signals)
+
+    def __iter__(self):
+        return iter(self.signals)
+
+    @property
+    def logits(self) -> bool:
+        """True when every compared tensor is a class or sequence distribution."""
+        return bool(self.signals) and all(s.kind in ("class", "sequence") for s in self.signals)
+
+    def as_list(self) -> list[dict]:
+        return [s.as_dict() for s in self.signals]
+
+    def forward(self, module: nn.Module, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run ``module`` on ``batch``; one compared tensor per output (captured logits where described)."""
+        from onnxsparse.methods.unipts.objective import as_outputs
+
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        for i, signal in enumerate(self.signals):
+            if signal.module_path is None:
+                continue
+
+            def hook(_module, args, i=i):
+                captured[i] = args[0]
+
+            handles.append(module.get_submodule(signal.module_path).register_forward_pre_hook(hook))
+        try:
+            outputs = as_outputs(module(*batch))
+        finally:
+            for h in handles:
+                h.remove()
+        if not self.signals:
+            return outputs
+        return [captured.get(i, outputs[s.index]) if s.module_path is not None else outputs[s.index]
+                for i, s in enumerate(self.signals)]
+
+
+def _kind_of_raw(t: torch.Tensor) -> str:
+    return "class" if t.is_floating_point() and t.dim() == 2 and t.shape[1] > 1 else "dense"
+
+
+@torch.no_grad()
+def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequence[torch.Tensor]) -> Signals:
+    """Describe every output of ``imported`` using one teacher forward on ``batch``."""
+    from onnxsparse.methods.unipts.objective import as_outputs
+
+    modules = dict(teacher.named_modules())
+    model = imported.proto
+    candidates: list[OutputSignal] = []
+    for index, name in enumerate(imported.output_names):
+        found = _activation_behind(model, name)
+        if found is None:
+            candidates.append(OutputSignal(name, index, "?", "the output itself"))
+            continue
+        i, node = found
+        path = f"n{i}"  # the importer names the converted copy's nodes n0, n1, ... in the original order
+        if path not in modules:
+            candidates.append(OutputSignal(name, index, "?", "the output itself"))
+            logger.debug("output %s: %s node %r has no converted module; distilling the output", name,
+                         node.op_type, node.name)
+            continue
+        label = f"input of {node.op_type} node {node.name!r}"
+        candidates.append(OutputSignal(name, index, _ACTIVATIONS[node.op_type], label, path))
+    draft = Signals([OutputSignal(c.output, c.index, c.kind, c.source, c.module_path) for c in candidates])
+    compared = draft.forward(teacher, batch)
+    outputs = as_outputs(teacher(*batch))
+    final = []
+    for c, t, out in zip(candidates, compared, outputs):
+        if c.module_path is None:
+            kind = _kind_of_raw(out)
+            final.append(OutputSignal(c.output, c.index, kind, "class logits (the output itself)"
+                                      if kind == "class" else c.source, None, 1 if kind == "class" else -1))
+            continue
+        if not t.is_floating_point() or t.dim() < 1:
+            final.append(OutputSignal(c.output, c.index, _kind_of_raw(out), "the output itself"))
+            continue
+        if c.kind == "sigmoid":
+            final.append(OutputSignal(c.output, c.index, "binary", f"logits: {c.source}", c.module_path))
+            continue
+        node = model.graph.node[int(c.module_path[1:])]
+        axis = _softmax_axis(node, imported.opset, t.dim())
+        if axis < 0 or t.shape[axis] < 2:
+            final.append(OutputSignal(c.output, c.index, _kind_of_raw(out), "the output itself"))
+            continue
+        kind = "class" if t.dim() == 2 and axis == 1 else "sequence"
+        final.append(OutputSignal(c.output, c.index, kind, f"logits: {c.source}", c.module_path, axis))
+    signals = Signals(final)
+    for s in signals:
+        logger.info("output %s: %s (%s)", s.output, s.kind, s.source)
+    return signals
+
