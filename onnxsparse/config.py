@@ -71,6 +71,9 @@ class UniPTSConfig:
     # price of fewer search generations and training epochs than the recipe names (see benchmarks/RESULTS.md)
     time_budget: float | None = 480.0
     augment: bool = True
+    # BatchNorm during distillation: "frozen" runs it in eval mode (dense statistics kept, affine parameters
+    # trained); "train" normalises with batch statistics and updates the running ones (the paper's setting)
+    batchnorm: str = "frozen"
 
     def __post_init__(self) -> None:
         for name in ("population", "generations", "parents", "fitness_samples", "batch_size"):
@@ -95,12 +98,14 @@ class UniPTSConfig:
         _number(self.pruned_decay, "--pruned-decay", 0, 1)
         if self.time_budget is not None:
             _number(self.time_budget, "--time-budget", 0, 1e7, lo_open=True)
+        _check(self.batchnorm in ("frozen", "train"),
+               f"--batchnorm must be 'frozen' or 'train', got {self.batchnorm!r}")
 
     @classmethod
     def paper(cls, **overrides) -> UniPTSConfig:
         """The official recipe: 25 x 25 search, 10 parents, 12 + 12 children, 100 epochs, lr 0.01, T = 4."""
         base = dict(population=25, generations=25, parents=10, crossover=12, mutation=12, epochs=100.0,
-                    fitness_samples=10_240, lr=0.01, temperature=4.0, time_budget=None)
+                    fitness_samples=10_240, lr=0.01, temperature=4.0, time_budget=None, batchnorm="train")
         base.update(overrides)
         return cls(**base)
 

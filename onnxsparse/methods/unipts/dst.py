@@ -73,6 +73,12 @@ class TrainResult:
         }
 
 
+def _batchnorm_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # noqa: SLF001
+            m.eval()
+
+
 def _finite_params(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point())
 
@@ -91,8 +97,13 @@ def train(
     resume: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 1,
+    freeze_batchnorm: bool = True,
 ) -> TrainResult:
     """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations.
+
+    ``freeze_batchnorm``: BatchNorm layers run in eval mode (the dense running statistics, not the batch's;
+    their affine parameters still train), so the statistics never drift toward calibration data unlike the
+    data the model was trained on; the finish's correction chooser can still re-estimate them.
 
     ``checkpoint`` receives the state at the end of every ``checkpoint_every``-th epoch; ``resume`` is such a
     state: training continues from it and reaches what the uninterrupted run would have.
@@ -130,6 +141,8 @@ def train(
         losses: list[float] = []
         diverged = False
         student.train()
+        if freeze_batchnorm:
+            _batchnorm_eval(student)
         for batch in epoch_batches(epoch):
             if step >= total:
                 break
