@@ -180,6 +180,14 @@ def _print_summary(report: dict) -> None:
         click.echo(f"storage: input {_mb(storage.get('input_bytes'))} (zip {_mb(storage.get('input_zip_bytes'))}); "
                    + "; ".join(parts)
                    + f"; saved as {storage['format']}: {_mb(storage.get('saved_bytes'))}", err=True)
+    info = report.get("method_info", {})
+    for key, what in (("correction", "statistics correction"), ("final_correction", "statistics correction")):
+        choice = info.get(key)
+        if isinstance(choice, dict) and choice.get("scores"):
+            scores = ", ".join(f"{mode} {score:.4g}" for mode, score in choice["scores"].items())
+            click.echo(f"{what}: {choice['chosen']} (agreement score on the {choice['measured_on']}: {scores})", err=True)
+    if info.get("kept"):
+        click.echo(f"unipts: started from {info['start']['chosen']}, kept the {info['kept']} model", err=True)
     ver = report.get("verification", {})
     agreement = ver.get("agreement")
     outs = ver.get("outputs", [])
