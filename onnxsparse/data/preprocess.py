@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, DecodePlan
@@ -349,6 +350,33 @@ class ResolvedPreprocess:
             size=self.input_size.value,
             max_pixels=self.max_pixels,
         )
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape of one preprocessed image in the model's layout."""
+        height, width = self.input_size.value
+        channels = self.channels.value
+        return (channels, height, width) if self.layout.value == "nchw" else (height, width, channels)
+
+    def to_input(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """One decoded image ((H, W) or (H, W, C), RGB, 0..255) as float32 model input, written into ``out``.
+
+        The one place where pixels become model input: ``prune``'s calibration images and ``eval``'s and
+        ``compare``'s batches all go through it.
+        """
+        if out is None:
+            out = np.empty(self.sample_shape, np.float32)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if self.channel_order.value == "bgr":
+            pixels = pixels[:, :, ::-1]
+        nchw = self.layout.value == "nchw"
+        out[...] = pixels.transpose(2, 0, 1) if nchw else pixels
+        per_channel = (-1, 1, 1) if nchw else (1, 1, -1)
+        out *= np.float32(self.scale.value)
+        out -= np.asarray(self.mean.value, np.float32).reshape(per_channel)
+        out /= np.asarray(self.std.value, np.float32).reshape(per_channel)
+        return out
 
     def steps(self) -> list[str]:
         height, width = self.input_size.value
