@@ -13,7 +13,15 @@ from PIL import Image
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.data import PreprocessConfig, load_calibration
-from onnxsparse.evaluate import Accuracy, compare, evaluate, image_pipeline, iter_batches, load_images, scan_folder
+from onnxsparse.evaluate import (
+    Accuracy,
+    compare,
+    evaluate,
+    image_pipeline,
+    iter_batches,
+    load_images,
+    scan_folder,
+)
 from onnxsparse_cli.main import main
 
 # Constant gray images: the brightness x in [0, 1] decides the class. Scores of the tiny model:
