@@ -68,23 +68,13 @@ class ImageFolder:
             return self
         if not self.labelled:
             return ImageFolder(self.root, self.files[:limit], self.labels[:limit], self.classes)
-        by_class: dict[int, list[int]] = {}
-        for i, lab in enumerate(self.labels):
-            by_class.setdefault(lab, []).append(i)
-        picked: list[int] = []
-        queues = [iter(v) for _, v in sorted(by_class.items())]
-        while len(picked) < limit and queues:
-            alive = []
-            for q in queues:
-                nxt = next(q, None)
-                if nxt is None:
-                    continue
-                picked.append(nxt)
-                alive.append(q)
-                if len(picked) == limit:
-                    break
-            queues = alive
-        picked.sort()
+        # Round robin: each class's first file, then each class's second, ...; kept in file order.
+        seen: Counter = Counter()
+        rank = []
+        for label in self.labels:
+            rank.append(seen[label])
+            seen[label] += 1
+        picked = sorted(sorted(range(len(self.files)), key=lambda i: (rank[i], self.labels[i]))[:limit])
         return ImageFolder(self.root, tuple(self.files[i] for i in picked), tuple(self.labels[i] for i in picked),
                            self.classes)
 
@@ -107,12 +97,9 @@ def read_labels_file(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f) and not f.startswith("."))
-    return found
+def _images_under(folder: Path) -> tuple[Path, ...]:
+    """The image files under ``folder``, found and ordered as ``prune --calib`` finds them."""
+    return scan_calibration_folder(folder).images if any(folder.iterdir()) else ()
 
 
 def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | None = None,
@@ -517,6 +504,8 @@ def _tensor_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path] if is_tensor_file(path.name) else []
     if not path.is_dir():
+        return []
+    if not any(path.iterdir()):
         return []
     folder = scan_calibration_folder(path)
     if folder.images and folder.tensors:
