@@ -5,9 +5,11 @@
 * :func:`compare` - two models (dense and sparse) on the same inputs: top-1 agreement, per-output cosine
   similarity and absolute differences, per-layer sparsity of both, and both accuracies when labelled.
 
-Images go through exactly the calibration pipeline of ``prune`` (:func:`onnxsparse.data.resolve_preprocess`:
-user flags > ``preprocess.json`` next to the model > model metadata > preset > input shape), are decoded in
-worker processes, and are streamed in batches so that folders larger than memory work.
+Images take the path ``prune``'s calibration images take: the same folder scan, the preprocessing resolved by
+:func:`onnxsparse.data.resolve_preprocess` (user flags > ``preprocess.json`` next to the model > model metadata >
+preset > input shape), decoded by :class:`onnxsparse.data.images.DecoderPool` and turned into model input by
+``ResolvedPreprocess.to_input``; they are streamed in batches so that folders larger than memory work.
+``compare`` also takes the .npy/.npz tensors ``prune --calib`` takes.
 """
 
 from __future__ import annotations
