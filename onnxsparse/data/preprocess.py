@@ -442,17 +442,6 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _label(key: str, source: str, sidecar: Path | None) -> str:
-    """How an error names a setting given by ``source``."""
-    if source == SOURCE_USER:
-        return _VALIDATORS[key][1]
-    if source == SOURCE_SIDECAR:
-        return f"{key} in {sidecar}"
-    if source == SOURCE_METADATA:
-        return f"{key} in model metadata {METADATA_KEY!r}"
-    return f"{key} ({source})"
-
-
 @dataclass(frozen=True)
 class _Sources:
     """What each source documents, highest priority first, and how an error names a value it gave."""
@@ -468,7 +457,14 @@ class _Sources:
         return None
 
     def label(self, key: str, setting: Setting) -> str:
-        return _label(key, setting.source, self.sidecar_file)
+        """How an error names ``setting``: the CLI option, or the key and the file or metadata that set it."""
+        if setting.source == SOURCE_USER:
+            return _VALIDATORS[key][1]
+        if setting.source == SOURCE_SIDECAR:
+            return f"{key} in {self.sidecar_file}"
+        if setting.source == SOURCE_METADATA:
+            return f"{key} in model metadata {METADATA_KEY!r}"
+        return f"{key} ({setting.source})"
 
 
 def resolve_preprocess(
