@@ -275,7 +275,8 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quie
 @main.command()
 @click.argument("dense", type=click.Path(dir_okay=False))
 @click.argument("sparse", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(), help="Image folder (labelled folders also give accuracy).")
+@click.option("--data", required=True, type=click.Path(),
+              help="Image folder (labelled folders also give accuracy), .npy/.npz folder or .npy/.npz file.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
               help="Class names, one per line, in the model's class order.")
 @click.option("--min-agreement", type=float, default=None,

@@ -5,21 +5,20 @@
 * :func:`compare` - two models (dense and sparse) on the same inputs: top-1 agreement, per-output cosine
   similarity and absolute differences, per-layer sparsity of both, and both accuracies when labelled.
 
-Images go through exactly the calibration pipeline of ``prune`` (:func:`onnxsparse.data.resolve_preprocess`:
-user flags > ``preprocess.json`` next to the model > model metadata > preset > input shape), are decoded in
-worker processes, and are streamed in batches so that folders larger than memory work.
+Images take the path ``prune``'s calibration images take: the same folder scan, the preprocessing resolved by
+:func:`onnxsparse.data.resolve_preprocess` (user flags > ``preprocess.json`` next to the model > model metadata >
+preset > input shape), decoded by :class:`onnxsparse.data.images.DecoderPool` and turned into model input by
+``ResolvedPreprocess.to_input``; they are streamed in batches so that folders larger than memory work.
+``compare`` also takes the .npy/.npz tensors ``prune --calib`` takes.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,9 +26,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsparse.data.images import DecodePlan, decode_image, is_image_file
+from onnxsparse.data.calibration import _scan as scan_calibration_folder
+from onnxsparse.data.images import DecoderPool, is_image_file
 from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
+from onnxsparse.data.tensors import collect_files, is_tensor_file
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session
 from onnxsparse.importer.load import load_model
@@ -38,7 +39,6 @@ from onnxsparse.inspect import inspect_model
 logger = logging.getLogger(__name__)
 
 UNLABELLED = -1
-_WINDOW = 512  # files decoded per round trip to the worker pool
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,23 +70,13 @@ class ImageFolder:
             return self
         if not self.labelled:
             return ImageFolder(self.root, self.files[:limit], self.labels[:limit], self.classes)
-        by_class: dict[int, list[int]] = {}
-        for i, lab in enumerate(self.labels):
-            by_class.setdefault(lab, []).append(i)
-        picked: list[int] = []
-        queues = [iter(v) for _, v in sorted(by_class.items())]
-        while len(picked) < limit and queues:
-            alive = []
-            for q in queues:
-                nxt = next(q, None)
-                if nxt is None:
-                    continue
-                picked.append(nxt)
-                alive.append(q)
-                if len(picked) == limit:
-                    break
-            queues = alive
-        picked.sort()
+        # Round robin: each class's first file, then each class's second, ...; kept in file order.
+        seen: Counter = Counter()
+        rank = []
+        for label in self.labels:
+            rank.append(seen[label])
+            seen[label] += 1
+        picked = sorted(sorted(range(len(self.files)), key=lambda i: (rank[i], self.labels[i]))[:limit])
         return ImageFolder(self.root, tuple(self.files[i] for i in picked), tuple(self.labels[i] for i in picked),
                            self.classes)
 
@@ -109,12 +99,9 @@ def read_labels_file(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f) and not f.startswith("."))
-    return found
+def _images_under(folder: Path) -> tuple[Path, ...]:
+    """The image files under ``folder``, found and ordered as ``prune --calib`` finds them."""
+    return scan_calibration_folder(folder).images if any(folder.iterdir()) else ()
 
 
 def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | None = None,
@@ -162,42 +149,22 @@ def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    # Workers run Pillow and numpy only; fork starts them in milliseconds on Linux.
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-
-
-def _decode_many(paths: Sequence[str], plan: DecodePlan) -> list:
-    return [decode_image(p, plan) for p in paths]
+# Batches
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """The resolved preprocessing for one image input, as arrays ready to apply."""
+    """The resolved preprocessing for the model's one image input."""
 
     resolved: ResolvedPreprocess
     spec: InputSpec
 
-    @property
-    def layout(self) -> str:
-        return self.resolved.layout.value
-
-    def finish(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """(H, W[, C]) pixel arrays in 0..255 -> one float batch in the model's layout and dtype."""
-        batch = np.stack([a[:, :, None] if a.ndim == 2 else a for a in arrays]).astype(np.float32)
-        if self.resolved.channel_order.value == "bgr":
-            batch = batch[..., ::-1]
-        channels = batch.shape[-1]
-        shape = (1, 1, 1, channels)
-        batch *= np.float32(self.resolved.scale.value)
-        batch -= np.asarray(self.resolved.mean.value, np.float32).reshape(shape)
-        batch /= np.asarray(self.resolved.std.value, np.float32).reshape(shape)
-        if self.layout == "nchw":
-            batch = batch.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(batch.astype(self.spec.dtype, copy=False))
+    def batch(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Decoded (H, W[, C]) pixel arrays -> one feed in the model's layout and dtype."""
+        inputs = np.empty((len(images), *self.resolved.sample_shape), np.float32)
+        for i, pixels in enumerate(images):
+            self.resolved.to_input(pixels, out=inputs[i])
+        return {self.spec.name: inputs.astype(self.spec.dtype, copy=False)}
 
 
 def image_pipeline(model: onnx.ModelProto, model_path: str | os.PathLike | None,
@@ -212,39 +179,38 @@ def image_pipeline(model: onnx.ModelProto, model_path: str | os.PathLike | None,
 
 
 def iter_batches(folder: ImageFolder, pipeline: Pipeline, batch_size: int, *, workers: int = 2,
-                 skipped: Counter | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(inputs, labels) batches in file order; unreadable files are counted in ``skipped`` and left out."""
+                 skipped: Counter | None = None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feed, labels) batches in file order; unreadable files are counted in ``skipped`` and left out."""
     if batch_size < 1:
         raise OnnxSparseError(f"--batch-size must be >= 1, got {batch_size}")
-    plan = pipeline.resolved.plan()
     skipped = skipped if skipped is not None else Counter()
-    pending_x: list[np.ndarray] = []
-    pending_y: list[int] = []
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) if workers > 0 else None
-    try:
-        for start in range(0, len(folder.files), _WINDOW):
-            paths = [str(p) for p in folder.files[start:start + _WINDOW]]
-            if executor is None:
-                results = _decode_many(paths, plan)
-            else:
-                size = max(1, min(64, len(paths) // (2 * workers)))
-                chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
-                results = [d for chunk in executor.map(_decode_many, chunks, [plan] * len(chunks)) for d in chunk]
-            for offset, decoded in enumerate(results):
-                if decoded.array is None:
-                    skipped[decoded.reason] += 1
-                    logger.warning("skipping %s: %s", paths[offset], decoded.message)
-                    continue
-                pending_x.append(decoded.array)
-                pending_y.append(folder.labels[start + offset])
-                if len(pending_x) == batch_size:
-                    yield pipeline.finish(pending_x), np.asarray(pending_y, np.int64)
-                    pending_x, pending_y = [], []
-        if pending_x:
-            yield pipeline.finish(pending_x), np.asarray(pending_y, np.int64)
-    finally:
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    with DecoderPool(pipeline.resolved.plan(), workers) as pool:
+        for path, label, decoded in zip(folder.files, folder.labels, pool.decode([str(p) for p in folder.files])):
+            if decoded.array is None:
+                skipped[decoded.reason] += 1
+                logger.warning("skipping %s: %s", path, decoded.message)
+                continue
+            images.append(decoded.array)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield pipeline.batch(images), np.asarray(labels, np.int64)
+                images, labels = [], []
+    if images:
+        yield pipeline.batch(images), np.asarray(labels, np.int64)
+
+
+def iter_tensor_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int,
+                        limit: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], None]]:
+    """(feed, None) batches of already-preprocessed tensors, cast to each input's declared dtype."""
+    if batch_size < 1:
+        raise OnnxSparseError(f"--batch-size must be >= 1, got {batch_size}")
+    n = len(arrays[specs[0].name])
+    n = n if limit is None else min(n, limit)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield {s.name: arrays[s.name][start:stop].astype(s.dtype, copy=False) for s in specs}, None
 
 
 @dataclass(frozen=True)
@@ -272,9 +238,9 @@ def load_images(model: str | os.PathLike | onnx.ModelProto, data: str | os.PathL
     pipeline = image_pipeline(proto, model_path, preprocess)
     skipped: Counter = Counter()
     xs, ys = [], []
-    for x, y in iter_batches(folder, pipeline, 256, workers=preprocess.workers if workers is None else workers,
-                             skipped=skipped):
-        xs.append(x)
+    for feed, y in iter_batches(folder, pipeline, 256, workers=preprocess.workers if workers is None else workers,
+                                skipped=skipped):
+        xs.append(feed[pipeline.spec.name])
         ys.append(y)
     if not xs:
         raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
@@ -295,30 +261,29 @@ def _proto(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto,
 
 
 class _Runner:
-    """Runs one onnxruntime session on batches of any size, padding where the batch dimension is fixed."""
+    """Runs one onnxruntime session on feeds of any batch size, padding where the batch dimension is fixed."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise OnnxSparseError(f"expected a model with one input, got {len(inputs)}")
-        self.input_name = inputs[0].name
-        dim = inputs[0].shape[0] if inputs[0].shape else None
+        dim = inputs[0].shape[0] if inputs and inputs[0].shape else None
         self.fixed = dim if isinstance(dim, int) and dim > 0 else None
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, x: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+    def run(self, feed: dict[str, np.ndarray], names: list[str] | None = None) -> list[np.ndarray]:
         names = names or self.output_names
         if self.fixed is None:
-            return [np.asarray(o) for o in self.session.run(names, {self.input_name: x})]
+            return [np.asarray(o) for o in self.session.run(names, feed)]
+        n = len(next(iter(feed.values())))
         parts: list[list[np.ndarray]] = [[] for _ in names]
-        for i in range(0, len(x), self.fixed):
-            chunk = x[i:i + self.fixed]
-            n = len(chunk)
-            if n < self.fixed:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed - n, axis=0)])
-            for j, out in enumerate(self.session.run(names, {self.input_name: chunk})):
-                parts[j].append(np.asarray(out)[:n])
+        for i in range(0, n, self.fixed):
+            chunk = {name: x[i:i + self.fixed] for name, x in feed.items()}
+            size = min(self.fixed, n - i)
+            if size < self.fixed:
+                chunk = {name: np.concatenate([x, np.repeat(x[-1:], self.fixed - size, axis=0)])
+                         for name, x in chunk.items()}
+            for j, out in enumerate(self.session.run(names, chunk)):
+                parts[j].append(np.asarray(out)[:size])
         return [np.concatenate(p) for p in parts]
 
 
@@ -365,10 +330,14 @@ def accuracy_of(session: ort.InferenceSession, inputs: np.ndarray, labels: np.nd
                 batch_size: int = 256) -> dict:
     """Top-1/top-5 of ``session`` on in-memory preprocessed ``inputs``."""
     runner = _Runner(session)
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != 1:
+        raise OnnxSparseError(f"accuracy_of needs a model with one input, got {len(names)} ({', '.join(names)})")
+    name = names[0]
     acc = Accuracy()
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size]
-        acc.add(_scores(runner.run(x, runner.output_names[:1])[0], len(x)), labels[i:i + batch_size])
+        acc.add(_scores(runner.run({name: x}, runner.output_names[:1])[0], len(x)), labels[i:i + batch_size])
     return acc.as_dict()
 
 
@@ -408,9 +377,9 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, preprocess: P
     acc = Accuracy()
     skipped: Counter = Counter()
     with tqdm(total=len(folder.files), desc="evaluating", unit="img", disable=None if progress else True) as bar:
-        for x, y in iter_batches(folder, pipeline, batch_size, workers=preprocess.workers, skipped=skipped):
-            acc.add(_scores(runner.run(x, runner.output_names[:1])[0], len(x)), y)
-            bar.update(len(x))
+        for feed, y in iter_batches(folder, pipeline, batch_size, workers=preprocess.workers, skipped=skipped):
+            acc.add(_scores(runner.run(feed, runner.output_names[:1])[0], len(y)), y)
+            bar.update(len(y))
     if acc.images == 0:
         raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
     if acc.classes != len(folder.classes):
@@ -514,10 +483,85 @@ def _sparsity_pairs(dense: onnx.ModelProto, sparse: onnx.ModelProto) -> tuple[li
     return pairs, total(a), total(b)
 
 
+def _compare_inputs(data: str | os.PathLike, model: onnx.ModelProto, model_path: str | None,
+                    preprocess: PreprocessConfig, labels_file: str | os.PathLike | None, batch_size: int,
+                    limit: int | None) -> tuple[Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]], bool, int]:
+    """(batches, labelled, files) from ``data``: any path ``prune --calib`` takes (image folder, folder of
+    .npy/.npz tensors, one .npy/.npz file); image folders in an ImageFolder layout also give labels."""
+    path = Path(data)
+    tensors = _tensor_files(path)
+    if tensors:
+        if labels_file is not None:
+            raise OnnxSparseError(f"--labels needs a labelled image folder, but --data {path} holds .npy/.npz tensors")
+        specs = input_specs(model)
+        arrays = collect_files(tensors, specs, path).arrays()
+        return iter_tensor_batches(arrays, specs, batch_size, limit), False, len(tensors)
+    folder = scan_folder(path, labels_file=labels_file, require_labels=labels_file is not None).head(limit)
+    pipeline = image_pipeline(model, model_path, preprocess)
+    return iter_batches(folder, pipeline, batch_size, workers=preprocess.workers), folder.labelled, len(folder.files)
+
+
+def _tensor_files(path: Path) -> list[Path]:
+    """The .npy/.npz files that ``path`` is or holds, found as ``prune --calib`` finds them; [] otherwise."""
+    if path.is_file():
+        return [path] if is_tensor_file(path.name) else []
+    if not path.is_dir():
+        return []
+    if not any(path.iterdir()):
+        return []
+    folder = scan_calibration_folder(path)
+    if folder.images and folder.tensors:
+        raise OnnxSparseError(
+            f"--data {path} holds both image files ({len(folder.images)}) and .npy/.npz files "
+            f"({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --data at one kind"
+        )
+    return list(folder.tensors)
+
+
+class _Comparison:
+    """Streaming comparison of two models' outputs on the same batches."""
+
+    def __init__(self, output_names: list[str], labelled: bool) -> None:
+        self.stats = [_OutputStats(name) for name in output_names]
+        self.labelled = labelled
+        self.dense_accuracy, self.sparse_accuracy = Accuracy(), Accuracy()
+        self.agree = self.samples = 0
+        self.all_scores = True
+
+    def add(self, outs_d: list[np.ndarray], outs_s: list[np.ndarray], labels: np.ndarray | None, n: int) -> None:
+        self.samples += n
+        for st, a, b in zip(self.stats, outs_d, outs_s):
+            st.add(a, b)
+        a0, b0 = outs_d[0], outs_s[0]
+        self.all_scores = self.all_scores and _is_scores(a0, n)
+        if self.all_scores:
+            self.agree += int((_scores(a0, n).argmax(1) == _scores(b0, n).argmax(1)).sum())
+        if self.labelled and self.all_scores and labels is not None:
+            try:
+                self.dense_accuracy.add(_scores(a0, n), labels)
+                self.sparse_accuracy.add(_scores(b0, n), labels)
+            except OnnxSparseError as exc:
+                logger.info("no accuracy: %s", exc)
+                self.labelled = False
+        self.labelled = self.labelled and self.all_scores
+
+    def agreement(self) -> float | None:
+        return self.agree / self.samples if self.all_scores else None
+
+    def accuracies(self) -> tuple[dict | None, dict | None]:
+        if not self.labelled:
+            return None, None
+        return self.dense_accuracy.as_dict(), self.sparse_accuracy.as_dict()
+
+
 def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.PathLike, *,
             preprocess: PreprocessConfig | None = None, labels_file: str | os.PathLike | None = None,
             batch_size: int = 64, limit: int | None = None) -> CompareResult:
-    """Run ``dense`` and ``sparse`` on the same images from ``data`` and compare their outputs."""
+    """Run ``dense`` and ``sparse`` on the same inputs from ``data`` and compare their outputs.
+
+    ``data`` is an image folder (labelled folders also give both accuracies) or the tensors ``prune --calib``
+    takes: a folder of .npy/.npz files or one such file.
+    """
     preprocess = preprocess or PreprocessConfig(augment=False)
     start = time.perf_counter()
     dense_proto, dense_path = _proto(dense)
@@ -528,39 +572,18 @@ def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.
         na, nb = [x.name for x in fa], [x.name for x in fb]
         if na != nb:
             raise OnnxSparseError(f"the two models have different {what}: {na} vs {nb}; compare needs the same graph")
-    folder = scan_folder(data, labels_file=labels_file, require_labels=labels_file is not None).head(limit)
-    pipeline = image_pipeline(dense_proto, dense_path, preprocess)
+    batches, labelled, files = _compare_inputs(data, dense_proto, dense_path, preprocess, labels_file, batch_size,
+                                               limit)
     dense_run, sparse_run = _Runner(dense_sess), _Runner(sparse_sess)
-    labelled = folder.labelled
-    acc_d, acc_s = Accuracy(), Accuracy()
-    stats = [_OutputStats(name) for name in dense_run.output_names]
-    agree = 0
-    samples = 0
-    all_scores = True
-    for x, y in iter_batches(folder, pipeline, batch_size, workers=preprocess.workers):
-        outs_d, outs_s = dense_run.run(x), sparse_run.run(x)
-        samples += len(x)
-        for st, a, b in zip(stats, outs_d, outs_s):
-            st.add(a, b)
-        a0, b0 = outs_d[0], outs_s[0]
-        all_scores = all_scores and _is_scores(a0, len(x))
-        if all_scores:
-            agree += int((_scores(a0, len(x)).argmax(1) == _scores(b0, len(x)).argmax(1)).sum())
-        if labelled and all_scores:
-            try:
-                acc_d.add(_scores(a0, len(x)), y)
-                acc_s.add(_scores(b0, len(x)), y)
-            except OnnxSparseError as exc:
-                logger.info("no accuracy: %s", exc)
-                labelled = False
-        labelled = labelled and all_scores
-    if samples == 0:
-        raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
-    agreement = agree / samples if all_scores else None
+    comparison = _Comparison(dense_run.output_names, labelled)
+    for feed, y in batches:
+        comparison.add(dense_run.run(feed), sparse_run.run(feed), y, len(next(iter(feed.values()))))
+    if comparison.samples == 0:
+        raise OnnxSparseError(f"none of the {files} image files in {data} could be decoded")
     pairs, dense_total, sparse_total = _sparsity_pairs(dense_proto, sparse_proto)
+    dense_accuracy, sparse_accuracy = comparison.accuracies()
     return CompareResult(
-        str(dense), str(sparse), str(data), samples, agreement,
-        [st.as_dict() for st in stats], pairs, dense_total, sparse_total,
-        acc_d.as_dict() if labelled else None, acc_s.as_dict() if labelled else None,
-        round(time.perf_counter() - start, 3),
+        str(dense), str(sparse), str(data), comparison.samples, comparison.agreement(),
+        [st.as_dict() for st in comparison.stats], pairs, dense_total, sparse_total,
+        dense_accuracy, sparse_accuracy, round(time.perf_counter() - start, 3),
     )

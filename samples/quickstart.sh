@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import onnxsparse, onnx2torch, onnxruntime" 2>/dev/null || ! command -v onnxsparse >/dev/null; then
+    # torchvision is onnx2torch's dependency: pinned here so that pip keeps torch 2.14.1
     python3 -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
     python3 -m pip install --quiet -e '.[plot]'
 fi

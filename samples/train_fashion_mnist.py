@@ -446,7 +446,7 @@ Top-1 accuracy on the 10,000 test images, read back from the PNG files:
 
 Check with:
 
-    python samples/eval_sample.py samples/fashion_mnist/model.onnx
+    onnxsparse eval samples/fashion_mnist/model.onnx --data samples/fashion_mnist/test --labels samples/fashion_mnist/labels.txt
 """
     (out_dir / "README.md").write_text(text)
 

@@ -12,7 +12,16 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.evaluate import Accuracy, compare, evaluate, scan_folder
+from onnxsparse.data import PreprocessConfig, load_calibration
+from onnxsparse.evaluate import (
+    Accuracy,
+    compare,
+    evaluate,
+    image_pipeline,
+    iter_batches,
+    load_images,
+    scan_folder,
+)
 from onnxsparse_cli.main import main
 
 # Constant gray images: the brightness x in [0, 1] decides the class. Scores of the tiny model:
@@ -185,6 +194,70 @@ def test_scan_folder_head_is_balanced(setup):
         dup = labels.parent / "dup.txt"
         dup.write_text("a\na\n")
         scan_folder(data, labels_file=dup)
+
+
+def _identity_model(shape: list) -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "image", "options"),
+    [
+        (["N", 1, 8, 8], np.arange(10 * 12, dtype=np.uint8).reshape(10, 12), {"mean": 0.3, "std": 0.2}),
+        (["N", 3, 6, 6], np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8),
+         {"preset": "imagenet", "channel_order": "bgr"}),
+        (["N", 5, 4, 3], np.random.default_rng(1).integers(0, 256, (9, 5, 3), dtype=np.uint8),
+         {"resize": 6, "crop": (5, 4), "mean": (0.4, 0.5, 0.6), "std": (0.2, 0.3, 0.4)}),
+    ],
+    ids=["gray-nchw", "bgr-preset-nchw", "rgb-resize-crop-nhwc"],
+)
+def test_eval_compare_and_prune_preprocess_a_file_identically(tmp_path, shape, image, options):
+    # Three copies of one file: every calibration sample of prune and every batch row of eval/compare is that file.
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(image).save(data / f"{i}.png")
+    model = _identity_model(shape)
+    preprocess = PreprocessConfig(augment=False, workers=0, **options)
+    prune_side = load_calibration(data, model, preprocess=preprocess, holdout_size=1)
+    samples = np.concatenate([prune_side.train["x"], prune_side.holdout["x"]])
+    (feed, _), = iter_batches(scan_folder(data, require_labels=False), image_pipeline(model, None, preprocess), 8,
+                              workers=0)
+    eval_side = load_images(model, data, preprocess=preprocess, require_labels=False)
+    assert samples.shape == feed["x"].shape == eval_side.inputs.shape == (3, *[d for d in shape[1:]])
+    for tensors in (feed["x"], eval_side.inputs, samples):
+        assert tensors.dtype == np.float32
+        for row in tensors:
+            np.testing.assert_array_equal(row, samples[0])
+    assert len(np.unique(samples[0])) > 1  # a constant tensor would prove nothing
+
+
+def test_compare_takes_the_tensors_prune_takes(setup, tmp_path):
+    _, _, labels, dense, sparse = setup
+    levels = np.array([25, 128, 230, 128, 25, 230], np.float32) / 255.0
+    x = np.broadcast_to(levels[:, None, None, None], (6, 1, 8, 8)).astype(np.float32)
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    np.save(folder / "a.npy", x[:4])
+    np.savez(folder / "b.npz", x=x[4:])
+    one_file = tmp_path / "one.npy"
+    np.save(one_file, x)
+    for source in (folder, one_file):
+        res = compare(dense, sparse, source)
+        # The sparse model scores bright inputs as "mid": 2 of the 6 disagree.
+        assert res.images == 6 and res.top1_agreement == pytest.approx(4 / 6)
+        assert res.dense_accuracy is None and res.sparse_accuracy is None
+        cli = _run("compare", dense, sparse, "--data", source, "--min-agreement", "0.6")
+        assert cli.exit_code == 0 and "6 images from" in cli.output and "66.67%" in cli.output, cli.output
+    assert compare(dense, sparse, folder, limit=4).images == 4
+    with pytest.raises(OnnxSparseError, match="--labels needs a labelled image folder"):
+        compare(dense, sparse, folder, labels_file=labels)
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(folder / "stray.png")
+    with pytest.raises(OnnxSparseError, match=r"holds both image files \(1\) and .npy/.npz files \(2"):
+        compare(dense, sparse, folder)
 
 
 # ---------------------------------------------------------------------------------------------------------

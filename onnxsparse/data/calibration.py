@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from onnxsparse.data.augment import augment_batch
-from onnxsparse.data.images import IMAGE_EXTENSIONS, decode_files, is_image_file
+from onnxsparse.data.images import IMAGE_EXTENSIONS, DecodeStats, decode_files, is_image_file
 from onnxsparse.data.preprocess import PreprocessConfig, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import (
@@ -512,13 +512,6 @@ def _load_images(
         )
     spec = specs[0]
     resolved = resolve_preprocess(preprocess, spec, model=model, model_path=model_path)
-    plan = resolved.plan()
-    height, width = plan.size
-    channels = plan.channels
-    layout = resolved.layout.value
-    sample_shape = (channels, height, width) if layout == "nchw" else (height, width, channels)
-    sample_bytes = 4 * channels * height * width
-
     n_files = len(folder.images)
     where = f"calibration folder {folder.root}"
     if n_files < MIN_SAMPLES:
@@ -526,82 +519,64 @@ def _load_images(
             f"{where} has {n_files} image file; calibration needs at least {MIN_SAMPLES} "
             "(one for training, one for the holdout)"
         )
-    cap = max(MIN_SAMPLES, DEFAULT_IMAGE_CACHE_BYTES // sample_bytes)
+    cap = max(MIN_SAMPLES, DEFAULT_IMAGE_CACHE_BYTES // (4 * math.prod(resolved.sample_shape)))
     holdout, train = _split_sizes(n_files, max_samples, holdout_size, where, cap=cap)
     order = np.random.default_rng(seed).permutation(n_files)
-    paths = [str(folder.images[i]) for i in order]
-    buffer = np.empty((holdout + train, *sample_shape), np.float32)
-    bgr = resolved.channel_order.value == "bgr"
-
-    def store(k: int, array: np.ndarray) -> None:
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if bgr:
-            array = array[:, :, ::-1]
-        buffer[k] = array.transpose(2, 0, 1) if layout == "nchw" else array
-
-    stats = decode_files(paths, plan, holdout + train, store, workers=preprocess.workers)
-    skipped = dict(stats.skipped)
-    n_skipped = sum(skipped.values())
-    good = stats.decoded
-    if n_skipped:
-        summary = ", ".join(f"{count} {reason}" for reason, count in skipped.items() if count)
-        if good == 0:
-            raise OnnxSparseError(
-                f"none of the {n_skipped} image files tried in {folder.root} could be decoded ({summary}); "
-                f"first: {stats.examples[0]}"
-            )
-        log.warning(
-            "skipped %d of %d image files (%s); first: %s",
-            n_skipped, n_skipped + good, summary, "; ".join(stats.examples[:3]),
-        )
-    if good < holdout + train:
-        # Ran out of readable files: split what decoded.
-        holdout, train = _split_sizes(good, max_samples, holdout_size, f"{where} (readable images)")
-        buffer = buffer[: holdout + train]
-    log.info(
-        "decoded %d images in %.2f s (%.0f images/s, %s)",
-        good, stats.seconds, stats.images_per_second,
-        f"{stats.workers} worker processes" if stats.workers else "in-process",
+    buffer = np.empty((holdout + train, *resolved.sample_shape), np.float32)
+    stats = decode_files(
+        [str(folder.images[i]) for i in order], resolved.plan(), holdout + train,
+        lambda k, pixels: resolved.to_input(pixels, out=buffer[k]), workers=preprocess.workers,
     )
-
-    scale = np.float32(resolved.scale.value)
-    shape = (1, channels, 1, 1) if layout == "nchw" else (1, 1, 1, channels)
-    mean = np.asarray(resolved.mean.value, np.float32).reshape(shape)
-    std = np.asarray(resolved.std.value, np.float32).reshape(shape)
-    for start in range(0, len(buffer), 256):
-        part = buffer[start : start + 256]
-        part *= scale
-        part -= mean
-        part /= std
-
-    augment = preprocess.augment
+    _log_decoding(stats, folder.root)
+    if stats.decoded < holdout + train:
+        # Ran out of readable files: split what decoded.
+        holdout, train = _split_sizes(stats.decoded, max_samples, holdout_size, f"{where} (readable images)")
+        buffer = buffer[: holdout + train]
     pipeline = {
         "source": {"kind": "image folder", "path": str(folder.root), "files": n_files},
         "preprocess": resolved.as_dict(),
-        "augment": augment,
+        "augment": preprocess.augment,
         "split": _split_info(n_files, holdout, train, seed, max_samples, holdout_size),
         "decode": {
             "workers": stats.workers,
-            "images": good,
+            "images": stats.decoded,
             "seconds": round(stats.seconds, 3),
             "images_per_second": round(stats.images_per_second, 1),
         },
-        "skipped": skipped,
+        "skipped": dict(stats.skipped),
     }
     log.info(
         "calibration data: %d images from %s -> %d train, %d holdout (seed %d), augmentation %s",
-        good, folder.root, train, holdout, seed, "on" if augment else "off",
+        stats.decoded, folder.root, train, holdout, seed, "on" if preprocess.augment else "off",
     )
     return CalibrationSet(
         train={spec.name: buffer[holdout : holdout + train]},
         holdout={spec.name: buffer[:holdout]},
         input_names=(spec.name,),
-        augment=augment,
+        augment=preprocess.augment,
         pipeline=pipeline,
-        skipped=skipped,
-        layouts={spec.name: layout},
+        skipped=dict(stats.skipped),
+        layouts={spec.name: resolved.layout.value},
         dtypes={spec.name: spec.dtype},
     )
 
 
+def _log_decoding(stats: DecodeStats, root: Path) -> None:
+    """Log the decoding speed and the skipped files; raise when no file decoded."""
+    n_skipped = sum(stats.skipped.values())
+    if n_skipped:
+        summary = ", ".join(f"{count} {reason}" for reason, count in stats.skipped.items() if count)
+        if stats.decoded == 0:
+            raise OnnxSparseError(
+                f"none of the {n_skipped} image files tried in {root} could be decoded ({summary}); "
+                f"first: {stats.examples[0]}"
+            )
+        log.warning(
+            "skipped %d of %d image files (%s); first: %s",
+            n_skipped, n_skipped + stats.decoded, summary, "; ".join(stats.examples[:3]),
+        )
+    log.info(
+        "decoded %d images in %.2f s (%.0f images/s, %s)",
+        stats.decoded, stats.seconds, stats.images_per_second,
+        f"{stats.workers} worker processes" if stats.workers else "in-process",
+    )

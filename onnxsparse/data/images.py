@@ -184,9 +184,45 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class DecoderPool:
+    """Decodes files with one plan, in order, in ``workers`` processes (0 decodes in this process).
+
+    A context manager: the worker processes live until it exits. Files are sent to the workers in
+    windows of ``window``, so a long list is decoded with bounded memory.
+    """
+
+    def __init__(self, plan: DecodePlan, workers: int, *, window: int = 512) -> None:
+        self.plan = plan
+        self.workers = workers
+        self.window = window
+        self._executor = (
+            ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) if workers > 0 else None
+        )
+
+    def __enter__(self) -> DecoderPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def decode(self, paths: Sequence[str]) -> Iterator[Decoded]:
+        """One :class:`Decoded` per path, in path order."""
+        for start in range(0, len(paths), self.window):
+            window = paths[start : start + self.window]
+            if self._executor is None:
+                yield from (decode_image(p, self.plan) for p in window)
+                continue
+            chunk_size = max(1, min(32, len(window) // (4 * self.workers)))
+            chunks = (window[i : i + chunk_size] for i in range(0, len(window), chunk_size))
+            try:
+                for chunk in self._executor.map(_decode_chunk, chunks, itertools.repeat(self.plan)):
+                    yield from chunk
+            except BrokenProcessPool as exc:
+                raise OnnxSparseError(
+                    f"an image decoding worker process died ({exc}); rerun with workers=0 (--workers 0) to "
+                    "decode in-process and find the file"
+                ) from None
 
 
 @dataclass
@@ -223,39 +259,20 @@ def decode_files(
     stats = DecodeStats(workers=workers, skipped=Counter({r: 0 for r in SKIP_REASONS}), examples=[])
     start = time.perf_counter()
     position = 0
-    bar = tqdm(total=want, desc="decoding calibration images", unit="img", disable=None if progress else True)
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) if workers > 0 else None
-    try:
+    with tqdm(total=want, desc="decoding calibration images", unit="img", disable=None if progress else True) as bar, \
+            DecoderPool(plan, workers) as pool:
         while stats.decoded < want and position < len(paths):
             # Only as many files as still needed; bad files are replaced by the next ones.
             window = paths[position : position + (want - stats.decoded)]
             position += len(window)
-            if executor is None:
-                results: Iterator[list[Decoded]] = (_decode_chunk([p], plan) for p in window)
-            else:
-                chunk_size = max(1, min(32, len(window) // (4 * workers)))
-                results = executor.map(_decode_chunk, _chunks(window, chunk_size), itertools.repeat(plan))
-            index = 0
-            for chunk in results:
-                for decoded in chunk:
-                    path = window[index]
-                    index += 1
-                    if decoded.array is None:
-                        stats.skipped[decoded.reason] += 1
-                        stats.examples.append(f"{path}: {decoded.message}")
-                        log.debug("skipping %s: %s (%s)", path, decoded.reason, decoded.message)
-                        continue
-                    on_image(stats.decoded, decoded.array)
-                    stats.decoded += 1
-                    bar.update(1)
-    except BrokenProcessPool as exc:
-        raise OnnxSparseError(
-            f"an image decoding worker process died ({exc}); rerun with workers=0 (--workers 0) to decode "
-            "in-process and find the file"
-        ) from None
-    finally:
-        bar.close()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            for path, decoded in zip(window, pool.decode(window)):
+                if decoded.array is None:
+                    stats.skipped[decoded.reason] += 1
+                    stats.examples.append(f"{path}: {decoded.message}")
+                    log.debug("skipping %s: %s (%s)", path, decoded.reason, decoded.message)
+                    continue
+                on_image(stats.decoded, decoded.array)
+                stats.decoded += 1
+                bar.update(1)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -20,8 +20,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, DecodePlan
@@ -350,6 +351,33 @@ class ResolvedPreprocess:
             max_pixels=self.max_pixels,
         )
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape of one preprocessed image in the model's layout."""
+        height, width = self.input_size.value
+        channels = self.channels.value
+        return (channels, height, width) if self.layout.value == "nchw" else (height, width, channels)
+
+    def to_input(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """One decoded image ((H, W) or (H, W, C), RGB, 0..255) as float32 model input, written into ``out``.
+
+        The one place where pixels become model input: ``prune``'s calibration images and ``eval``'s and
+        ``compare``'s batches all go through it.
+        """
+        if out is None:
+            out = np.empty(self.sample_shape, np.float32)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if self.channel_order.value == "bgr":
+            pixels = pixels[:, :, ::-1]
+        nchw = self.layout.value == "nchw"
+        out[...] = pixels.transpose(2, 0, 1) if nchw else pixels
+        per_channel = (-1, 1, 1) if nchw else (1, 1, -1)
+        out *= np.float32(self.scale.value)
+        out -= np.asarray(self.mean.value, np.float32).reshape(per_channel)
+        out /= np.asarray(self.std.value, np.float32).reshape(per_channel)
+        return out
+
     def steps(self) -> list[str]:
         height, width = self.input_size.value
         steps = ["decode to " + ("grayscale" if self.gray else "RGB")]
@@ -414,15 +442,29 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _label(key: str, source: str, sidecar: Path | None) -> str:
-    """How an error names a setting given by ``source``."""
-    if source == SOURCE_USER:
-        return _VALIDATORS[key][1]
-    if source == SOURCE_SIDECAR:
-        return f"{key} in {sidecar}"
-    if source == SOURCE_METADATA:
-        return f"{key} in model metadata {METADATA_KEY!r}"
-    return f"{key} ({source})"
+@dataclass(frozen=True)
+class _Sources:
+    """What each source documents, highest priority first, and how an error names a value it gave."""
+
+    layers: tuple[tuple[str, Mapping[str, Any]], ...]
+    sidecar_file: Path | None
+    preset_name: str
+
+    def pick(self, key: str) -> Setting | None:
+        for source, values in self.layers:
+            if values.get(key) is not None:
+                return Setting(values[key], source)
+        return None
+
+    def label(self, key: str, setting: Setting) -> str:
+        """How an error names ``setting``: the CLI option, or the key and the file or metadata that set it."""
+        if setting.source == SOURCE_USER:
+            return _VALIDATORS[key][1]
+        if setting.source == SOURCE_SIDECAR:
+            return f"{key} in {self.sidecar_file}"
+        if setting.source == SOURCE_METADATA:
+            return f"{key} in model metadata {METADATA_KEY!r}"
+        return f"{key} ({setting.source})"
 
 
 def resolve_preprocess(
@@ -440,46 +482,69 @@ def resolve_preprocess(
         )
     metadata = read_model_metadata(model) if model is not None else None
     sidecar, sidecar_file = read_sidecar(model_path)
-    preset_name = config.preset or "none"
-    layers: list[tuple[str, Mapping[str, Any]]] = [
-        (SOURCE_USER, config.given()),
-        (SOURCE_SIDECAR, sidecar or {}),
-        (SOURCE_METADATA, metadata or {}),
-        (SOURCE_PRESET, PRESETS[preset_name]),
-    ]
-
-    def pick(key: str) -> Setting | None:
-        for source, values in layers:
-            if values.get(key) is not None:
-                return Setting(values[key], source)
-        return None
-
-    def label(key: str, setting: Setting) -> str:
-        return _label(key, setting.source, sidecar_file)
-
+    sources = _Sources(
+        layers=(
+            (SOURCE_USER, config.given()),
+            (SOURCE_SIDECAR, sidecar or {}),
+            (SOURCE_METADATA, metadata or {}),
+            (SOURCE_PRESET, PRESETS[config.preset or "none"]),
+        ),
+        sidecar_file=sidecar_file,
+        preset_name=config.preset or "none",
+    )
     notes: list[str] = []
+    layout = _resolve_layout(sources, spec)
+    channels, order = _resolve_channels(sources, spec, layout)
+    size, crop = _resolve_input_size(sources, spec, layout)
+    resize, crop = _fit_crop_to_input_size(sources, sources.pick("resize") or Setting(None, SOURCE_DEFAULT),
+                                           crop, size, notes)
+    resolved = ResolvedPreprocess(
+        input_name=spec.name,
+        preset=config.preset,
+        sidecar=str(sidecar_file) if sidecar_file is not None else None,
+        layout=layout,
+        channels=channels,
+        channel_order=order,
+        input_size=size,
+        resize=resize,
+        crop=crop,
+        scale=sources.pick("scale") or Setting(DEFAULT_SCALE, SOURCE_DEFAULT),
+        mean=_per_channel("mean", sources.pick("mean"), 0.0, channels.value, order.value, spec, sources),
+        std=_per_channel("std", sources.pick("std"), 1.0, channels.value, order.value, spec, sources),
+        max_pixels=config.max_pixels,
+        notes=tuple(notes),
+    )
+    for note in notes:
+        log.info("%s", note)
+    log.info("calibration preprocessing: %s", resolved.describe())
+    log.info("calibration pipeline: %s", " -> ".join(resolved.steps()))
+    return resolved
+
+
+def _resolve_layout(sources: _Sources, spec: InputSpec) -> Setting:
+    """The documented layout, else the declared shape's (a default where both axes could hold channels)."""
+    layout = sources.pick("layout")
+    if layout is not None:
+        return layout
+    channels_first = spec.shape[1] is not None and spec.shape[1] <= 4
+    channels_last = spec.shape[3] is not None and spec.shape[3] <= 4
+    certain = channels_first != channels_last
+    return Setting(spec.layout, SOURCE_SHAPE if certain else SOURCE_DEFAULT)
+
+
+def _resolve_channels(sources: _Sources, spec: InputSpec, layout: Setting) -> tuple[Setting, Setting]:
+    """(channels, channel order): the declared count, else the one the channel order implies; they must agree."""
     shape_text = spec.describe_shape()
-
-    # Layout: declared shape unless documented otherwise.
-    layout = pick("layout")
-    if layout is None:
-        certain = (spec.shape[1] is not None and spec.shape[1] <= 4) != (
-            spec.shape[3] is not None and spec.shape[3] <= 4
-        )
-        layout = Setting(spec.layout, SOURCE_SHAPE if certain else SOURCE_DEFAULT)
-    channel_axis = spec.channel_axis(layout.value)
-    declared_channels = spec.shape[channel_axis]
-    order = pick("channel_order")
-
-    # Channels: declared count, else implied by the channel order.
-    if declared_channels is not None:
-        if declared_channels not in (1, 3):
+    declared = spec.shape[spec.channel_axis(layout.value)]
+    order = sources.pick("channel_order")
+    if declared is not None:
+        if declared not in (1, 3):
             raise OnnxSparseError(
-                f"input {spec.name!r} has {declared_channels} channels (shape {shape_text}, layout "
+                f"input {spec.name!r} has {declared} channels (shape {shape_text}, layout "
                 f"{layout.value.upper()} from {layout.source}); image folders feed 1-channel (gray) or "
                 "3-channel (RGB/BGR) inputs"
             )
-        channels = Setting(declared_channels, SOURCE_SHAPE)
+        channels = Setting(declared, SOURCE_SHAPE)
     elif order is not None:
         channels = Setting(1 if order.value == "gray" else 3, order.source)
     else:
@@ -488,7 +553,7 @@ def resolve_preprocess(
     if channels.value == 1:
         if order is not None and order.value != "gray" and order.source != SOURCE_PRESET:
             raise OnnxSparseError(
-                f"{label('channel_order', order)} is {order.value} but input {spec.name!r} has 1 channel "
+                f"{sources.label('channel_order', order)} is {order.value} but input {spec.name!r} has 1 channel "
                 f"(shape {shape_text}); use gray or leave it unset"
             )
         if order is None or order.value != "gray":
@@ -496,23 +561,27 @@ def resolve_preprocess(
     else:
         if order is not None and order.value == "gray":
             raise OnnxSparseError(
-                f"{label('channel_order', order)} is gray but input {spec.name!r} has 3 channels "
+                f"{sources.label('channel_order', order)} is gray but input {spec.name!r} has 3 channels "
                 f"(shape {shape_text}); use rgb or bgr"
             )
         if order is None:
             order = Setting("rgb", SOURCE_DEFAULT)
+    return channels, order
 
-    # Input size: declared height/width win; a documented size must agree with them.
+
+def _resolve_input_size(sources: _Sources, spec: InputSpec, layout: Setting) -> tuple[Setting, Setting | None]:
+    """(input size, crop): declared height/width win, and a documented size must agree with them."""
+    shape_text = spec.describe_shape()
     declared_h, declared_w = spec.spatial_dims(layout.value)
-    size = pick("input_size")
-    crop = pick("crop")
+    size = sources.pick("input_size")
+    crop = sources.pick("crop")
     if crop is not None:
-        crop = Setting(parse_size(crop.value, label("crop", crop)), crop.source)
+        crop = Setting(parse_size(crop.value, sources.label("crop", crop)), crop.source)
     if size is not None:
         height, width = size.value
         if (declared_h is not None and declared_h != height) or (declared_w is not None and declared_w != width):
             raise OnnxSparseError(
-                f"{label('input_size', size)} is {height}x{width} but input {spec.name!r} has shape "
+                f"{sources.label('input_size', size)} is {height}x{width} but input {spec.name!r} has shape "
                 f"{shape_text} ({_dim(declared_h)}x{_dim(declared_w)}); use the model's size or leave it unset"
             )
     elif declared_h is not None and declared_w is not None:
@@ -524,63 +593,41 @@ def resolve_preprocess(
             f"input {spec.name!r} has a dynamic height or width (shape {shape_text}); pass --input-size HxW "
             f"(or set input_size in {SIDECAR_NAME} next to the model)"
         )
+    return size, crop
 
-    resize = pick("resize") or Setting(None, SOURCE_DEFAULT)
+
+def _fit_crop_to_input_size(sources: _Sources, resize: Setting, crop: Setting | None, size: Setting,
+                            notes: list[str]) -> tuple[Setting, Setting]:
+    """(resize, crop) for the input size: a preset's crop (and resize, in proportion) is scaled to it, a
+    documented crop must equal it."""
+    preset_name = sources.preset_name
     if crop is not None and crop.value != size.value:
-        if crop.source == SOURCE_PRESET:
-            # Keep the preset's resize-to-crop ratio at the model's size (e.g. 256/224 for imagenet).
-            if resize.source == SOURCE_PRESET and resize.value is not None:
-                scaled = round(resize.value * min(size.value) / min(crop.value))
-                notes.append(
-                    f"preset {preset_name} resize {resize.value} / crop {_format_value(crop.value)} scaled to "
-                    f"the input size: resize {scaled}, crop {_format_value(size.value)}"
-                )
-                resize = Setting(scaled, SOURCE_PRESET)
-            else:
-                notes.append(f"preset {preset_name} crop {_format_value(crop.value)} replaced by the input size")
-            crop = Setting(size.value, SOURCE_PRESET)
-        else:
+        if crop.source != SOURCE_PRESET:
             raise OnnxSparseError(
-                f"{label('crop', crop)} is {_format_value(crop.value)} but the input size is "
+                f"{sources.label('crop', crop)} is {_format_value(crop.value)} but the input size is "
                 f"{_format_value(size.value)} (from {size.source}); the crop must equal the input size"
             )
+        # Keep the preset's resize-to-crop ratio at the model's size (e.g. 256/224 for imagenet).
+        if resize.source == SOURCE_PRESET and resize.value is not None:
+            scaled = round(resize.value * min(size.value) / min(crop.value))
+            notes.append(
+                f"preset {preset_name} resize {resize.value} / crop {_format_value(crop.value)} scaled to "
+                f"the input size: resize {scaled}, crop {_format_value(size.value)}"
+            )
+            resize = Setting(scaled, SOURCE_PRESET)
+        else:
+            notes.append(f"preset {preset_name} crop {_format_value(crop.value)} replaced by the input size")
+        crop = Setting(size.value, SOURCE_PRESET)
     if crop is None:
         crop = Setting(None, SOURCE_DEFAULT)
-    if resize.value is not None:
-        crop_hw = crop.value or size.value
-        if max(crop_hw) > resize.value:
-            log.warning(
-                "resize %d is smaller than the crop %s: images are padded with zeros where they are "
-                "smaller than the crop (as torchvision's CenterCrop does)",
-                resize.value,
-                _format_value(crop_hw),
-            )
-
-    scale = pick("scale") or Setting(DEFAULT_SCALE, SOURCE_DEFAULT)
-    mean = _per_channel("mean", pick("mean"), 0.0, channels.value, order.value, preset_name, spec, label)
-    std = _per_channel("std", pick("std"), 1.0, channels.value, order.value, preset_name, spec, label)
-
-    resolved = ResolvedPreprocess(
-        input_name=spec.name,
-        preset=config.preset,
-        sidecar=str(sidecar_file) if sidecar_file is not None else None,
-        layout=layout,
-        channels=channels,
-        channel_order=order,
-        input_size=size,
-        resize=resize,
-        crop=crop,
-        scale=scale,
-        mean=mean,
-        std=std,
-        max_pixels=config.max_pixels,
-        notes=tuple(notes),
-    )
-    for note in notes:
-        log.info("%s", note)
-    log.info("calibration preprocessing: %s", resolved.describe())
-    log.info("calibration pipeline: %s", " -> ".join(resolved.steps()))
-    return resolved
+    if resize.value is not None and max(crop.value or size.value) > resize.value:
+        log.warning(
+            "resize %d is smaller than the crop %s: images are padded with zeros where they are "
+            "smaller than the crop (as torchvision's CenterCrop does)",
+            resize.value,
+            _format_value(crop.value or size.value),
+        )
+    return resize, crop
 
 
 def _dim(value: int | None) -> str:
@@ -597,9 +644,8 @@ def _per_channel(
     default: float,
     channels: int,
     order: str,
-    preset_name: str,
     spec: InputSpec,
-    label: Callable[[str, Setting], str],
+    sources: _Sources,
 ) -> Setting:
     if setting is None:
         return Setting((default,) * channels, SOURCE_DEFAULT)
@@ -609,11 +655,11 @@ def _per_channel(
     if len(values) != channels:
         if setting.source == SOURCE_PRESET:
             raise OnnxSparseError(
-                f"preset {preset_name} has {len(values)} {key} values but input {spec.name!r} has {channels} "
+                f"preset {sources.preset_name} has {len(values)} {key} values but input {spec.name!r} has {channels} "
                 f"channel(s); use --preset none or pass --mean and --std with {channels} value(s)"
             )
         raise OnnxSparseError(
-            f"{label(key, setting)} must have {channels} value{'s' if channels > 1 else ''} "
+            f"{sources.label(key, setting)} must have {channels} value{'s' if channels > 1 else ''} "
             f"(one per channel) or 1 for all, got {len(values)}: {', '.join(f'{v:g}' for v in values)}"
         )
     if setting.source == SOURCE_PRESET and order == "bgr":
