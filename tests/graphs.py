@@ -229,6 +229,27 @@ def dequantized_and_shared_weights() -> onnx.ModelProto:
     )
 
 
+def einsum_and_embedding() -> onnx.ModelProto:
+    """Token ids -> Gather (embedding table) -> Einsum with a constant -> MatMul: only the MatMul is prunable."""
+    rng = _rng(11)
+    inits = [
+        numpy_helper.from_array(_w(rng, 20, 4), "embed"),
+        numpy_helper.from_array(_w(rng, 4, 3), "E"),
+        numpy_helper.from_array(_w(rng, 3, 2), "fc.w"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"], name="embedding"),
+        helper.make_node("Einsum", ["e", "E"], ["h"], name="einsum", equation="bsi,ij->bsj"),
+        helper.make_node("MatMul", ["h", "fc.w"], ["y"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 2])],
+        inits,
+    )
+
+
 class TinyCNN(nn.Module):
     def __init__(self, classes: int = 10, channels: int = 1):
         super().__init__()

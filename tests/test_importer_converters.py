@@ -122,21 +122,10 @@ def test_dequantized_and_unpruned_weights_are_reported():
     np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_einsum_weights_are_reported():
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "E"),
-        numpy_helper.from_array(rng.standard_normal((3, 2)).astype(np.float32), "fc.w"),
-    ]
-    nodes = [
-        helper.make_node("Einsum", ["x", "E"], ["h"], name="einsum", equation="bi,ij->bj"),
-        helper.make_node("MatMul", ["h", "fc.w"], ["y"], name="fc"),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    imported = import_model(model)
+def test_einsum_and_embedding_weights_are_reported():
+    imported = import_model(graphs.einsum_and_embedding())
     assert [layer.name for layer in imported.layers] == ["fc.w"]
-    assert [(s.tensor, s.reason) for s in imported.skipped] == [("E", "Einsum weights are not pruned")]
+    assert [(s.node_name, s.tensor, s.reason) for s in imported.skipped] == [
+        ("embedding", "embed", "embedding table read by Gather is not pruned"),
+        ("einsum", "E", "Einsum weights are not pruned"),
+    ]

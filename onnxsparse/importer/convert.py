@@ -198,6 +198,11 @@ class _Builder:
         self._derived[value] = result
         return result
 
+    def embedding_table(self, value: str) -> bool:
+        init = self.initializers.get(value)
+        return self.source(value) is not None and init is not None and len(init.dims) == 2 and (
+            init.data_type in _FLOAT_TYPES)
+
     def original(self, node: onnx.NodeProto) -> str:
         return self.norm.original_nodes.get(node.name, ("", node.op_type))[0]
 
@@ -403,6 +408,8 @@ class _Builder:
                 self.matmul(node)
             elif node.op_type == "BatchNormalization":
                 has_bn = self.batchnorm(node) or has_bn
+            elif node.op_type == "Gather" and self.embedding_table(node.input[0]):
+                self.skip(node, node.input[0], "embedding table read by Gather is not pruned")
             elif node.op_type in _UNPRUNED_WEIGHT_OPS:
                 for value in node.input:
                     if value and self.source(value) is not None and (self.rank(value) or 0) >= 2:
