@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import graphs
-from onnxsparse import PruneConfig, prune
+from onnxsparse import PruneConfig, UniPTSConfig, prune
 from onnxsparse.exporter import ort_session
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def vit_tiny(_: Path) -> onnx.ModelProto:
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
                               num_classes=10)
+    with torch.no_grad():  # torchvision starts the head at zero: the output would not depend on the input
+        torch.nn.init.normal_(model.heads.head.weight, std=0.2)
     return _export(model, (torch.randn(1, 3, 32, 32),), ["input"], {"input": {0: "N"}, "logits": {0: "N"}}, 17)
 
 
@@ -193,3 +195,42 @@ def test_corpus_half_sparsity_is_valid(name, tmp_path):
         "top1_agreement": verification.get("top1_agreement"),
         "cosine": [round(o["cosine"], 4) for o in verification["outputs"]],
     }))
+
+
+class _TokenReader:
+    """An onnxruntime CalibrationDataReader-like source: feed dicts of 4 sequences until exhausted."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+@pytest.mark.slow
+def test_bert_default_method_from_a_reader(tmp_path):
+    """The default method (UniPTS, tiny budget) on integer inputs read from a CalibrationDataReader."""
+    model = bert_tiny(tmp_path)
+    rng = np.random.default_rng(2)
+    reader = _TokenReader([_tokens(rng) for _ in range(2)])
+    unipts = UniPTSConfig(population=4, parents=2, crossover=1, mutation=1, generations=1, epochs=1.0,
+                          fitness_samples=8, batch_size=4)
+    out = tmp_path / "out.onnx"
+    config = PruneConfig(sparsity=0.5, batch_size=4, holdout_size=8, unipts=unipts)
+    result = prune(model, out, reader, config, progress=False)
+    assert result.report["method"] == "unipts" and result.report["calibration"]["train"] == 8
+    pruned = onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    before, after = graphs.all_tensors(model), graphs.all_tensors(pruned)
+    assert len(result.layers) == 14
+    for row in result.layers:
+        zeros = int((after[row["name"]] == 0).sum())
+        assert zeros == row["zeros"] and row["target_zeros"] <= zeros <= row["target_zeros"] + int(
+            (before[row["name"]] == 0).sum()), row["name"]
+    assert abs(result.achieved_sparsity - 0.5) < 0.01
+    feeds = _tokens(np.random.default_rng(3))
+    for d, s in zip(ort_session(model).run(None, feeds), ort_session(pruned).run(None, feeds)):
+        assert d.shape == s.shape and np.isfinite(s).all()
+    verification = result.report["verification"]
+    assert verification["checker"].startswith("passed") and verification["export_max_rel_error"] < 1e-3
+    log.warning("corpus bert_tiny_int_inputs unipts: top1 %s", verification.get("top1_agreement"))

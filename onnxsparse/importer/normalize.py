@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 # onnx2torch is tested on these opsets; models outside are version-converted for the torch copy only.
 TORCH_OPSET_RANGE = (9, 16)
+_LAYER_NORM_OPSET = 17
 
 
 @dataclass
@@ -186,14 +187,24 @@ def normalize_for_torch(model: onnx.ModelProto, *, convert_opset: bool = True) -
     lo, hi = TORCH_OPSET_RANGE
     if convert_opset and not lo <= opset <= hi:
         target = min(max(opset, lo), hi)
-        try:
-            converted = version_converter.convert_version(copy, target)
-            copy = converted
-            torch_opset = target
-            notes.append(f"opset {opset} converted to {target} for the torch copy (the output keeps opset {opset})")
-        except Exception as exc:  # noqa: BLE001 - the converter raises many types; native conversion may still work
-            logger.warning("could not convert opset %d to %d (%s); converting at opset %d", opset, target, exc, opset)
-            notes.append(f"opset {opset} kept for the torch copy: version conversion failed ({exc})")
+        # LayerNormalization (opset 17) has no earlier version: such models go down to 17 instead, which
+        # onnx2torch also converts (it resolves every op to its newest schema at or below the opset).
+        targets = [target] + ([_LAYER_NORM_OPSET] if target < _LAYER_NORM_OPSET < opset else [])
+        failures = []
+        for candidate in targets:
+            try:
+                copy = version_converter.convert_version(copy, candidate)
+            except Exception as exc:  # noqa: BLE001 - the converter raises many types; native conversion may still work
+                failures.append(f"to {candidate}: {exc}")
+                continue
+            torch_opset = candidate
+            notes.append(f"opset {opset} converted to {candidate} for the torch copy (the output keeps opset {opset})")
+            break
+        else:
+            # onnx2torch converts opset 17 natively (LayerNormalization included): nothing to warn about there.
+            logger.log(logging.INFO if opset <= _LAYER_NORM_OPSET else logging.WARNING,
+                       "could not convert opset %d (%s); converting at opset %d", opset, "; ".join(failures), opset)
+            notes.append(f"opset {opset} kept for the torch copy: version conversion failed ({'; '.join(failures)})")
     return NormalizedGraph(
         model=copy,
         original_nodes=original_nodes,
