@@ -50,6 +50,11 @@ class Layout:
         """This layout (a Transpose/Cast chain) followed by the consumer's own transpose and scale."""
         return replace(self, transpose=transpose, scale=scale)
 
+    def onnx_axis(self, torch_axis: int) -> int:
+        """The axis of the stored ONNX tensor that axis ``torch_axis`` of the torch tensor runs along."""
+        axis = 1 - torch_axis if self.transpose else torch_axis
+        return self.perm[axis] if self.perm is not None else axis
+
     def to_onnx(self, t: torch.Tensor) -> np.ndarray:
         a = t.detach().to("cpu", torch.float64)
         if self.scale != 1.0:

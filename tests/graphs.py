@@ -179,11 +179,11 @@ def weights_behind_transpose_and_cast() -> onnx.ModelProto:
     fp16 W -> Cast -> Transpose -> Gemm, and a Conv weight stored (kh, kw, cin, cout) behind a Transpose."""
     rng = _rng(9)
     inits = [
-        numpy_helper.from_array(_w(rng, 3, 3, 2, 4), "conv.w_hwio"),
-        numpy_helper.from_array(_w(rng, 6, 16), "fc1.w_t"),
-        numpy_helper.from_array(_w(rng, 6), "fc1.b"),
-        numpy_helper.from_array(_w(rng, 6, 5).astype(np.float16), "fc2.w_fp16"),
-        numpy_helper.from_array(_w(rng, 4, 5).astype(np.float16), "fc3.w_fp16_t"),
+        numpy_helper.from_array(_w(rng, 3, 3, 4, 4), "conv.w_hwio"),
+        numpy_helper.from_array(_w(rng, 8, 16), "fc1.w_t"),
+        numpy_helper.from_array(_w(rng, 8), "fc1.b"),
+        numpy_helper.from_array(_w(rng, 8, 8).astype(np.float16), "fc2.w_fp16"),
+        numpy_helper.from_array(_w(rng, 4, 8).astype(np.float16), "fc3.w_fp16_t"),
     ]
     nodes = [
         helper.make_node("Transpose", ["conv.w_hwio"], ["conv.w"], name="t_conv", perm=[3, 2, 0, 1]),
@@ -200,7 +200,7 @@ def weights_behind_transpose_and_cast() -> onnx.ModelProto:
     ]
     return _model(
         nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         inits,
     )

@@ -109,6 +109,23 @@ def test_transpose_and_cast_weights_are_written_back_in_their_stored_layout_and_
     assert [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
 
 
+def test_nm_groups_of_transposed_weights_lie_on_the_stored_axis():
+    from onnxsparse.sparsity.patterns import check_nm, layer_onnx_axis, nm_mask, torch_group_axis
+
+    model = graphs.weights_behind_transpose_and_cast()
+    imported = import_model(model)
+    student = imported.clone_module()
+    masks = {layer.name: nm_mask(layer.weight.get(student), 2, 4, torch_group_axis(layer)) for layer in imported.layers}
+    apply_masks_inplace(student, imported.layers, masks)
+    out, _ = write_back(imported, student)
+    after = graphs.all_tensors(out)
+    axes = {layer.name: layer_onnx_axis(layer) for layer in imported.layers}
+    # stored layouts: conv (kh, kw, cin, cout), fc1 (out, in), fc2 (in, out), fc3 stored (out, in) behind Cast+Transpose
+    assert axes == {"conv.w_hwio": 2, "fc1.w_t": 1, "fc2.w_fp16": 0, "fc3.w_fp16_t": 1}
+    for name, axis in axes.items():
+        assert check_nm(after[name], 2, 4, axis), name
+
+
 def test_dequantized_and_unpruned_weights_are_reported():
     model = graphs.dequantized_and_shared_weights()
     imported = import_model(model)
