@@ -146,3 +146,41 @@ def test_einsum_and_embedding_weights_are_reported():
         ("embedding", "embed", "embedding table read by Gather is not pruned"),
         ("einsum", "E", "Einsum weights are not pruned"),
     ]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_opset_20_graph_without_down_conversion(approximate):
+    """ConstantOfShape-20 has no down-adapter, so the copy stays at opset 20: Gelu-20, Shape-19, Reshape-19,
+    Cast-19, ConstantOfShape-20 and IsNaN-20 convert through the registry."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((6, 4)) * 0.5).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array([-1, 6], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["g"], name="gelu", approximate=approximate),
+        helper.make_node("Reshape", ["g", "flat"], ["g2"], name="reshape"),
+        helper.make_node("Shape", ["g2"], ["s"], name="shape"),
+        helper.make_node("ConstantOfShape", ["s"], ["ones"], name="ones",
+                         value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("IsNaN", ["g2"], ["nan"], name="isnan"),
+        helper.make_node("Cast", ["nan"], ["nanf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["g2", "ones"], ["h0"], name="add"),
+        helper.make_node("Sub", ["h0", "nanf"], ["h"], name="sub"),
+        helper.make_node("MatMul", ["h", "W"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits,
+    )
+    graph.output[0].type.tensor_type.shape.dim.add()  # rank 2, sizes unknown
+    graph.output[0].type.tensor_type.shape.dim.add()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    imported = import_model(model)
+    assert imported.torch_opset == 20 and [layer.name for layer in imported.layers] == ["W"]
+    feeds = graphs.random_feeds(model)
+    with torch.no_grad():
+        out = imported.module(torch.from_numpy(feeds["x"]))
+    np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)
