@@ -83,8 +83,20 @@ def test_registry_keys_and_errors_name_the_key():
 
     with installed(registry):
         convert = o2t.get_converter("Foo", 11)
-        with pytest.raises(ConverterError, match=r"converter \(Foo, opset 9-13\) failed on node 'n0'.*bad attribute"):
+        with pytest.raises(ConverterError, match=r"converter \(Foo, opset 9-13\) failed on node 'n0': ValueError: bad attr"):
             convert(Node(), None)
+
+
+def test_converter_refusal_names_the_key_and_the_original_node():
+    model = graphs.dequantized_and_shared_weights()
+    dq = model.graph.node[0]
+    dq.attribute.append(helper.make_attribute("block_size", 2))
+    model.opset_import[0].version = 21
+    with pytest.raises(OnnxSparseError, match=(
+        r"cannot convert DequantizeLinear node 'dq' \(opset 21.*\): onnxsparse converter "
+        r"\(DequantizeLinear, opset 10-\d+\): blocked quantization \(block_size\) is not supported"
+    )):
+        import_model(model)
 
 
 def test_transpose_and_cast_weights_are_written_back_in_their_stored_layout_and_dtype():

@@ -53,11 +53,18 @@ def _check_supported(model: onnx.ModelProto) -> None:
 def _convert(norm: NormalizedGraph) -> fx.GraphModule:
     from onnx2torch import convert
 
-    from onnxsparse.importer.converters import installed
+    from onnxsparse.importer.converters import ConverterError, installed
 
     try:
         with installed():
             return convert(norm.model, attach_onnx_mapping=True)
+    except ConverterError as exc:
+        original, op_type = norm.original_nodes.get(exc.node, (exc.node, "?"))
+        raise OnnxSparseError(
+            f"cannot convert {op_type} node {original!r} (opset {norm.opset}"
+            + (f", converted to {norm.torch_opset}" if norm.torch_opset != norm.opset else "")
+            + f"): onnxsparse converter {exc.key}: {exc.reason}"
+        ) from None
     except NotImplementedError as exc:
         match = _CONVERTER_MISSING.search(str(exc))
         if match:

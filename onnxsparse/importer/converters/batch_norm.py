@@ -45,7 +45,7 @@ def convert_batchnorm(node, graph):
         return None
     attrs = node.attributes
     if attrs.get("training_mode", 0):
-        raise ConverterError(f"BatchNormalization node {node.name!r} in training mode is not supported")
+        raise ConverterError("training_mode=1 is not supported (inference graphs only)")
     scale, bias, mean, var = (graph.initializers[name].to_torch() for name in params)
     module = AnyRankBatchNorm(
         num_features=int(scale.shape[0]), eps=float(attrs.get("epsilon", 1e-5)),

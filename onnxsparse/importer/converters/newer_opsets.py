@@ -37,7 +37,7 @@ def _older(op_type: str, version: int):
         from onnx2torch.node_converters.registry import get_converter
 
         if op_type == "Cast" and int(node.attributes.get("to", 0)) in _FLOAT8_AND_INT4:
-            raise ConverterError(f"Cast node {node.name!r} to a float8/int4 type is not supported")
+            raise ConverterError("Cast to a float8/int4 type is not supported")
         return get_converter(operation_type=op_type, version=version)(node, graph)
 
     return convert
@@ -66,5 +66,5 @@ def convert_gelu(node, graph):
     if isinstance(approximate, bytes):
         approximate = approximate.decode()
     if approximate not in ("none", "tanh"):
-        raise ConverterError(f"Gelu node {node.name!r} has approximate={approximate!r}; ONNX allows 'none' or 'tanh'")
+        raise ConverterError(f"approximate={approximate!r}; ONNX allows 'none' or 'tanh'")
     return OperationConverterResult(torch_module=Gelu(approximate), onnx_mapping=onnx_mapping_from_node(node))

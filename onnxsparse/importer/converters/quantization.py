@@ -35,7 +35,7 @@ def convert_dequantize_linear(node, graph):
 
     attrs = node.attributes
     if attrs.get("block_size", 0):
-        raise ConverterError(f"DequantizeLinear node {node.name!r} with block_size is not supported")
+        raise ConverterError("blocked quantization (block_size) is not supported")
     return OperationConverterResult(
         torch_module=DequantizeLinear(int(attrs.get("axis", 1))), onnx_mapping=onnx_mapping_from_node(node)
     )

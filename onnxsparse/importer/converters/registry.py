@@ -34,7 +34,13 @@ class ConverterKey:
 
 
 class ConverterError(NotImplementedError):
-    """A converter of ours cannot convert a node; the message names its key."""
+    """A converter of ours cannot convert a node. Raised inside a converter with the reason only; the
+    registry adds the converter's ``key`` and the ``node`` name (of the copy onnx2torch converts)."""
+
+    def __init__(self, reason: str, *, key: ConverterKey | None = None, node: str = "") -> None:
+        self.reason, self.key, self.node = reason, key, node
+        where = f"onnxsparse converter {key} failed on node {node!r}: " if key is not None else ""
+        super().__init__(where + reason)
 
 
 class Registry:
@@ -77,12 +83,10 @@ def _wrap(key: ConverterKey, ours: Converter, theirs: Callable[[], Converter]) -
     def convert(node: Any, graph: Any) -> Any:
         try:
             result = ours(node, graph)
-        except ConverterError:
-            raise
+        except ConverterError as exc:
+            raise ConverterError(exc.reason, key=key, node=node.name) from None
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
-            raise ConverterError(
-                f"onnxsparse converter {key} failed on node {node.name!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ConverterError(f"{type(exc).__name__}: {exc}", key=key, node=node.name) from exc
         return theirs()(node, graph) if result is None else result
 
     return convert
