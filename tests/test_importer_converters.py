@@ -196,3 +196,16 @@ def test_opset_20_graph_without_down_conversion(approximate):
     with torch.no_grad():
         out = imported.module(torch.from_numpy(feeds["x"]))
     np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_folded_weights_also_listed_as_graph_inputs():
+    """Old exporters (IR < 4) list every initializer as a graph input too: folding must not turn it into one."""
+    model = graphs.weights_behind_transpose_and_cast()
+    feeds = graphs.random_feeds(model)
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    imported = import_model(model)
+    assert imported.input_names == ("x",) and len(imported.layers) == 4
+    with torch.no_grad():
+        out = imported.module(torch.from_numpy(feeds["x"]))
+    np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -101,7 +101,8 @@ def _fold_weight_transforms(
         folded_from.add(value)
     if folded_from:
         # Drop the stored tensors only the folded nodes read: the copy need not hold both forms.
-        read = {name for node in kept for name in node.input} | graph_outputs
+        # An initializer also listed as a graph input (IR < 4 models) stays, or it would become a real input.
+        read = {name for node in kept for name in node.input} | graph_outputs | {i.name for i in g.input}
         unused = folded_from - read
         if unused:
             remaining = [init for init in g.initializer if init.name not in unused]
