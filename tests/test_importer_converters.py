@@ -209,3 +209,17 @@ def test_folded_weights_also_listed_as_graph_inputs():
     with torch.no_grad():
         out = imported.module(torch.from_numpy(feeds["x"]))
     np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_reports_transposed_weights_in_their_stored_layout():
+    from onnxsparse.inspect import inspect_model
+    from onnxsparse.sparsity.patterns import layer_onnx_axis
+
+    model = graphs.weights_behind_transpose_and_cast()
+    imported = import_model(model)
+    rows = {row.tensor: row for row in inspect_model(model)}
+    stored = graphs.all_tensors(model)
+    assert set(rows) == {layer.name for layer in imported.layers}
+    for layer in imported.layers:
+        assert rows[layer.name].shape == stored[layer.name].shape
+        assert rows[layer.name].nm_axis == layer_onnx_axis(layer), layer.name
