@@ -189,7 +189,8 @@ def test_corpus_half_sparsity_is_valid(name, tmp_path):
     for d, s in zip(dense_out, sparse_out):
         assert d.shape == s.shape and np.isfinite(s).all()
     verification = result.report["verification"]
-    assert verification["checker"].startswith("passed")
+    # onnxruntime on the written model agrees with the pruned torch model (the conversion is faithful)
+    assert verification["checker"].startswith("passed") and verification["export_max_rel_error"] < 1e-3
     log.warning("corpus %s: %s", name, json.dumps({
         "seconds": round(seconds, 2), "layers": len(result.layers), "skipped": len(result.report["skipped_layers"]),
         "top1_agreement": verification.get("top1_agreement"),
