@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 import torch
 from torch import nn
 
 from onnxsparse.importer.converters.registry import REGISTRY, ConverterError
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
 
 _KNOWN_SPATIAL_RANKS = (0, 1, 2, 3)
 
@@ -20,7 +27,7 @@ class AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):  # noqa: SLF001 - stati
             raise ValueError(f"BatchNormalization needs an input of rank >= 2 (N, C, ...), got rank {input.dim()}")
 
 
-def _spatial_rank(node, graph) -> int | None:
+def _spatial_rank(node: OnnxNode, graph: OnnxGraph) -> int | None:
     from onnx2torch.utils.common import get_shape_from_value_info
 
     info = graph.value_info.get(node.input_values[0])
@@ -30,7 +37,7 @@ def _spatial_rank(node, graph) -> int | None:
 
 
 @REGISTRY.add("BatchNormalization", 9, onnx.defs.onnx_opset_version())
-def convert_batchnorm(node, graph):
+def convert_batchnorm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
     """Constant statistics and one output with an unknown or unusual input rank: an :class:`AnyRankBatchNorm`.
 
     Every other case (the rank is known, statistics computed at run time, training outputs) stays with

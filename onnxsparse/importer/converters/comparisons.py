@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 import torch
 from torch import nn
 
 from onnxsparse.importer.converters.registry import REGISTRY
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
 
 
 class Compare(nn.Module):
@@ -19,7 +26,7 @@ class Compare(nn.Module):
         return torch.greater_equal(x, y) if self.op_type == "GreaterOrEqual" else torch.less_equal(x, y)
 
 
-def _convert(node, graph):
+def _convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     return OperationConverterResult(torch_module=Compare(node.operation_type), onnx_mapping=onnx_mapping_from_node(node))

@@ -5,11 +5,18 @@ at their own opset; without these entries onnx2torch refuses every such op."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 import torch
 from torch import nn
 
-from onnxsparse.importer.converters.registry import REGISTRY, ConverterError
+from onnxsparse.importer.converters.registry import REGISTRY, Converter, ConverterError
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
 
 # op type -> (first newer version whose change is types only, onnx2torch's last registered version)
 _TYPE_ONLY_BUMPS = {
@@ -32,8 +39,8 @@ _FLOAT8_AND_INT4 = frozenset(
 )
 
 
-def _older(op_type: str, version: int):
-    def convert(node, graph):
+def _older(op_type: str, version: int) -> Converter:
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
         from onnx2torch.node_converters.registry import get_converter
 
         if op_type == "Cast" and int(node.attributes.get("to", 0)) in _FLOAT8_AND_INT4:
@@ -59,7 +66,7 @@ class Gelu(nn.Module):
 
 
 @REGISTRY.add("Gelu", 20, onnx.defs.onnx_opset_version())
-def convert_gelu(node, graph):
+def convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     approximate = node.attributes.get("approximate", "none")

@@ -3,11 +3,18 @@ reported as skipped by the importer; this only lets the rest of the model conver
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 import torch
 from torch import nn
 
 from onnxsparse.importer.converters.registry import REGISTRY, ConverterError
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
 
 
 class DequantizeLinear(nn.Module):
@@ -30,7 +37,7 @@ class DequantizeLinear(nn.Module):
 
 
 @REGISTRY.add("DequantizeLinear", 10, onnx.defs.onnx_opset_version())
-def convert_dequantize_linear(node, graph):
+def convert_dequantize_linear(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     attrs = node.attributes

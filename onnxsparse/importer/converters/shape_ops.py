@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import math
 
 import onnx
@@ -10,6 +12,11 @@ import torch
 from torch import nn
 
 from onnxsparse.importer.converters.registry import REGISTRY
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
 
 
 class Flatten(nn.Module):
@@ -25,7 +32,7 @@ class Flatten(nn.Module):
 
 
 @REGISTRY.add("Flatten", 1, onnx.defs.onnx_opset_version())
-def convert_flatten(node, graph):
+def convert_flatten(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
     from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
     return OperationConverterResult(
