@@ -163,7 +163,7 @@ def _print_summary(report: dict) -> None:
             err=True,
         )
     for skipped in report["skipped_layers"]:
-        click.echo(f"skipped {skipped['node'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
+        click.echo(f"skipped {skipped['node_name'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
     for dense in report.get("dense_layers", []):
         click.echo(f"left dense {dense['node'] or dense['name']} ({dense['op']}): {dense['reason']}", err=True)
     for note in report.get("notes", []):

@@ -6,12 +6,13 @@ map from every torch tensor the tool may change back to the ONNX tensor it came 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import onnx
 import torch
+from onnx import helper
 from torch import fx, nn
 
 SourceKind = Literal["initializer", "constant"]
@@ -31,13 +32,28 @@ class TensorSource:
 
 @dataclass(frozen=True)
 class Layout:
-    """The exact transform between a torch tensor and its ONNX tensor: ``torch = T(onnx) * scale``.
+    """The exact transform between a torch tensor and its ONNX tensor.
 
-    ``transpose`` swaps the two axes of a rank-2 tensor. Zeros map to zeros in both directions.
+    ``torch = T(cast(permute(onnx, perm))) * scale``: ``perm`` is the permutation of a ``Transpose`` node
+    between the stored tensor and its consumer, ``onnx_dtype`` the element type (``onnx.TensorProto``
+    enum) of the stored tensor when a ``Cast`` node stands between it and the consumer (None: the same
+    type as the torch copy), ``transpose`` swaps the two axes of a rank-2 tensor (Gemm/Linear) and
+    ``scale`` is Gemm's alpha/beta. Zeros map to zeros in both directions.
     """
 
     transpose: bool = False
     scale: float = 1.0
+    perm: tuple[int, ...] | None = None
+    onnx_dtype: int | None = None
+
+    def then(self, *, transpose: bool = False, scale: float = 1.0) -> Layout:
+        """This layout (a Transpose/Cast chain) followed by the consumer's own transpose and scale."""
+        return replace(self, transpose=transpose, scale=scale)
+
+    def onnx_axis(self, torch_axis: int) -> int:
+        """The axis of the stored ONNX tensor that axis ``torch_axis`` of the torch tensor runs along."""
+        axis = 1 - torch_axis if self.transpose else torch_axis
+        return self.perm[axis] if self.perm is not None else axis
 
     def to_onnx(self, t: torch.Tensor) -> np.ndarray:
         a = t.detach().to("cpu", torch.float64)
@@ -45,10 +61,17 @@ class Layout:
             a = a / self.scale
         if self.transpose:
             a = a.T
-        return a.contiguous().numpy()
+        array = a.contiguous().numpy()
+        if self.perm is not None:
+            array = np.ascontiguousarray(array.transpose(np.argsort(self.perm)))
+        if self.onnx_dtype is not None:
+            array = array.astype(helper.tensor_dtype_to_np_dtype(self.onnx_dtype))
+        return array
 
     def to_torch(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
+        if self.perm is not None:
+            a = a.transpose(self.perm)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
         if self.transpose:
             t = t.T
         if self.scale != 1.0:

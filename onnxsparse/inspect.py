@@ -69,6 +69,10 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
             continue
         array = numpy_helper.to_array(constants[value])
         axis = onnx_group_axis(node, list(node.input).index(value), array.ndim)
+        layout = norm.layouts.get(value)
+        if layout is not None and layout.perm is not None:  # a weight behind a Transpose: the stored layout
+            array = np.ascontiguousarray(array.transpose(np.argsort(layout.perm)))
+            axis = layout.perm[axis] if axis is not None else None
         tightest = tightest_pattern(array, axis)
         rows.append(
             LayerInfo(

@@ -149,6 +149,107 @@ def weights_behind_identity_and_constant() -> onnx.ModelProto:
     )
 
 
+def batchnorm_unknown_rank() -> onnx.ModelProto:
+    """Conv1d -> Squeeze (no axes: shape inference loses the rank) -> BatchNormalization -> MatMul."""
+    rng = _rng(8)
+    inits = [
+        numpy_helper.from_array(_w(rng, 6, 4, 3), "conv.weight"),
+        numpy_helper.from_array((1 + 0.1 * rng.standard_normal(6)).astype(np.float32), "bn.scale"),
+        numpy_helper.from_array(_w(rng, 6), "bn.bias"),
+        numpy_helper.from_array(_w(rng, 6), "bn.mean"),
+        numpy_helper.from_array((1 + rng.random(6)).astype(np.float32), "bn.var"),
+        numpy_helper.from_array(_w(rng, 5, 2), "fc.weight"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.weight"], ["c"], name="conv"),
+        helper.make_node("Squeeze", ["c"], ["s"], name="squeeze"),
+        helper.make_node("BatchNormalization", ["s", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["b"], name="bn"),
+        helper.make_node("MatMul", ["b", "fc.weight"], ["y"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", 2])],
+        inits,
+    )
+
+
+def weights_behind_transpose_and_cast() -> onnx.ModelProto:
+    """Transformer-export weight paths: W -> Transpose -> MatMul (+ Add bias), fp16 W -> Cast -> MatMul,
+    fp16 W -> Cast -> Transpose -> Gemm, and a Conv weight stored (kh, kw, cin, cout) behind a Transpose."""
+    rng = _rng(9)
+    inits = [
+        numpy_helper.from_array(_w(rng, 3, 3, 4, 4), "conv.w_hwio"),
+        numpy_helper.from_array(_w(rng, 8, 16), "fc1.w_t"),
+        numpy_helper.from_array(_w(rng, 8), "fc1.b"),
+        numpy_helper.from_array(_w(rng, 8, 8).astype(np.float16), "fc2.w_fp16"),
+        numpy_helper.from_array(_w(rng, 4, 8).astype(np.float16), "fc3.w_fp16_t"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["conv.w_hwio"], ["conv.w"], name="t_conv", perm=[3, 2, 0, 1]),
+        helper.make_node("Conv", ["x", "conv.w"], ["c"], name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], name="flat"),
+        helper.make_node("Transpose", ["fc1.w_t"], ["fc1.w"], name="t_fc1"),
+        helper.make_node("MatMul", ["f", "fc1.w"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "fc1.b"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Cast", ["fc2.w_fp16"], ["fc2.w"], name="cast_fc2", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h1b", "fc2.w"], ["h2"], name="fc2"),
+        helper.make_node("Cast", ["fc3.w_fp16_t"], ["fc3.w_t"], name="cast_fc3", to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["fc3.w_t"], ["fc3.w"], name="t_fc3", perm=[1, 0]),
+        helper.make_node("Gemm", ["h2", "fc3.w"], ["y"], name="fc3"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+
+
+def dequantized_and_shared_weights() -> onnx.ModelProto:
+    """A MatMul weight behind DequantizeLinear (int8) and a Conv weight computed by Mul from two constants:
+    neither is prunable, both must be reported; one plain MatMul weight is prunable."""
+    rng = _rng(10)
+    inits = [
+        numpy_helper.from_array(rng.integers(-100, 100, (8, 6)).astype(np.int8), "fc1.w_q"),
+        numpy_helper.from_array(np.float32(0.01), "fc1.scale"),
+        numpy_helper.from_array(np.int8(0), "fc1.zp"),
+        numpy_helper.from_array(_w(rng, 6, 3), "fc2.w"),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["fc1.w_q", "fc1.scale", "fc1.zp"], ["fc1.w"], name="dq"),
+        helper.make_node("MatMul", ["x", "fc1.w"], ["h"], name="fc1"),
+        helper.make_node("MatMul", ["h", "fc2.w"], ["y"], name="fc2"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+
+
+def einsum_and_embedding() -> onnx.ModelProto:
+    """Token ids -> Gather (embedding table) -> Einsum with a constant -> MatMul: only the MatMul is prunable."""
+    rng = _rng(11)
+    inits = [
+        numpy_helper.from_array(_w(rng, 20, 4), "embed"),
+        numpy_helper.from_array(_w(rng, 4, 3), "E"),
+        numpy_helper.from_array(_w(rng, 3, 2), "fc.w"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed", "ids"], ["e"], name="embedding"),
+        helper.make_node("Einsum", ["e", "E"], ["h"], name="einsum", equation="bsi,ij->bsj"),
+        helper.make_node("MatMul", ["h", "fc.w"], ["y"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 2])],
+        inits,
+    )
+
+
 class TinyCNN(nn.Module):
     def __init__(self, classes: int = 10, channels: int = 1):
         super().__init__()

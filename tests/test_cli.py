@@ -129,3 +129,20 @@ def test_bad_option_values(workspace):
     assert "--pattern" in _error_line(_run(*base, "--pattern", "4:2"))
     assert "--batch-size must be an integer >= 1, got 0" in _error_line(_run(*base, "--batch-size", "0"))
     assert "--scale" in _error_line(_run(*base, "--scale", "abc"))
+
+
+def test_skipped_weights_are_listed(tmp_path):
+    """Weights the tool does not prune are named in the summary with the reason; integer inputs from .npz."""
+    model = tmp_path / "tokens.onnx"
+    onnx.save(graphs.einsum_and_embedding(), str(model))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 20, (16, 5)))
+    out, report = tmp_path / "sparse.onnx", tmp_path / "report.json"
+    result = _run("prune", model, "--sparsity", "0.5", "--calib", calib, "-o", out, "--method", "magnitude",
+                  "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "skipped embedding (Gather): embedding table read by Gather is not pruned" in result.output
+    assert "skipped einsum (Einsum): Einsum weights are not pruned" in result.output
+    data = json.loads(report.read_text())
+    assert [s["tensor"] for s in data["skipped_layers"]] == ["embed", "E"]
+    assert [row["name"] for row in data["layers"]] == ["fc.w"] and data["layers"][0]["zeros"] == 3

@@ -180,10 +180,83 @@ def test_non_image_inputs_from_tensors(tmp_path):
     assert cs.pipeline["source"] == {"kind": "feed dict"}
 
 
-def test_non_float_model_input_is_an_error():
-    model = make_model({"ids": ["N", 16]}, dtype=TensorProto.INT64)
-    with pytest.raises(OnnxSparseError, match="input 'ids' is a int64 tensor; onnxsparse calibrates models whose"):
-        load_calibration({"ids": np.zeros((4, 16), np.int64)}, model)
+def test_unsupported_model_input_dtype_is_an_error():
+    model = make_model({"s": ["N", 4]}, dtype=TensorProto.COMPLEX64)
+    with pytest.raises(OnnxSparseError, match="input 's' is a complex64 tensor; onnxsparse calibrates models whose"):
+        load_calibration({"s": np.zeros((4, 4), np.complex64)}, model)
+
+
+def _token_model() -> onnx.ModelProto:
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["N", "S"])
+    keep = helper.make_tensor_value_info("keep", TensorProto.BOOL, ["N"])
+    outs = [helper.make_tensor_value_info(f"{v.name}_out", v.type.tensor_type.elem_type, None) for v in (ids, mask, keep)]
+    nodes = [helper.make_node("Identity", [v.name], [f"{v.name}_out"]) for v in (ids, mask, keep)]
+    return helper.make_model(helper.make_graph(nodes, "g", [ids, mask, keep], outs))
+
+
+def _token_feed(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    big = np.int64(2**40)  # beyond float32's exact integers: any float round trip would change it
+    ids = rng.integers(0, 30000, (n, 7)).astype(np.int64) + big
+    return {"input_ids": ids, "attention_mask": (rng.random((n, 7)) > 0.3).astype(np.int64),
+            "keep": rng.random(n) > 0.5}
+
+
+@pytest.mark.parametrize("source", ["npz", "npz_folder", "dict", "reader", "iterable"])
+def test_integer_inputs_are_kept_exact(tmp_path, source):
+    model = _token_model()
+    feed = _token_feed(12)
+    if source == "npz":
+        np.savez(tmp_path / "calib.npz", **feed)
+        data = tmp_path / "calib.npz"
+    elif source == "npz_folder":
+        for i in range(0, 12, 4):
+            np.savez(tmp_path / f"part{i:02d}.npz", **{k: v[i:i + 4] for k, v in feed.items()})
+        data = tmp_path
+    elif source == "dict":
+        data = feed
+    else:
+        items = [{k: v[i:i + 3] for k, v in feed.items()} for i in range(0, 12, 3)]
+        if source == "iterable":
+            data = items
+        else:
+            class Reader:
+                def __init__(self):
+                    self.it = iter(items)
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            data = Reader()
+    cs = load_calibration(data, model, holdout_size=4, preprocess=PreprocessConfig(mean=(0.5,), std=(0.2,)))
+    assert cs.train["input_ids"].dtype == np.int64 and cs.train["attention_mask"].dtype == np.int32
+    assert cs.train["keep"].dtype == np.bool_
+    order = np.concatenate([np.flatnonzero((feed["input_ids"] == row).all(axis=1)) for row in cs.holdout["input_ids"]])
+    for name in ("input_ids", "attention_mask", "keep"):
+        np.testing.assert_array_equal(cs.holdout[name], feed[name][order].astype(cs.holdout[name].dtype))
+    feeds = next(cs.feeds("train", 8))
+    assert feeds["input_ids"].dtype == np.int64 and feeds["attention_mask"].dtype == np.int32
+    batch = next(cs.batches("train", 8, shuffle=True, seed=0, augment=True))
+    assert batch[0].dtype == torch.int64 and int(batch[0].min()) >= 2**40
+
+
+def test_integer_inputs_refuse_floats_and_out_of_range_values(tmp_path):
+    model = _token_model()
+    feed = _token_feed(6)
+    with pytest.raises(OnnxSparseError, match="input 'input_ids' has dtype float32; the model declares it int64"):
+        load_calibration({**feed, "input_ids": feed["input_ids"].astype(np.float32)}, model)
+    with pytest.raises(OnnxSparseError, match=r"'attention_mask' holds values in \[0, 4294967297\], outside .* int32"):
+        load_calibration({**feed, "attention_mask": feed["attention_mask"] + 2**32 * (feed["attention_mask"] > 0)}, model)
+    with pytest.raises(OnnxSparseError, match="'keep' is declared bool but holds values other than 0 and 1"):
+        load_calibration({**feed, "keep": np.full(6, 2, np.int64)}, model)
+    ids_only = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.INT64, None)]))
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(OnnxSparseError, match="input 'ids' is a int64 tensor, not an image"):
+        load_calibration(tmp_path, ids_only)
 
 
 # --- Python objects -----------------------------------------------------------------------------

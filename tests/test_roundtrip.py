@@ -24,6 +24,8 @@ CASES = {
     "matmul_weight_first": lambda: graphs.matmul(True),
     "conv_transpose": graphs.conv_transpose,
     "identity_and_constant": graphs.weights_behind_identity_and_constant,
+    "batchnorm_unknown_rank": graphs.batchnorm_unknown_rank,
+    "transpose_and_cast": graphs.weights_behind_transpose_and_cast,
     "torch_bn_folded": lambda: graphs.export_torch(graphs.tiny_cnn()),
     "torch_bn_kept": lambda: graphs.export_torch(graphs.tiny_cnn(), keep_bn=True),
 }

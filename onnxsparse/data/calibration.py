@@ -64,7 +64,8 @@ def _is_int(value: Any) -> bool:
 class CalibrationSet:
     """Preprocessed calibration tensors split into a training part and a holdout part.
 
-    Arrays are float32 in the model's layout, keyed by input name, in ``input_names`` order. The
+    Arrays are float32 in the model's layout (integer and bool inputs: exactly their declared dtype),
+    keyed by input name, in ``input_names`` order. The
     holdout part only measures dense-vs-sparse agreement; augmentation never touches it.
     ``layouts`` names the layout of each image input (needed to augment); ``dtypes`` holds the
     declared element type of each input (``feeds`` casts to it).
@@ -91,8 +92,14 @@ class CalibrationSet:
             counts = set()
             for name in names:
                 array = arrays[name]
-                if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.ndim < 1:
-                    raise OnnxSparseError(f"{split}[{name!r}] must be a float32 numpy array with a batch axis")
+                declared = np.dtype(self.dtypes.get(name, np.float32))
+                exact = declared.kind in "iub" and isinstance(array, np.ndarray) and array.dtype == declared
+                if not isinstance(array, np.ndarray) or not (array.dtype == np.float32 or exact) or array.ndim < 1:
+                    raise OnnxSparseError(
+                        f"{split}[{name!r}] must be a numpy array with a batch axis, float32 (or the declared "
+                        f"integer dtype {declared} for an integer input), got "
+                        + (f"{array.dtype} of rank {array.ndim}" if isinstance(array, np.ndarray) else type(array).__name__)
+                    )
                 counts.add(len(array))
             if len(counts) != 1:
                 raise OnnxSparseError(f"{split} inputs have different sample counts: {sorted(counts)}")
@@ -292,10 +299,10 @@ def _validate_args(
 
 def _check_inputs(specs: list[InputSpec]) -> None:
     for spec in specs:
-        if not spec.is_float:
+        if not (spec.is_float or spec.is_integer):
             raise OnnxSparseError(
                 f"input {spec.name!r} is a {spec.dtype} tensor; onnxsparse calibrates models whose inputs are "
-                "float tensors (float16, float32 or float64)"
+                "float (float16, float32, float64), integer or bool tensors"
             )
 
 
@@ -511,6 +518,11 @@ def _load_images(
             f"({', '.join(repr(s.name) for s in specs)}); use .npz files keyed by input name"
         )
     spec = specs[0]
+    if not spec.is_float:
+        raise OnnxSparseError(
+            f"input {spec.name!r} is a {spec.dtype} tensor, not an image; give its calibration data as .npz/.npy "
+            "files, a feed dict or a reader"
+        )
     resolved = resolve_preprocess(preprocess, spec, model=model, model_path=model_path)
     n_files = len(folder.images)
     where = f"calibration folder {folder.root}"

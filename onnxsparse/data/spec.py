@@ -17,6 +17,10 @@ LAYOUTS = ("nchw", "nhwc", "other")
 
 # Element types a calibration tensor may have; everything else is rejected by load_calibration.
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# Integer and boolean inputs (token ids, attention masks, segment ids) are fed exactly, never normalised.
+INTEGER_DTYPES = tuple(
+    np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,11 @@ class InputSpec:
     @property
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
+
+    @property
+    def is_integer(self) -> bool:
+        """Integer or boolean input (ids, masks): fed as given, in the declared dtype."""
+        return self.dtype in INTEGER_DTYPES
 
     def channel_axis(self, layout: str | None = None) -> int:
         """Axis of the channel dimension in a batched tensor for ``layout`` (default: the detected one)."""

@@ -124,7 +124,13 @@ class FeedCollector:
         return n
 
     def _check(self, spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:
-        if array.dtype.kind != "f":
+        if spec.is_integer:
+            if array.dtype.kind not in "iub":
+                raise OnnxSparseError(
+                    f"{where}: input {spec.name!r} has dtype {array.dtype}; the model declares it {spec.dtype} "
+                    "(ids, masks), so give integer or bool arrays"
+                )
+        elif array.dtype.kind != "f":
             raise OnnxSparseError(
                 f"{where}: input {spec.name!r} has dtype {array.dtype}; calibration tensors must be floating "
                 "point (float16, float32 or float64) and already preprocessed"
@@ -151,6 +157,8 @@ class FeedCollector:
                         f"{where}: input {spec.name!r} has shape {tuple(batch.shape)} (as a batch) but the model "
                         f"declares {spec.describe_shape()}: dimension {axis} is {batch.shape[axis]}, expected {want}"
                     )
+        if spec.is_integer:
+            return _exact_integers(spec, batch, where)
         with np.errstate(over="ignore", invalid="ignore"):
             # Overflow to inf is reported just below, with the input's name.
             converted = batch.astype(np.float32, copy=False)
@@ -182,6 +190,25 @@ class FeedCollector:
                     )
             result[spec.name] = np.concatenate(parts, axis=0) if len(parts) > 1 else np.ascontiguousarray(parts[0])
         return result
+
+
+def _exact_integers(spec: InputSpec, batch: np.ndarray, where: str) -> np.ndarray:
+    """``batch`` in the declared integer dtype, refusing values that dtype cannot hold (no wrap-around)."""
+    if batch.dtype == spec.dtype:
+        return batch
+    if spec.dtype == np.bool_:
+        if batch.size and not np.isin(batch, (0, 1)).all():
+            raise OnnxSparseError(f"{where}: input {spec.name!r} is declared bool but holds values other than 0 and 1")
+        return batch.astype(np.bool_)
+    if batch.size and not np.can_cast(batch.dtype, spec.dtype):
+        info = np.iinfo(spec.dtype)
+        low, high = int(batch.min()), int(batch.max())
+        if low < info.min or high > info.max:
+            raise OnnxSparseError(
+                f"{where}: input {spec.name!r} holds values in [{low}, {high}], outside the range of its declared "
+                f"dtype {spec.dtype} [{info.min}, {info.max}]"
+            )
+    return batch.astype(spec.dtype)
 
 
 def _load_error(path: Path, what: str, exc: ValueError) -> OnnxSparseError:

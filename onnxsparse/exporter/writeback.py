@@ -48,6 +48,11 @@ def write_back(imported: ImportedModel, module: nn.Module, metadata: dict[str, s
         if target is None:
             raise OnnxSparseError(f"internal error: tensor {tracked.source.name!r} not found in the original model")
         dtype = helper.tensor_dtype_to_np_dtype(target.data_type)
+        if tracked.layout.onnx_dtype is not None and tracked.layout.onnx_dtype != target.data_type:
+            raise OnnxSparseError(
+                f"internal error: tensor {tracked.source.name!r} was read as element type {tracked.layout.onnx_dtype}, "
+                f"the model stores type {target.data_type}"
+            )
         array = tracked.layout.to_onnx(current)
         if tuple(array.shape) != tuple(target.dims):
             raise OnnxSparseError(

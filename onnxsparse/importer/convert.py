@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 CONTROL_FLOW_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+# Ops that hold weight matrices the tool does not prune: their constant weights are reported as skipped.
+_UNPRUNED_WEIGHT_OPS = frozenset({
+    "LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "Attention",
+})
 _CONVERTER_MISSING = re.compile(r"operation_type='([^']*)', version=(\d+)")
 
 
@@ -49,8 +53,18 @@ def _check_supported(model: onnx.ModelProto) -> None:
 def _convert(norm: NormalizedGraph) -> fx.GraphModule:
     from onnx2torch import convert
 
+    from onnxsparse.importer.converters import ConverterError, installed
+
     try:
-        return convert(norm.model, attach_onnx_mapping=True)
+        with installed():
+            return convert(norm.model, attach_onnx_mapping=True)
+    except ConverterError as exc:
+        original, op_type = norm.original_nodes.get(exc.node, (exc.node, "?"))
+        raise OnnxSparseError(
+            f"cannot convert {op_type} node {original!r} (opset {norm.opset}"
+            + (f", converted to {norm.torch_opset}" if norm.torch_opset != norm.opset else "")
+            + f"): onnxsparse converter {exc.key}: {exc.reason}"
+        ) from None
     except NotImplementedError as exc:
         match = _CONVERTER_MISSING.search(str(exc))
         if match:
@@ -134,6 +148,8 @@ class _Builder:
                 self.consumers[name].append((node, i))
         self.initializers = {init.name: init for init in g.initializer}
         self.graph_outputs = {o.name for o in g.output}
+        self.producers = {out: node for node in g.node for out in node.output}
+        self._derived: dict[str, str | None] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def source(self, value: str) -> TensorSource | None:
@@ -152,11 +168,12 @@ class _Builder:
             return None
         owner = self.gm.get_submodule(owner_path) if owner_path else self.gm
         tensor = getattr(owner, attr)
+        stored = self.norm.layouts.get(value)
         tracked = TrackedTensor(
             source=source,
             module_path=owner_path,
             attr=attr,
-            layout=layout,
+            layout=layout if stored is None else stored.then(transpose=layout.transpose, scale=layout.scale),
             role=role,
             original=tensor.detach().clone(),
             shared=self.shared(source),
@@ -171,6 +188,27 @@ class _Builder:
         if path is None:
             return None
         return _promote_to_parameter(self.gm, path)
+
+    def derived_from_constants(self, value: str) -> str | None:
+        """The op type of the node computing ``value`` when every input it depends on is a constant tensor
+        (a weight computed at run time: ``DequantizeLinear`` over int8 weights, a ``Reshape`` of a
+        weight, ...); None when ``value`` depends on a graph input or is itself a stored tensor."""
+        if value in self._derived:
+            return self._derived[value]
+        self._derived[value] = None  # a cycle cannot occur in a valid graph; guard anyway
+        node = self.producers.get(value)
+        result = None
+        if node is not None and node.input:
+            inputs = [name for name in node.input if name]
+            if inputs and all(self.source(name) is not None or self.derived_from_constants(name) for name in inputs):
+                result = node.op_type
+        self._derived[value] = result
+        return result
+
+    def embedding_table(self, value: str) -> bool:
+        init = self.initializers.get(value)
+        return self.source(value) is not None and init is not None and len(init.dims) == 2 and (
+            init.data_type in _FLOAT_TYPES)
 
     def original(self, node: onnx.NodeProto) -> str:
         return self.norm.original_nodes.get(node.name, ("", node.op_type))[0]
@@ -248,7 +286,9 @@ class _Builder:
     def conv(self, node: onnx.NodeProto) -> None:
         value = node.input[1]
         if self.source(value) is None:
-            self.skip(node, value, "weight is computed at run time")
+            op = self.derived_from_constants(value)
+            self.skip(node, value, "weight is computed at run time" + (
+                f" from constant tensors by {op}" if op else " from the graph inputs"))
             return
         path = _owner_path(self.gm, node.name)
         module = self.gm.get_submodule(path)
@@ -288,7 +328,9 @@ class _Builder:
         c = node.input[2] if len(node.input) > 2 and node.input[2] else None
         operand = self.constant_operand(node, trans_a, trans_b)
         if operand is None:
-            self.skip(node, node.input[1], "no constant rank-2 operand (or both operands constant)")
+            op = next((op for op in map(self.derived_from_constants, node.input[:2]) if op), None)
+            self.skip(node, node.input[1], f"weight is computed at run time from constant tensors by {op}" if op
+                      else "no constant rank-2 operand (or both operands constant)")
             return
         value, out_axis, reduction, act_axis = operand
         weight = self.operand_weight(node, value)
@@ -331,6 +373,11 @@ class _Builder:
         operand = self.constant_operand(node)
         if operand is None:
             if self.source(a) is None and self.source(b) is None:
+                for value in (b, a):
+                    op = self.derived_from_constants(value)
+                    if op is not None:
+                        self.skip(node, value, f"weight is computed at run time from constant tensors by {op}")
+                        return
                 return  # activation x activation (attention scores): nothing to prune
             self.skip(node, b if self.source(b) else a, "constant operand is not rank 2 (or both are constant)")
             return
@@ -368,6 +415,12 @@ class _Builder:
                 self.matmul(node)
             elif node.op_type == "BatchNormalization":
                 has_bn = self.batchnorm(node) or has_bn
+            elif node.op_type == "Gather" and self.embedding_table(node.input[0]):
+                self.skip(node, node.input[0], "embedding table read by Gather is not pruned")
+            elif node.op_type in _UNPRUNED_WEIGHT_OPS:
+                for value in node.input:
+                    if value and self.source(value) is not None and (self.rank(value) or 0) >= 2:
+                        self.skip(node, value, f"{node.op_type} weights are not pruned")
         return has_bn
 
 

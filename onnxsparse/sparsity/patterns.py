@@ -151,10 +151,7 @@ def torch_group_axis(layer: PrunableLayer) -> int:
 
 def layer_onnx_axis(layer: PrunableLayer) -> int:
     """The group axis in the ONNX initializer of ``layer`` (torch axis through the weight's layout)."""
-    axis = torch_group_axis(layer)
-    if layer.weight.layout.transpose:
-        axis = 1 - axis
-    return axis
+    return layer.weight.layout.onnx_axis(torch_group_axis(layer))
 
 
 def dense_reason(layer: PrunableLayer, m: int) -> str | None:

@@ -1,0 +1,48 @@
+"""DequantizeLinear (QDQ models): onnx2torch has no converter. Weights behind it stay quantized and are
+reported as skipped by the importer; this only lets the rest of the model convert."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx
+import torch
+from torch import nn
+
+from onnxsparse.importer.converters.registry import REGISTRY, ConverterError
+
+if TYPE_CHECKING:
+    from onnx2torch.onnx_graph import OnnxGraph
+    from onnx2torch.onnx_node import OnnxNode
+    from onnx2torch.utils.common import OperationConverterResult
+
+
+class DequantizeLinear(nn.Module):
+    """``(x - zero_point) * scale``, per tensor or per ``axis`` (ONNX DequantizeLinear without blocks)."""
+
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+        centred = x.to(scale.dtype)
+        if zero_point is not None:
+            zp = zero_point.to(scale.dtype)
+            if zp.dim() == 1 and x.dim() > 1:
+                zp = zp.reshape([-1 if i == self.axis % x.dim() else 1 for i in range(x.dim())])
+            centred = centred - zp
+        if scale.dim() == 1 and x.dim() > 1:
+            scale = scale.reshape([-1 if i == self.axis % x.dim() else 1 for i in range(x.dim())])
+        return centred * scale
+
+
+@REGISTRY.add("DequantizeLinear", 10, onnx.defs.onnx_opset_version())
+def convert_dequantize_linear(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    attrs = node.attributes
+    if attrs.get("block_size", 0):
+        raise ConverterError("blocked quantization (block_size) is not supported")
+    return OperationConverterResult(
+        torch_module=DequantizeLinear(int(attrs.get("axis", 1))), onnx_mapping=onnx_mapping_from_node(node)
+    )
