@@ -74,6 +74,9 @@ class UniPTSConfig:
     # BatchNorm during distillation: "frozen" runs it in eval mode (dense statistics kept, affine parameters
     # trained); "train" normalises with batch statistics and updates the running ones (the paper's setting)
     batchnorm: str = "frozen"
+    # global gradient-norm clip per step (None: none). With frozen BatchNorm a channel of tiny running variance
+    # multiplies its gradient by gamma / sqrt(var + eps); unclipped, PP-OCR's classifier diverged at lr 0.05
+    max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         for name in ("population", "generations", "parents", "fitness_samples", "batch_size"):
@@ -98,6 +101,8 @@ class UniPTSConfig:
         _number(self.pruned_decay, "--pruned-decay", 0, 1)
         if self.time_budget is not None:
             _number(self.time_budget, "--time-budget", 0, 1e7, lo_open=True)
+        if self.max_grad_norm is not None:
+            _number(self.max_grad_norm, "--max-grad-norm", 0, 1e6, lo_open=True)
         _check(self.batchnorm in ("frozen", "train"),
                f"--batchnorm must be 'frozen' or 'train', got {self.batchnorm!r}")
 
@@ -105,7 +110,7 @@ class UniPTSConfig:
     def paper(cls, **overrides) -> UniPTSConfig:
         """The official recipe: 25 x 25 search, 10 parents, 12 + 12 children, 100 epochs, lr 0.01, T = 4."""
         base = dict(population=25, generations=25, parents=10, crossover=12, mutation=12, epochs=100.0,
-                    fitness_samples=10_240, lr=0.01, temperature=4.0, time_budget=None, batchnorm="train")
+                    fitness_samples=10_240, lr=0.01, temperature=4.0, time_budget=None, batchnorm="train", max_grad_norm=None)
         base.update(overrides)
         return cls(**base)
 

@@ -148,7 +148,10 @@ def _setup(name: str, tmp_path: Path) -> tuple[onnx.ModelProto, Path | onnx.Mode
 
 
 def _config(sparsity: float, **kwargs) -> PruneConfig:
-    return PruneConfig(sparsity=sparsity, max_samples=SAMPLES, holdout_size=SAMPLES // 2, batch_size=4, **kwargs)
+    # random calibration data and 4 holdout samples say nothing about quality: the gate is off here (its own
+    # tests are in test_quality.py); validity, exact zeros and export fidelity are what this corpus checks
+    return PruneConfig(sparsity=sparsity, max_samples=SAMPLES, holdout_size=SAMPLES // 2, batch_size=4,
+                       min_agreement=0.0, **kwargs)
 
 
 @pytest.mark.slow
@@ -217,7 +220,7 @@ def test_bert_default_method_from_a_reader(tmp_path):
     unipts = UniPTSConfig(population=4, parents=2, crossover=1, mutation=1, generations=1, epochs=1.0,
                           fitness_samples=8, batch_size=4)
     out = tmp_path / "out.onnx"
-    config = PruneConfig(sparsity=0.5, batch_size=4, holdout_size=8, unipts=unipts)
+    config = PruneConfig(sparsity=0.5, batch_size=4, holdout_size=8, unipts=unipts, min_agreement=0.0)
     result = prune(model, out, reader, config, progress=False)
     assert result.report["method"] == "unipts" and result.report["calibration"]["train"] == 8
     pruned = onnx.load(str(out))

@@ -311,13 +311,13 @@ class UniPTS:
             trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
                             autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
                             checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
-                            freeze_batchnorm=cfg.batchnorm == "frozen")
+                            freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm)
         report = {
             "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": gamma,
             "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
             "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
             "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
-            "augment": augment, "batchnorm": cfg.batchnorm, "holdout_before": before.as_dict(), **trained.as_dict(),
+            "augment": augment, "batchnorm": cfg.batchnorm, "max_grad_norm": cfg.max_grad_norm, "holdout_before": before.as_dict(), **trained.as_dict(),
         }
         return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
 

@@ -98,12 +98,15 @@ def train(
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 1,
     freeze_batchnorm: bool = True,
+    max_grad_norm: float | None = None,
 ) -> TrainResult:
     """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations.
 
     ``freeze_batchnorm``: BatchNorm layers run in eval mode (the dense running statistics, not the batch's;
     their affine parameters still train), so the statistics never drift toward calibration data unlike the
     data the model was trained on; the finish's correction chooser can still re-estimate them.
+
+    ``max_grad_norm``: the gradient's global norm is clipped to it before each step (None: no clipping).
 
     ``checkpoint`` receives the state at the end of every ``checkpoint_every``-th epoch; ``resume`` is such a
     state: training continues from it and reaches what the uninterrupted run would have.
@@ -161,6 +164,8 @@ def train(
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             losses.append(float(loss.detach()))
             step += 1
