@@ -124,9 +124,15 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
     )
     if run_dir is not None and resume_dir is not None and run_dir != resume_dir:
         raise OnnxSparseError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
-    result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
-                       report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,
-                       resume=resume_dir is not None)
+    from onnxsparse.distributed import context_from_env, session
+
+    dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
+    with session(dist):
+        result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
+                           report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,
+                           resume=resume_dir is not None, dist=dist)
+    if not dist.is_main:  # rank 0 writes and reports
+        return
     if report_path is not None:
         from onnxsparse.report_plot import plot_path, write_report_plot
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
+from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 from onnxsparse.sparsity.correction import CorrectionReport, correct
@@ -35,6 +36,7 @@ class PruneContext:
     progress: bool = True
     stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
     run_dir: RunDir | None = None  # checkpoints of a long run (None: no checkpoints)
+    dist: DistContext = field(default_factory=DistContext)  # this process's rank in a torchrun run
 
     @property
     def layers(self):

@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from onnxsparse.config import UniPTSConfig
+from onnxsparse.device import oom_phase
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
-from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, train
+from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, train, training_batches
 from onnxsparse.methods.unipts.objective import Distillation, as_outputs, default_gamma, is_class_logits
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
@@ -91,7 +92,8 @@ class _Phases:
     def __call__(self, name: str):
         start = time.perf_counter()
         try:
-            yield
+            with oom_phase(name):
+                yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
@@ -136,8 +138,8 @@ class UniPTS:
             evaluator = FitnessEvaluator(
                 ctx.student, ctx.teacher, layers, batches, logits=logits, correction=correction,
                 has_batchnorm=ctx.imported.has_batchnorm,
-                channel_inputs=ctx.correction_inputs() if correction else None, autocast=autocast,
-            )
+                channel_inputs=ctx.correction_inputs() if correction else None, autocast=contextlib.nullcontext,
+            )  # fitness in fp32: bf16 would blur the ranking of close candidates
             saved = ctx.run_dir.load("allocation") if ctx.run_dir is not None else None
             if saved is not None:  # resumed run: the allocation was searched already
                 zeros = saved["zeros"].numpy()
@@ -167,7 +169,7 @@ class UniPTS:
                     search = EvolutionarySearch(
                         evaluator, numels, target=target, regrow=cfg.regrow, s_max=cfg.max_layer_sparsity,
                         population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
-                        mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
+                        mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng, dist=ctx.dist,
                     )
                     generations = cfg.generations
                     search_budget = None
@@ -188,6 +190,7 @@ class UniPTS:
                     }
                 chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
                 zeros = candidates[chosen]
+            zeros = ctx.dist.broadcast_object(zeros)  # rank 0's choice, should float noise split the ranks
             sparsities = zeros_to_sparsities(zeros, layers)
             if saved is None:
                 if nm is not None:
@@ -227,10 +230,7 @@ class UniPTS:
             train_bs = min(cfg.batch_size, n_train)
             augment = bool(cfg.augment and ctx.calib.augment)
 
-            def epoch_batches(epoch: int):
-                seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
-                return ctx.calib.batches("train", train_bs, shuffle=True, seed=seed, augment=augment,
-                                         device=ctx.device, drop_last=True)
+            epoch_batches = training_batches(ctx, train_bs, augment)
 
             before = holdout(ctx.student) if holdout is not None else None
             resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
@@ -238,7 +238,7 @@ class UniPTS:
             with _progress(ctx, plan.iterations, "unipts train") as bar:
                 trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
                                 autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
-                                checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every)
+                                checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every, dist=ctx.dist)
             info["resumed"] = {"allocation": saved is not None,
                                "training_step": int(resume["step"]) if resume is not None else None}
             info["training"] = {
@@ -274,7 +274,7 @@ class UniPTS:
         else:
             source = fitness_batches
             split = "train (no holdout split)"
-        scorer = HoldoutScorer(ctx.teacher, source, logits=logits, autocast=autocast)
+        scorer = HoldoutScorer(ctx.teacher, source, logits=logits, autocast=contextlib.nullcontext)  # fp32
         scorer.split = split
         return scorer
 
