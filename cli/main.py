@@ -103,8 +103,27 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
           time_budget, correction_samples, verify_samples, verify_tolerance, run_dir, resume_dir,
           checkpoint_every, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
+    from onnxsparse.distributed import context_from_env
+
+    dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
+    try:
+        config = _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude,
+                               no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations,
+                               search_generations, population, no_search, lr, time_budget, correction_samples,
+                               verify_samples, verify_tolerance, checkpoint_every, preprocess)
+    except OnnxSparseError:
+        if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
+            raise SystemExit(2) from None
+        raise
+    _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
+               run_dir, resume_dir)
+
+
+def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude, no_correction,
+                  batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations, population,
+                  no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance, checkpoint_every,
+                  preprocess):
     from onnxsparse.config import PruneConfig, UniPTSConfig
-    from onnxsparse.pipeline import prune as run_prune
 
     if output is None and not dry_run:
         raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
@@ -122,11 +141,16 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
         verify_tolerance=verify_tolerance, checkpoint_every=checkpoint_every, unipts=unipts,
     )
+    return config
+
+
+def _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
+               run_dir, resume_dir) -> None:
+    from onnxsparse.distributed import session
+    from onnxsparse.pipeline import prune as run_prune
+
     if run_dir is not None and resume_dir is not None and run_dir != resume_dir:
         raise OnnxSparseError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
-    from onnxsparse.distributed import context_from_env, session
-
-    dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
     with session(dist):
         result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
                            report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,

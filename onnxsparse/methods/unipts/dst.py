@@ -212,6 +212,33 @@ def train(
         return result
     dist = dist or DistContext()
     params = [p for p in student.parameters() if p.requires_grad]
+    layout = _conv_layout(student)
+    try:
+        student.to(memory_format=layout)
+        teacher.to(memory_format=layout)
+        return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, holdout=holdout,
+                      autocast=autocast, progress=progress, stop=stop, resume=resume, checkpoint=checkpoint,
+                      checkpoint_every=checkpoint_every, dist=dist)
+    finally:  # the rest of the pipeline (export, correction) sees plain contiguous tensors again
+        student.to(memory_format=torch.contiguous_format)
+        teacher.to(memory_format=torch.contiguous_format)
+
+
+def _conv_layout(module: nn.Module) -> torch.memory_format:
+    """channels-last for models with 2-D convolutions: faster convolution kernels on CPU (oneDNN) and CUDA."""
+    has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
+    return torch.channels_last if has_conv else torch.contiguous_format
+
+
+def _to_layout(batch: tuple[torch.Tensor, ...], layout: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    if layout is torch.contiguous_format:
+        return batch
+    return tuple(t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in batch)
+
+
+def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, holdout, autocast, progress,
+           stop, resume, checkpoint, checkpoint_every, dist) -> TrainResult:
+    total = plan.iterations
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
     base_lr = plan.lr
     teacher.eval()
@@ -251,6 +278,7 @@ def train(
                 break
             if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample (same on every rank: equal shards)
                 continue
+            batch = _to_layout(batch, layout)
             lr = lr_at(step, total, plan.warmup, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
