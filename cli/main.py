@@ -258,16 +258,18 @@ def _pct(value: float | None) -> str:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many images (balanced over classes).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="cpu", show_default=True,
+              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
 @preprocessing
 @verbosity
-def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quiet) -> None:
+def eval_(model, data, labels_file, batch_size, limit, as_json, device, preprocess, quiet) -> None:
     """Top-1 and top-5 accuracy of MODEL with onnxruntime on the labelled image folder --data."""
     from onnxsparse.evaluate import evaluate
 
     if limit is not None and limit < 1:
         raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
     result = evaluate(model, data, preprocess=preprocess, labels_file=labels_file, batch_size=batch_size,
-                      limit=limit, progress=not quiet and not as_json)
+                      limit=limit, progress=not quiet and not as_json, device=device)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -292,9 +294,12 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quie
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--limit", type=int, default=None, help="Compare on at most this many images.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="cpu", show_default=True,
+              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
 @preprocessing
 @verbosity
-def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, preprocess, quiet) -> None:
+def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, device, preprocess,
+            quiet) -> None:
     """Run DENSE and SPARSE on the same --data inputs; report agreement, output differences, sparsity."""
     from onnxsparse.evaluate import compare as run_compare
 
@@ -302,7 +307,7 @@ def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, 
     if limit is not None and limit < 1:
         raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
     result = run_compare(dense, sparse, data, preprocess=preprocess, labels_file=labels_file,
-                         batch_size=batch_size, limit=limit)
+                         batch_size=batch_size, limit=limit, device=device)
     if min_agreement is not None and result.top1_agreement is None:
         raise OnnxSparseError(
             "--min-agreement needs class scores ([N, classes]) as the first output; this model's first output "

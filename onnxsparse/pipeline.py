@@ -285,7 +285,7 @@ def prune(
         dense_ref = model_path if model_path is not None else imported.proto
         verification = verify_file(
             path, dense_ref, feeds(), student=student, input_names=calib_set.input_names, device="cpu",
-            tolerance=config.verify_tolerance,
+            tolerance=config.verify_tolerance, ort_device=device,
         ).as_dict()
 
     with timer.phase("verify+save"):
