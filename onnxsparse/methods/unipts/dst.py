@@ -22,6 +22,7 @@ import math
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -216,9 +217,13 @@ def train(
     try:
         student.to(memory_format=layout)
         teacher.to(memory_format=layout)
-        return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, holdout=holdout,
-                      autocast=autocast, progress=progress, stop=stop, resume=resume, checkpoint=checkpoint,
-                      checkpoint_every=checkpoint_every, dist=dist)
+        with warnings.catch_warnings():
+            # DDP notes that a 1x1 kernel's gradient has the contiguous strides of its channels-last
+            # parameter (the same memory layout, other strides for the size-1 axes): harmless
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, holdout=holdout,
+                          autocast=autocast, progress=progress, stop=stop, resume=resume,
+                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, dist=dist)
     finally:  # the rest of the pipeline (export, correction) sees plain contiguous tensors again
         student.to(memory_format=torch.contiguous_format)
         teacher.to(memory_format=torch.contiguous_format)
