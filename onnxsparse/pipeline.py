@@ -206,7 +206,7 @@ def prune(
             max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
         )
     dist = dist or DistContext()
-    _check_distributed(dist, run_dir, resume)
+    _check_distributed(dist, config, run_dir, resume)
     device = dist.device if dist.active else resolve_device(config.device)
     torch.manual_seed(config.seed)
     student = imported.clone_module().to(device)  # keeps the importer's requires_grad flags (shared: frozen)
@@ -332,7 +332,9 @@ def prune(
     return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
 
 
-def _check_distributed(dist: DistContext, run_dir, resume: bool) -> None:
+def _check_distributed(dist: DistContext, config: PruneConfig, run_dir, resume: bool) -> None:
+    if config.method == "unipts":
+        dist.local_batch(config.unipts.batch_size)  # refused before the search rather than after it
     if dist.active and (run_dir is not None or resume):
         raise OnnxSparseError(
             f"--run-dir/--resume are not supported with {dist.world_size} processes (checkpoints are written "
