@@ -113,8 +113,27 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
           time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement, run_dir, resume_dir,
           checkpoint_every, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
+    from onnxsparse.distributed import context_from_env
+
+    dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
+    try:
+        config = _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude,
+                               no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations,
+                               search_generations, population, no_search, lr, time_budget, correction_samples,
+                               verify_samples, verify_tolerance, min_agreement, checkpoint_every, preprocess)
+    except OnnxSparseError:
+        if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
+            raise SystemExit(2) from None
+        raise
+    _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
+               run_dir, resume_dir)
+
+
+def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude, no_correction,
+                  batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations, population,
+                  no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement,
+                  checkpoint_every, preprocess):
     from onnxsparse.config import PruneConfig, UniPTSConfig
-    from onnxsparse.pipeline import prune as run_prune
 
     if output is None and not dry_run:
         raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
@@ -135,11 +154,22 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
         unipts=unipts,
     )
+    return config
+
+
+def _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
+               run_dir, resume_dir) -> None:
+    from onnxsparse.distributed import session
+    from onnxsparse.pipeline import prune as run_prune
+
     if run_dir is not None and resume_dir is not None and run_dir != resume_dir:
         raise OnnxSparseError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
-    result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
-                       report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,
-                       resume=resume_dir is not None)
+    with session(dist):
+        result = run_prune(model, None if dry_run else output, calib, config, preprocess=preprocess, force=force,
+                           report_path=report_path, progress=not quiet, run_dir=resume_dir or run_dir,
+                           resume=resume_dir is not None, dist=dist)
+    if not dist.is_main:  # rank 0 writes and reports
+        return
     if report_path is not None:
         from onnxsparse.report_plot import plot_path, write_report_plot
 
@@ -249,16 +279,18 @@ def _pct(value: float | None) -> str:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many images (balanced over classes).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="cpu", show_default=True,
+              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
 @preprocessing
 @verbosity
-def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quiet) -> None:
+def eval_(model, data, labels_file, batch_size, limit, as_json, device, preprocess, quiet) -> None:
     """Top-1 and top-5 accuracy of MODEL with onnxruntime on the labelled image folder --data."""
     from onnxsparse.evaluate import evaluate
 
     if limit is not None and limit < 1:
         raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
     result = evaluate(model, data, preprocess=preprocess, labels_file=labels_file, batch_size=batch_size,
-                      limit=limit, progress=not quiet and not as_json)
+                      limit=limit, progress=not quiet and not as_json, device=device)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -284,9 +316,12 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, preprocess, quie
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--limit", type=int, default=None, help="Compare on at most this many images.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--device", default="cpu", show_default=True,
+              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
 @preprocessing
 @verbosity
-def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, preprocess, quiet) -> None:
+def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, device, preprocess,
+            quiet) -> None:
     """Run DENSE and SPARSE on the same --data inputs; report agreement, output differences, sparsity."""
     from onnxsparse.evaluate import compare as run_compare
 
@@ -294,7 +329,7 @@ def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, 
     if limit is not None and limit < 1:
         raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
     result = run_compare(dense, sparse, data, preprocess=preprocess, labels_file=labels_file,
-                         batch_size=batch_size, limit=limit)
+                         batch_size=batch_size, limit=limit, device=device)
     if min_agreement is not None and result.top1_agreement is None:
         raise OnnxSparseError(
             "--min-agreement needs class scores ([N, classes]) as the first output; this model's first output "

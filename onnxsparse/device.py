@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from onnxsparse.errors import OnnxSparseError
@@ -20,3 +23,34 @@ def resolve_device(spec: str) -> torch.device:
             )
         return device
     return torch.device("cpu")
+
+
+# What to lower when a phase runs out of device memory: (flag, PruneConfig attribute holding its value)
+_OOM_FLAGS = {
+    "statistics correction": ("--correction-samples", "correction_samples"),
+    "allocation": ("--batch-size", "batch_size"),
+    "training": ("--batch-size", "batch_size"),
+    "finish": ("--correction-samples", "correction_samples"),
+}
+
+
+@contextlib.contextmanager
+def oom_phase(name: str) -> Iterator[None]:
+    """Tag a CUDA out-of-memory error raised inside with the phase ``name`` (the innermost phase wins)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        if getattr(exc, "onnxsparse_phase", None) is None:
+            exc.onnxsparse_phase = name
+        raise
+
+
+def out_of_memory(exc: BaseException, device: torch.device, config) -> OnnxSparseError:
+    """The user's message for a CUDA OOM: the phase it hit and the flag that sizes that phase."""
+    phase = getattr(exc, "onnxsparse_phase", None)
+    flag, attr = _OOM_FLAGS.get(phase, ("--batch-size", "batch_size"))
+    where = f" during {phase}" if phase else ""
+    return OnnxSparseError(
+        f"out of memory on {device}{where} with {flag} {getattr(config, attr)} per batch; lower {flag} "
+        "or use --device cpu"
+    )

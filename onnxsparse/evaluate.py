@@ -32,7 +32,7 @@ from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, res
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import collect_files, is_tensor_file
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.exporter.verify import ort_session
+from onnxsparse.exporter.verify import ort_device, ort_session
 from onnxsparse.importer.load import load_model
 from onnxsparse.inspect import inspect_model
 
@@ -364,8 +364,10 @@ class EvalResult:
 
 def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, preprocess: PreprocessConfig | None = None,
              labels_file: str | os.PathLike | None = None, batch_size: int = 64, limit: int | None = None,
-             progress: bool = False) -> EvalResult:
-    """Top-1 and top-5 accuracy of ``model`` with onnxruntime on the labelled folder ``data``."""
+             progress: bool = False, device: str | None = None) -> EvalResult:
+    """Top-1 and top-5 accuracy of ``model`` with onnxruntime on the labelled folder ``data``.
+
+    ``device``: "cpu" (default), "cuda[:N]" (onnxruntime's CUDA provider, CPU when it is missing) or "auto"."""
     from tqdm import tqdm
 
     preprocess = preprocess or PreprocessConfig(augment=False)
@@ -373,7 +375,7 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, *, preprocess: P
     proto, model_path = _proto(model)
     folder = scan_folder(data, labels_file=labels_file).head(limit)
     pipeline = image_pipeline(proto, model_path, preprocess)
-    runner = _Runner(ort_session(model))
+    runner = _Runner(ort_session(model, ort_device(device)))
     acc = Accuracy()
     skipped: Counter = Counter()
     with tqdm(total=len(folder.files), desc="evaluating", unit="img", disable=None if progress else True) as bar:
@@ -556,17 +558,17 @@ class _Comparison:
 
 def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.PathLike, *,
             preprocess: PreprocessConfig | None = None, labels_file: str | os.PathLike | None = None,
-            batch_size: int = 64, limit: int | None = None) -> CompareResult:
+            batch_size: int = 64, limit: int | None = None, device: str | None = None) -> CompareResult:
     """Run ``dense`` and ``sparse`` on the same inputs from ``data`` and compare their outputs.
 
     ``data`` is an image folder (labelled folders also give both accuracies) or the tensors ``prune --calib``
-    takes: a folder of .npy/.npz files or one such file.
+    takes: a folder of .npy/.npz files or one such file. ``device`` as in :func:`evaluate`.
     """
     preprocess = preprocess or PreprocessConfig(augment=False)
     start = time.perf_counter()
     dense_proto, dense_path = _proto(dense)
     sparse_proto, _ = _proto(sparse)
-    dense_sess, sparse_sess = ort_session(dense), ort_session(sparse)
+    dense_sess, sparse_sess = ort_session(dense, ort_device(device)), ort_session(sparse, ort_device(device))
     for what, fa, fb in (("inputs", dense_sess.get_inputs(), sparse_sess.get_inputs()),
                          ("outputs", dense_sess.get_outputs(), sparse_sess.get_outputs())):
         na, nb = [x.name for x in fa], [x.name for x in fb]

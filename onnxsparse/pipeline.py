@@ -18,7 +18,8 @@ import torch
 import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
-from onnxsparse.device import resolve_device
+from onnxsparse.device import out_of_memory, resolve_device
+from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, zip_size
@@ -172,11 +173,14 @@ def prune(
     progress: bool = True,
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    dist: DistContext | None = None,
 ) -> PruneResult:
     """Prune ``model`` to ``config.sparsity`` using ``calib`` and write the verified result to ``output``.
 
     ``calib`` is anything :func:`onnxsparse.data.load_calibration` accepts. ``output=None`` runs everything
     but the final write (a dry run). Raises :class:`OnnxSparseError` on user errors; writes nothing then.
+    ``dist`` (from :mod:`onnxsparse.distributed`) runs this as one rank of a torchrun job: the method's work is
+    shared, rank 0 alone exports, verifies and writes; the other ranks return a result without ``output``.
     """
     from onnxsparse.data import PreprocessConfig, load_calibration
 
@@ -201,7 +205,9 @@ def prune(
             calib, imported.proto, model_path=model_path, preprocess=preprocess or PreprocessConfig(),
             max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
         )
-    device = resolve_device(config.device)
+    dist = dist or DistContext()
+    _check_distributed(dist, config, run_dir, resume)
+    device = dist.device if dist.active else resolve_device(config.device)
     torch.manual_seed(config.seed)
     student = imported.clone_module().to(device)  # keeps the importer's requires_grad flags (shared: frozen)
     teacher = imported.module.to(device).eval()
@@ -212,7 +218,8 @@ def prune(
         runs = RunDir(run_dir, _fingerprint(model_path, imported, calib, config, preprocess), resume=resume)
     elif resume:
         raise OnnxSparseError("resume needs a run directory")
-    ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress, run_dir=runs)
+    ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress and dist.is_main,
+                       run_dir=runs, dist=dist)
     with timer.phase("calibration data"):
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes: list[str] = []
@@ -229,11 +236,11 @@ def prune(
             # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
             # (training or statistics correction would otherwise move weights at sparsity 0).
             result = _unchanged(imported) if config.sparsity == 0 and config.nm is None else method.run(ctx)
-        except torch.cuda.OutOfMemoryError:
-            raise OnnxSparseError(
-                f"out of memory on {device} with --batch-size {config.batch_size}"
-                f" (UniPTS training batch {config.unipts.batch_size}); lower --batch-size or use --device cpu"
-            ) from None
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory(exc, device, config) from None
+    dist.broadcast_module(ctx.student)  # rank 0's weights on every rank, whatever float noise did
+    if not dist.is_main:
+        return PruneResult(None, config.sparsity, float("nan"), [], {"rank": dist.rank})
     student = ctx.student.to("cpu").eval()
     total = sum(layer.numel for layer in imported.layers)
     metadata = {
@@ -281,7 +288,7 @@ def prune(
         dense_ref = model_path if model_path is not None else imported.proto
         checked = verify_file(
             path, dense_ref, feeds(), student=student, input_names=calib_set.input_names, device="cpu",
-            tolerance=config.verify_tolerance, kinds=[(s.kind, s.axis) for s in signals],
+            tolerance=config.verify_tolerance, ort_device=device, kinds=[(s.kind, s.axis) for s in signals],
         )
         verification = checked.as_dict()
         gate.update({"agreement": checked.agreement, "measure": checked.measure,
@@ -340,6 +347,16 @@ def prune(
         failed.report = report
         raise failed
     return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
+
+
+def _check_distributed(dist: DistContext, config: PruneConfig, run_dir, resume: bool) -> None:
+    if config.method == "unipts":
+        dist.local_batch(config.unipts.batch_size)  # refused before the search rather than after it
+    if dist.active and (run_dir is not None or resume):
+        raise OnnxSparseError(
+            f"--run-dir/--resume are not supported with {dist.world_size} processes (checkpoints are written "
+            "by one process); run without them, or in one process"
+        )
 
 
 def _unchanged(imported: ImportedModel) -> MethodResult:

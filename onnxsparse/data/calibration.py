@@ -147,6 +147,7 @@ class CalibrationSet:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        resident: dict[str, torch.Tensor] | None = None,
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of torch tensors in ``input_names`` order, on ``device``.
 
@@ -154,7 +155,8 @@ class CalibrationSet:
         the set allows it (``self.augment``) and the split is "train" (never the holdout). With
         ``world_size`` > 1 the (shuffled) order is padded by wrapping around to a multiple of
         ``world_size`` and rank ``rank`` takes every ``world_size``-th sample, so all ranks get the
-        same number of batches.
+        same number of batches. ``resident`` (from :meth:`resident`) serves the same batches by indexing
+        tensors already on ``device`` instead of gathering and copying from the host.
         """
         arrays = self._arrays(split)
         if not _is_int(batch_size) or batch_size <= 0:
@@ -177,6 +179,12 @@ class CalibrationSet:
                 break
             tensors = []
             for name in self.input_names:
+                if resident is not None:
+                    tensor = resident[name][torch.from_numpy(index).to(resident[name].device)]
+                    if generator is not None:
+                        tensor = augment_batch(tensor, generator, self.layouts[name])
+                    tensors.append(tensor)
+                    continue
                 tensor = torch.from_numpy(arrays[name][index])
                 if pin:
                     tensor = tensor.pin_memory().to(device, non_blocking=True)
@@ -186,6 +194,13 @@ class CalibrationSet:
                     tensor = augment_batch(tensor, generator, self.layouts[name])
                 tensors.append(tensor)
             yield tuple(tensors)
+
+    def resident(self, split: str, device: torch.device | str, max_bytes: int) -> dict[str, torch.Tensor] | None:
+        """The whole ``split`` as tensors on ``device`` for :meth:`batches`, or None above ``max_bytes``."""
+        arrays = self._arrays(split)
+        if sum(a.nbytes for a in arrays.values()) > max_bytes:
+            return None
+        return {name: torch.from_numpy(arrays[name]).to(device) for name in self.input_names}
 
     def feeds(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """onnxruntime feed dicts in stored order, cast to each input's declared dtype, no augmentation."""

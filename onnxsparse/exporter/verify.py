@@ -54,12 +54,53 @@ class Verification:
         return asdict(self)
 
 
-def ort_session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSession:
+def ort_providers(device: torch.device | str | None = None, available: list[str] | None = None) -> list:
+    """onnxruntime providers for a run on ``device``: CUDA (device id, no TF32) then CPU when the run is on
+    CUDA and the installed onnxruntime has the CUDA provider (``onnxsparse[gpu]``), else the CPU alone."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers() if available is None else available
+    if "CUDAExecutionProvider" not in available:
+        logger.info("onnxruntime has no CUDAExecutionProvider (install onnxsparse[gpu], see README): "
+                    "verifying on the CPU")
+        return ["CPUExecutionProvider"]
+    # TF32 off: verification compares against float32 results with a tolerance of 1e-3
+    cuda = {"device_id": device.index or 0, "use_tf32": 0}
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def ort_device(spec: str | None) -> str:
+    """``--device`` of the onnxruntime-only commands: "auto" is CUDA when onnxruntime has the CUDA provider."""
+    if spec is None or spec == "cpu":
+        return "cpu"
+    if spec == "auto":
+        return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        return spec
+    raise OnnxSparseError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike,
+                device: torch.device | str | None = None) -> ort.InferenceSession:
+    """An onnxruntime session for ``model``; on the CUDA provider when ``device`` is CUDA (see ort_providers)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    providers = ort_providers(device)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
+        if providers == ["CPUExecutionProvider"]:
+            raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
+        logger.info("onnxruntime's CUDA provider failed (%s): verifying on the CPU", exc)
+        providers = ["CPUExecutionProvider"]
+    else:
+        if providers != ["CPUExecutionProvider"] and "CUDAExecutionProvider" not in session.get_providers():
+            logger.info("onnxruntime could not start its CUDA provider: running on the CPU")
+        return session
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
         raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
 
@@ -196,10 +237,12 @@ def verify_file(
     device: torch.device | str,
     tolerance: float,
     kinds: list[tuple[str, int]] | None = None,
+    ort_device: torch.device | str | None = None,
 ) -> Verification:
+    """``ort_device``: where onnxruntime runs (CUDA when the run was on CUDA and the provider is there)."""
     checker = check_model_file(path)
-    sparse_sess = ort_session(path)
-    dense_sess = ort_session(dense)
+    sparse_sess = ort_session(path, ort_device)
+    dense_sess = ort_session(dense, ort_device)
     result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:

@@ -13,6 +13,8 @@ from torch import nn
 
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
+from onnxsparse.device import oom_phase
+from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 from onnxsparse.methods.signals import Signals
@@ -60,6 +62,7 @@ class PruneContext:
                                          autocast=contextlib.nullcontext)
             self._scorer.split = split if split == "holdout" else "train (no holdout split)"
         return self._scorer
+    dist: DistContext = field(default_factory=DistContext)  # this process's rank in a torchrun run
 
     @property
     def layers(self):
@@ -84,8 +87,9 @@ class PruneContext:
         module = self.student if module is None else module
         if bn_batches is None and mode == "reestimate":
             bn_batches = self.train_batches()
-        return apply_correction(mode, module, self.teacher, self.layers, bn_batches=bn_batches,
-                                channel_inputs=self.correction_inputs() if mode != "none" else None)
+        with oom_phase("statistics correction"):
+            return apply_correction(mode, module, self.teacher, self.layers, bn_batches=bn_batches,
+                                    channel_inputs=self.correction_inputs() if mode != "none" else None)
 
     def correct(self, module: nn.Module | None = None) -> CorrectionChoice:
         """The statistics correction of ``module`` (default: the student) that agrees best with the dense

@@ -36,10 +36,11 @@ import torch
 from tqdm import tqdm
 
 from onnxsparse.config import UniPTSConfig
+from onnxsparse.device import oom_phase
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.methods.scoring import FixedBatches
-from onnxsparse.methods.unipts.dst import TrainPlan, train
+from onnxsparse.methods.unipts.dst import TrainPlan, train, training_batches
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
@@ -74,7 +75,8 @@ class _Phases:
     def __call__(self, name: str):
         start = time.perf_counter()
         try:
-            yield
+            with oom_phase(name):
+                yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
@@ -134,9 +136,11 @@ class UniPTS:
             evaluator = FitnessEvaluator(
                 ctx.student, ctx.teacher, layers, fitness_batches(), signals=signals, correction="none",
                 has_batchnorm=ctx.imported.has_batchnorm,
-                channel_inputs=ctx.correction_inputs() if ctx.config.correction else None, autocast=autocast,
-            )
+                channel_inputs=ctx.correction_inputs() if ctx.config.correction else None,
+                autocast=contextlib.nullcontext,
+            )  # fitness in fp32: bf16 would blur the ranking of close candidates
             zeros, pattern_masks, info["allocation"], resumed = self._allocate(ctx, cfg, evaluator, started)
+            zeros = ctx.dist.broadcast_object(zeros)  # rank 0's choice, should float noise split the ranks
         sparsities = zeros_to_sparsities(zeros, layers)
 
         with phases("start"):
@@ -241,7 +245,7 @@ class UniPTS:
         search = EvolutionarySearch(
             evaluator, numels, target=float(ctx.config.sparsity), regrow=cfg.regrow, s_max=caps,
             population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
-            mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng,
+            mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng, dist=ctx.dist,
         )
         generations = cfg.generations
         search_budget = None
@@ -298,11 +302,7 @@ class UniPTS:
         loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature)
         train_bs = min(cfg.batch_size, ctx.calib.n_train)
         augment = bool(cfg.augment and ctx.calib.augment)
-
-        def epoch_batches(epoch: int):
-            seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
-            return ctx.calib.batches("train", train_bs, shuffle=True, seed=seed, augment=augment,
-                                     device=ctx.device, drop_last=True)
+        epoch_batches = training_batches(ctx, train_bs, augment)
 
         before = holdout(ctx.student)
         resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
@@ -311,7 +311,8 @@ class UniPTS:
             trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
                             autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
                             checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
-                            freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm)
+                            freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
+                            dist=ctx.dist)
         report = {
             "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": gamma,
             "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,

@@ -6,6 +6,11 @@ decay ``lambda * (1 - M) * W`` on the pruned part. All trainable parameters (wei
 optimised with SGD + momentum, a linear warm-up and a cosine decay over the run; the teacher stays in eval
 mode. A NaN/Inf loss rolls back to the last good state (start of the epoch) with half the learning rate; a
 third divergence stops the run with :class:`OnnxSparseError`.
+
+The step loop never waits for the device: losses are summed and their finiteness flagged on the device, read
+back every ``FINITE_CHECK_EVERY`` steps and at the end of each epoch (the steps taken after a NaN are undone
+by the rollback). Under torchrun the student is wrapped in DistributedDataParallel, every rank reads its own
+shard of each batch, and every decision (divergence, the time budget) is taken from values all ranks agree on.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ import contextlib
 import copy
 import logging
 import math
+import queue
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import HoldoutScorer
 from onnxsparse.methods.unipts.objective import Distillation
@@ -28,6 +38,10 @@ from onnxsparse.methods.unipts.objective import Distillation
 logger = logging.getLogger(__name__)
 
 MAX_ROLLBACKS = 3
+RESIDENT_FRACTION = 0.25  # of free GPU memory the training split may occupy resident
+RESIDENT_CPU_BYTES = 4 << 30  # on the CPU "resident" is a torch view of the host arrays: no copy
+PREFETCH_DEPTH = 2
+FINITE_CHECK_EVERY = 16  # steps between reads of the on-device NaN/Inf flag
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -80,7 +94,76 @@ def _batchnorm_eval(module: nn.Module) -> None:
 
 
 def _finite_params(module: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point())
+    flags = [torch.isfinite(p).all() for p in module.parameters() if p.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True  # one host read, not one per parameter
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_batches(ctx, batch_size: int, augment: bool) -> Callable[[int], Iterator[tuple[torch.Tensor, ...]]]:
+    """``epoch -> batches`` of the training split: this rank's shard of each global ``batch_size`` batch,
+    shuffled per epoch, from tensors resident on the device when the split fits ``RESIDENT_FRACTION`` of its
+    free memory, else gathered on the host with the next batches prefetched by a thread."""
+    device = ctx.device
+    resident = ctx.calib.resident("train", device, _resident_budget(device))
+    local = ctx.dist.local_batch(batch_size)
+    logger.info("training split %s", f"resident on {device}" if resident is not None else "streamed, prefetched")
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
+        batches = ctx.calib.batches("train", local, shuffle=True, seed=seed, augment=augment, device=device,
+                                    drop_last=True, rank=ctx.dist.rank, world_size=ctx.dist.world_size,
+                                    resident=resident)
+        return batches if resident is not None else prefetch(batches, PREFETCH_DEPTH)
+
+    return epoch_batches
+
+
+def _resident_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(RESIDENT_FRACTION * free)
+    return RESIDENT_CPU_BYTES
+
+
+def prefetch(iterator: Iterator, depth: int) -> Iterator:
+    """``iterator``'s items, produced ``depth`` ahead by a background thread (host gathering and copies
+    overlap the device's work); the thread's exception is raised here; closing stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    done = object()
+    stopped = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stopped.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopped.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            items.put((done, exc))
+
+    thread = threading.Thread(target=produce, name="onnxsparse-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = items.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stopped.set()
+        thread.join(timeout=5.0)
 
 
 def train(
@@ -99,6 +182,7 @@ def train(
     checkpoint_every: int = 1,
     freeze_batchnorm: bool = True,
     max_grad_norm: float | None = None,
+    dist: DistContext | None = None,
 ) -> TrainResult:
     """Run the plan. ``student`` must already carry dynamic :class:`SparseMask` parametrizations.
 
@@ -115,7 +199,40 @@ def train(
     total = plan.iterations
     if total <= 0:
         return result
+    dist = dist or DistContext()
     params = [p for p in student.parameters() if p.requires_grad]
+    layout = _conv_layout(student)
+    try:
+        student.to(memory_format=layout)
+        teacher.to(memory_format=layout)
+        with warnings.catch_warnings():
+            # DDP notes that a 1x1 kernel's gradient has the contiguous strides of its channels-last
+            # parameter (the same memory layout, other strides for the size-1 axes): harmless
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, holdout=holdout,
+                          autocast=autocast, progress=progress, stop=stop, resume=resume,
+                          checkpoint=checkpoint, checkpoint_every=checkpoint_every, dist=dist,
+                          freeze_batchnorm=freeze_batchnorm, max_grad_norm=max_grad_norm)
+    finally:  # the rest of the pipeline (export, correction) sees plain contiguous tensors again
+        student.to(memory_format=torch.contiguous_format)
+        teacher.to(memory_format=torch.contiguous_format)
+
+
+def _conv_layout(module: nn.Module) -> torch.memory_format:
+    """channels-last for models with 2-D convolutions: faster convolution kernels on CPU (oneDNN) and CUDA."""
+    has_conv = any(isinstance(m, nn.Conv2d) for m in module.modules())
+    return torch.channels_last if has_conv else torch.contiguous_format
+
+
+def _to_layout(batch: tuple[torch.Tensor, ...], layout: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    if layout is torch.contiguous_format:
+        return batch
+    return tuple(t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in batch)
+
+
+def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, holdout, autocast, progress,
+           stop, resume, checkpoint, checkpoint_every, dist, freeze_batchnorm, max_grad_norm) -> TrainResult:
+    total = plan.iterations
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
     base_lr = plan.lr
     teacher.eval()
@@ -132,16 +249,22 @@ def train(
         if progress is not None:
             progress.total = total
             progress.update(step)
+    # DDP's constructor makes every rank start from rank 0's parameters and buffers
+    model = dist.wrap(student)
+    device = params[0].device if params else torch.device("cpu")
     good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     good_optim = copy.deepcopy(optimizer.state_dict())
     good_step = step
     while step < total:
-        if stop():
+        if dist.any(stop()):
             result.stopped = "cancelled"
             break
         epoch = step // max(plan.iterations_per_epoch, 1)
         tau = loss_fn.tau(epoch)
-        losses: list[float] = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step of the first NaN/Inf loss
+        n_losses = 0
         diverged = False
         student.train()
         if freeze_batchnorm:
@@ -149,51 +272,63 @@ def train(
         for batch in epoch_batches(epoch):
             if step >= total:
                 break
-            if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample
+            if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample (same on every rank: equal shards)
                 continue
+            batch = _to_layout(batch, layout)
             lr = lr_at(step, total, plan.warmup, base_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
                 with torch.no_grad():
                     t_out = loss_fn.signals.forward(teacher, batch)
-                s_out = loss_fn.signals.forward(student, batch)
+                s_out = loss_fn.signals.forward(model, batch)
                 loss = loss_fn(s_out, t_out, epoch)
-            if not torch.isfinite(loss):
-                diverged = True
-                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            detached = loss.detach()
+            bad = ~torch.isfinite(detached)
+            first_bad = torch.where(bad & ~nonfinite, step, first_bad)
+            nonfinite |= bad
+            loss_sum += detached.double()
+            n_losses += 1
             step += 1
             if progress is not None:
                 progress.update(1)
+            if n_losses % FINITE_CHECK_EVERY == 0 and dist.any(nonfinite):
+                diverged = True
+                break
             # time budget: measure from the 3rd step (the first ones pay for warm-up), then fix the total
             if plan.budget_s is not None:
                 if step == 2:
+                    _synchronize(device)
                     timed_from = (step, time.perf_counter())
                 elif timed_from is not None and step == timed_from[0] + 8:
+                    _synchronize(device)
                     per = (time.perf_counter() - timed_from[1]) / 8
                     remaining = plan.budget_s - (time.perf_counter() - start)
                     # an epoch-end holdout pass is about 1/3 of an iteration per batch: keep 10% for it
-                    fit = step + max(int(0.9 * remaining / max(per, 1e-9)), 0)
+                    # (rank 0's measure decides, so every rank runs the same number of steps)
+                    fit = int(dist.broadcast_float(step + max(int(0.9 * remaining / max(per, 1e-9)), 0)))
                     if fit < total:
                         logger.info("training shortened to %d iterations to fit the time budget", fit)
                         total = max(fit, step)
                         if progress is not None:
                             progress.total = total
                             progress.refresh()
-        if not diverged and not losses:
+        if not diverged and n_losses and dist.any(nonfinite):
+            diverged = True
+        if not diverged and not n_losses:
             result.stopped = "no training batches (fewer than 2 calibration samples)"
             break
-        if not diverged and not _finite_params(student):
+        if not diverged and not dist.all(_finite_params(student)):
             diverged = True
         if diverged:
             lr_now = optimizer.param_groups[0]["lr"]
-            result.rollbacks.append({"epoch": epoch, "step": step, "lr": lr_now})
+            bad_step = int(dist.broadcast_float(float(first_bad)))
+            result.rollbacks.append({"epoch": epoch, "step": bad_step if bad_step >= 0 else step, "lr": lr_now})
             if len(result.rollbacks) >= MAX_ROLLBACKS:
                 raise OnnxSparseError(
                     f"UniPTS training diverged (NaN/Inf loss) {len(result.rollbacks)} times, last at step {step} "
@@ -212,7 +347,7 @@ def train(
         row = {
             "epoch": epoch,
             "step": step,
-            "loss": sum(losses) / len(losses) if losses else None,
+            "loss": dist.mean_float(float(loss_sum) / n_losses) if n_losses else None,
             "lr": optimizer.param_groups[0]["lr"],
             "tau": tau,
             "seconds": round(time.perf_counter() - start, 3),

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from onnxsparse.device import oom_phase
+from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.signals import Signals
 from onnxsparse.methods.unipts.objective import Agreement
@@ -247,7 +249,7 @@ class FitnessEvaluator:
     def correct(self):
         if self.mode == "none":
             return None
-        with self.autocast():
+        with self.autocast(), oom_phase("statistics correction"):
             return apply_correction(
                 self.mode, self.student, self.teacher, self.layers,
                 bn_batches=self.batches if self.has_batchnorm else None,
@@ -307,8 +309,10 @@ class EvolutionarySearch:
 
     def __init__(self, evaluate: Callable[[np.ndarray], Agreement], numels: Sequence[int], *, target: float,
                  regrow: float, s_max, population: int, parents: int, crossover: int, mutation: int,
-                 mutation_prob: float, rng: np.random.Generator):
+                 mutation_prob: float, rng: np.random.Generator, dist: DistContext | None = None):
         self.evaluate = evaluate
+        # every rank draws the same genomes (same rng seed), scores its share, and receives all the scores
+        self.dist = dist or DistContext()
         self.numels = list(numels)
         self.length = len(self.numels)
         self.target, self.regrow, self.s_max = target, regrow, s_max
@@ -323,15 +327,30 @@ class EvolutionarySearch:
         return genome_to_zeros(genome, self.numels, self.target, self.regrow, self.s_max)
 
     def fitness(self, genome: np.ndarray) -> float:
-        zeros = self.zeros(genome)
-        key = zeros.tobytes()
-        if key not in self.cache:
-            agreement = self.evaluate(zeros)
-            self.cache[key] = (agreement.score, agreement.as_dict())
-        score, details = self.cache[key]
-        if self.best is None or score > self.best.fitness:
-            self.best = SearchResult(genome.copy(), zeros, score, details)
-        return score
+        return self.fitness_all([genome])[0]
+
+    def fitness_all(self, genomes: Sequence[np.ndarray]) -> list[float]:
+        """Scores of ``genomes``: the allocations not cached yet are dealt round-robin over the ranks, each
+        rank scores its share, and the scores are all-gathered, so every rank ends with the same cache."""
+        zeros = [self.zeros(g) for g in genomes]
+        todo: list[np.ndarray] = []
+        for z in zeros:
+            if z.tobytes() not in self.cache and not any(np.array_equal(z, t) for t in todo):
+                todo.append(z)
+        mine = []
+        for i in range(self.dist.rank, len(todo), self.dist.world_size):
+            agreement = self.evaluate(todo[i])
+            mine.append((i, agreement.score, agreement.as_dict()))
+        for share in self.dist.all_gather_objects(mine):
+            for i, score, details in share:
+                self.cache[todo[i].tobytes()] = (float(score), details)
+        scores = []
+        for genome, z in zip(genomes, zeros):  # population order: the same best as scoring one by one
+            score, details = self.cache[z.tobytes()]
+            if self.best is None or score > self.best.fitness:
+                self.best = SearchResult(genome.copy(), z, score, details)
+            scores.append(score)
+        return scores
 
     def equal(self) -> np.ndarray:
         return np.full(self.length, self.target, dtype=np.float64)  # any constant: softmax is uniform
@@ -364,12 +383,14 @@ class EvolutionarySearch:
             budget_s: float | None = None) -> SearchResult:
         """Evaluate ``generations`` generations (fewer when ``budget_s`` seconds would be exceeded)."""
         start = time.perf_counter()
+        # rank 0's plan holds for all (each rank timed its own evaluations)
+        generations = int(self.dist.broadcast_float(generations))
         population = self.initial()
         done = 0
         for gen in range(generations):
-            if stop():
+            if self.dist.any(stop()):
                 break
-            scores = [self.fitness(g) for g in population]
+            scores = self.fitness_all(population)
             done += 1
             finite = [s for s in scores if math.isfinite(s)]
             self.history.append({
@@ -386,7 +407,8 @@ class EvolutionarySearch:
             if gen == generations - 1:
                 break
             elapsed = time.perf_counter() - start
-            if budget_s is not None and elapsed / done * (done + 1) > budget_s:
+            over = budget_s is not None and elapsed / done * (done + 1) > budget_s
+            if self.dist.broadcast_float(float(over)) > 0:
                 logger.info("allocation search stopped after %d generations (time budget)", done)
                 break
             order = np.argsort(-np.asarray(scores), kind="stable")
