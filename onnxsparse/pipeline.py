@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from onnxsparse.config import PruneConfig
 from onnxsparse.device import resolve_device
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
-from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, zip_size
+from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
 from onnxsparse.exporter.writeback import to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
@@ -240,9 +242,31 @@ def prune(
         "onnxsparse.pattern": config.pattern,
         "onnxsparse.target_sparsity": f"{config.sparsity:.6g}",
     }
+    dry_dir = tempfile.TemporaryDirectory() if output is None else None
+    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
+    # External data is streamed beside the output while written back, never held in memory.
+    staged = staged_data_path(save_path) if imported.base_dir is not None else None
+    # The teacher's weights stay alive through the change-detection snapshots until write-back is done.
+    del ctx, teacher
+    try:
+        return _export_verify_save(
+            imported, student, metadata, staged, save_path, output, model_path, config, calib_set, result,
+            notes, timer, started, total, device, report_path,
+        )
+    finally:
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _export_verify_save(imported, student, metadata, staged, save_path, output, model_path, config, calib_set,
+                        result, notes, timer, started, total, device, report_path) -> PruneResult:
     with timer.phase("export"):
-        pruned, changed = write_back(imported, student, metadata)
-        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers])
+        pruned, changed = write_back(imported, student, metadata, data_file=staged)
+        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
+                               staged.parent if staged is not None else None)
         rows = _layer_table(imported, result, arrays, config.nm)
         _check_zeros(rows, imported, arrays, config.nm)
         achieved = sum(r["zeros"] for r in rows) / total
@@ -258,6 +282,9 @@ def prune(
                          "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
         if config.save_format != "sparse-initializer":
             del sparse_model
+    # Written back: the dense torch copy is no longer needed (verification compares files and the student).
+    imported.release_dense()
+    result.masks.clear()
     n_verify = min(config.verify_samples, calib_set.n_holdout) if calib_set.n_holdout else min(
         config.verify_samples, calib_set.n_train)
     split = "holdout" if calib_set.n_holdout else "train"
@@ -282,15 +309,8 @@ def prune(
         ).as_dict()
 
     with timer.phase("verify+save"):
-        if output is not None:
-            save_atomic(to_save, output, validate=validate)
-            storage["saved_bytes"] = files_size(output)
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                save_atomic(to_save, Path(tmp) / "dry-run.onnx", validate=validate)
-                storage["saved_bytes"] = files_size(Path(tmp) / "dry-run.onnx")
+        save_atomic(to_save, save_path, validate=validate, staged_data=staged)
+        storage["saved_bytes"] = files_size(save_path)
     report = {
         "onnxsparse": onnxsparse.__version__,
         "model": str(model_path) if model_path is not None else "<ModelProto>",

@@ -57,6 +57,24 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike) -> ort.InferenceSess
         raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
 
 
+class _Replay:
+    """The outputs of ``session`` on ``feeds``, computed at once; ``run`` hands them back in order.
+
+    One onnxruntime session at a time holds the model's weights: a model over 2 GB would otherwise have
+    the dense and the sparse copy in memory together.
+    """
+
+    def __init__(self, session: ort.InferenceSession, feeds: list[dict[str, np.ndarray]]) -> None:
+        names = [o.name for o in session.get_outputs()]
+        self._outputs = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+        self._next = 0
+
+    def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs = self._outputs[self._next]
+        self._next += 1
+        return [outputs[name] for name in names]
+
+
 def check_model_file(path: str | os.PathLike) -> str:
     """ONNX checker with full shape inference; returns what was checked.
 
@@ -154,8 +172,9 @@ def verify_file(
     tolerance: float,
 ) -> Verification:
     checker = check_model_file(path)
+    feeds = list(feeds)
+    dense_sess = _Replay(ort_session(dense), feeds)  # runs now; its session is gone before the sparse one loads
     sparse_sess = ort_session(path)
-    dense_sess = ort_session(dense)
     result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:

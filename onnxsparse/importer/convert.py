@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import onnx
 from torch import fx, nn
@@ -21,7 +23,7 @@ from onnxsparse.graph import (
     TensorSource,
     TrackedTensor,
 )
-from onnxsparse.importer.load import load_model, model_opset
+from onnxsparse.importer.load import has_external_data, load_model, model_opset
 from onnxsparse.importer.normalize import NormalizedGraph, normalize_for_torch
 
 logger = logging.getLogger(__name__)
@@ -46,11 +48,19 @@ def _check_supported(model: onnx.ModelProto) -> None:
             raise OnnxSparseError(f"control-flow op {label} is not supported (opset {opset})")
 
 
-def _convert(norm: NormalizedGraph) -> fx.GraphModule:
+def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphModule:
     from onnx2torch import convert
 
     try:
-        return convert(norm.model, attach_onnx_mapping=True)
+        if base_dir is None:
+            return convert(norm.model, attach_onnx_mapping=True)
+        # The copy is weightless: tensors stored as external data stay on disk, so onnx2torch's shape
+        # inference serialises a small proto (a >2 GB one cannot be serialised) and each tensor is read
+        # straight into torch when its module is built. onnx reads external data relative to the working
+        # folder only (absolute and escaping locations are refused), hence the change of folder for the
+        # conversion alone; the locations were checked to stay inside ``base_dir`` when the model was loaded.
+        with contextlib.chdir(base_dir):
+            return convert(norm.model, attach_onnx_mapping=True)
     except NotImplementedError as exc:
         match = _CONVERTER_MISSING.search(str(exc))
         if match:
@@ -105,7 +115,8 @@ def _promote_to_parameter(gm: fx.GraphModule, path: str) -> tuple[str, str]:
     owner = gm.get_submodule(owner_path)
     if attr in owner._buffers:  # noqa: SLF001 - onnx2torch keeps MatMul/Gemm constants as buffers
         tensor = owner._buffers.pop(attr)  # noqa: SLF001
-        owner.register_parameter(attr, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.is_floating_point()))
+        # the buffer is gone from the module: the parameter takes over its storage (no copy)
+        owner.register_parameter(attr, nn.Parameter(tensor.detach(), requires_grad=tensor.is_floating_point()))
     return owner_path, attr
 
 
@@ -158,7 +169,7 @@ class _Builder:
             attr=attr,
             layout=layout,
             role=role,
-            original=tensor.detach().clone(),
+            original=tensor.detach(),  # shares the dense module's storage (the teacher is never modified)
             shared=self.shared(source),
         )
         if tracked.shared and isinstance(tensor, nn.Parameter):
@@ -382,10 +393,14 @@ def import_model(
     exclude: Iterable[str] = (),
 ) -> ImportedModel:
     """Load (if needed), normalise and convert ``model``; map every prunable weight back to its tensor."""
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        proto, base_dir = model, None
+    else:
+        proto = load_model(model, external_data=False)
+        base_dir = Path(model).resolve().parent if has_external_data(proto) else None
     _check_supported(proto)
     norm = normalize_for_torch(proto)
-    gm = _convert(norm)
+    gm = _convert(norm, base_dir)
     gm.eval()
     builder = _Builder(proto, norm, gm, tuple(exclude))
     has_bn = builder.build()
@@ -404,6 +419,7 @@ def import_model(
         torch_opset=norm.torch_opset,
         has_batchnorm=has_bn,
         notes=list(norm.notes),
+        base_dir=base_dir,
     )
     logger.info(
         "imported %d prunable layer(s) (%d weights), %d skipped, batchnorm=%s",

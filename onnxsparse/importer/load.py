@@ -54,9 +54,12 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
-# Peak memory of a run relative to the tensor bytes: the original proto, its normalised copy, the torch
-# teacher and student, the student's dense snapshot and optimizer state.
-MEMORY_FACTOR = 6
+# Peak memory of a prune relative to the tensor bytes. The original tensors stay on disk (external data)
+# or in the proto; the torch teacher shares its storage with the change-detection snapshot, the student is
+# one copy, write-back streams tensor by tensor and the onnxruntime sessions run one after the other.
+MEMORY_FACTOR = 3
+# ``inspect`` reads one weight at a time beside the proto.
+INSPECT_MEMORY_FACTOR = 1
 
 
 def physical_memory() -> int | None:
@@ -66,8 +69,8 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_fits_in_memory(path: Path, model: onnx.ModelProto) -> None:
-    """Refuse, before loading tensors, a model whose run cannot fit in this machine's memory."""
+def tensor_bytes(path: Path, model: onnx.ModelProto) -> int:
+    """Bytes of the model file plus the external data it references (what loading every tensor costs)."""
     size = path.stat().st_size
     for tensor in _external_tensors(model):
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -75,16 +78,32 @@ def check_fits_in_memory(path: Path, model: onnx.ModelProto) -> None:
             size += int(info["length"])
         else:
             size += (path.parent / info["location"]).stat().st_size
+    return size
+
+
+def check_fits_in_memory(path: Path, model: onnx.ModelProto, factor: float = MEMORY_FACTOR,
+                         purpose: str = "pruning it") -> None:
+    """Refuse, before loading tensors, a model whose run cannot fit in this machine's memory."""
+    size = tensor_bytes(path, model)
     memory = physical_memory()
-    if memory is not None and size * MEMORY_FACTOR > memory:
+    if memory is not None and size * factor > memory:
         raise OnnxSparseError(
-            f"{str(path)!r} holds {size / 2**30:.1f} GiB of tensors; pruning it needs about "
-            f"{size * MEMORY_FACTOR / 2**30:.0f} GiB of memory and this machine has {memory / 2**30:.0f} GiB"
+            f"{str(path)!r} holds {size / 2**30:.1f} GiB of tensors; {purpose} needs about "
+            f"{size * factor / 2**30:.1f} GiB of memory and this machine has {memory / 2**30:.1f} GiB"
         )
 
 
-def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model with its external data; user errors raise :class:`OnnxSparseError`."""
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(True for _ in _external_tensors(model))
+
+
+def load_model(path: str | os.PathLike, *, external_data: bool = True, memory_factor: float = MEMORY_FACTOR,
+               purpose: str = "pruning it") -> onnx.ModelProto:
+    """Load an ONNX model; user errors raise :class:`OnnxSparseError`.
+
+    ``external_data=False`` leaves tensors stored as external data on disk (checked, not read): the proto
+    stays small and its tensors are read with ``numpy_helper.to_array(tensor, base_dir=path's folder)``.
+    """
     p = Path(path)
     if not p.exists():
         raise OnnxSparseError(f"model file {str(p)!r} does not exist")
@@ -97,8 +116,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise OnnxSparseError(f"{str(p)!r} is not an ONNX model: it has no graph")
     check_external_data(model, p.parent)
-    check_fits_in_memory(p, model)
-    if any(True for _ in _external_tensors(model)):
+    check_fits_in_memory(p, model, memory_factor, purpose)
+    if external_data and has_external_data(model):
         external_data_helper.load_external_data_for_model(model, str(p.parent))
         logger.info("loaded external data for %s", p)
     return model
