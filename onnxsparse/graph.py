@@ -140,9 +140,12 @@ class ImportedModel:
     def release_dense(self) -> None:
         """Drop the dense torch module and the values of the change-detection snapshots (kept: shape and
         dtype, as meta tensors). Call once the changed tensors are written back."""
+        import gc
+
         for tracked in self.tracked:
             tracked.original = tracked.original.to("meta")
         self.module = None
+        gc.collect()  # a GraphModule and its fx graph reference each other: only the cycle collector frees them
 
     def clone_module(self) -> fx.GraphModule:
         import copy

@@ -125,7 +125,8 @@ def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays
         if array is None:
             continue
         if row["pattern"] == "dense":
-            before = int((imported.layer(row["name"]).weight.original == 0).sum())
+            source = imported.layer(row["name"]).weight.source  # zeros map to zeros in every layout
+            before = int((tensor_arrays(imported.proto, [source], imported.base_dir)[source.name] == 0).sum())
             if row["zeros"] > before:
                 raise OnnxSparseError(
                     f"internal error: layer {row['name']!r} must stay dense under pattern {n}:{m} "
@@ -265,6 +266,9 @@ def _export_verify_save(imported, student, metadata, staged, save_path, output, 
                         result, notes, timer, started, total, device, report_path) -> PruneResult:
     with timer.phase("export"):
         pruned, changed = write_back(imported, student, metadata, data_file=staged)
+        # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
+        imported.release_dense()
+        result.masks.clear()
         arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
                                staged.parent if staged is not None else None)
         rows = _layer_table(imported, result, arrays, config.nm)
@@ -282,9 +286,6 @@ def _export_verify_save(imported, student, metadata, staged, save_path, output, 
                          "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
         if config.save_format != "sparse-initializer":
             del sparse_model
-    # Written back: the dense torch copy is no longer needed (verification compares files and the student).
-    imported.release_dense()
-    result.masks.clear()
     n_verify = min(config.verify_samples, calib_set.n_holdout) if calib_set.n_holdout else min(
         config.verify_samples, calib_set.n_train)
     split = "holdout" if calib_set.n_holdout else "train"

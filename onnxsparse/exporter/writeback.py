@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -154,6 +155,10 @@ def write_back(imported: ImportedModel, module: nn.Module, metadata: dict[str, s
     return model, changed
 
 
+_PLAIN = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                                          np.uint8, np.uint16, np.uint32, np.uint64, np.bool_))
+
+
 class _LazyArrays(Mapping):
     """Tensor name -> numpy value, read on access (external data from ``base_dir``): one tensor at a time."""
 
@@ -162,7 +167,19 @@ class _LazyArrays(Mapping):
         self._base_dir = "" if base_dir is None else str(base_dir)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self._tensors[name], self._base_dir)
+        tensor = self._tensors[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        if external_data_helper.uses_external_data(tensor) and sys.byteorder == "little" and dtype in _PLAIN:
+            # read straight into the array: numpy_helper holds the file's bytes and the array at once
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            count = int(np.prod(tensor.dims, dtype=np.int64))
+            with open(Path(self._base_dir) / info["location"], "rb") as fh:
+                fh.seek(int(info.get("offset", 0)))
+                array = np.fromfile(fh, dtype=dtype, count=count)
+            if array.size != count:
+                raise OnnxSparseError(f"external data of tensor {name!r} ends early")
+            return array.reshape(tuple(tensor.dims))
+        return numpy_helper.to_array(tensor, self._base_dir)
 
     def __iter__(self):
         return iter(self._tensors)
