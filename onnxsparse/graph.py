@@ -117,7 +117,7 @@ class SkippedLayer:
 @dataclass
 class ImportedModel:
     proto: onnx.ModelProto  # the original model, never modified
-    module: fx.GraphModule  # trainable torch copy (dense, eval mode)
+    module: fx.GraphModule | None  # trainable torch copy (dense, eval mode); None after release_dense()
     layers: list[PrunableLayer]
     tracked: list[TrackedTensor]  # every tensor that may be written back (weights, biases, BN)
     skipped: list[SkippedLayer]

@@ -24,7 +24,7 @@ from onnxsparse.device import resolve_device
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
-from onnxsparse.exporter.writeback import to_sparse_initializers
+from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
@@ -145,11 +145,13 @@ def _storage(model_path: Path | None, pruned: onnx.ModelProto, sparse: onnx.Mode
     input_bytes = files_size(model_path) if model_path is not None and model_path.is_file() else None
     variants = {}
     for name, proto in (("dense", pruned), ("sparse-initializer", sparse)):
-        size = proto.ByteSize()
+        outside = external_bytes(proto)  # tensors written to the external data file
+        size = proto.ByteSize() + outside
         variants[name] = {
             "bytes": size,
             # zipping in memory doubles the model's footprint: only below the single-file limit
-            "zip_bytes": zip_size(proto.SerializeToString()) if size < EXTERNAL_DATA_THRESHOLD // 4 else None,
+            "zip_bytes": (zip_size(proto.SerializeToString())
+                          if size < EXTERNAL_DATA_THRESHOLD // 4 and not outside else None),
         }
     return {
         "format": save_format,
@@ -264,6 +266,7 @@ def prune(
 
 def _export_verify_save(imported, student, metadata, staged, save_path, output, model_path, config, calib_set,
                         result, notes, timer, started, total, device, report_path) -> PruneResult:
+    """Write back, verify and save; the caller removes the staged external data if anything fails."""
     with timer.phase("export"):
         pruned, changed = write_back(imported, student, metadata, data_file=staged)
         # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).

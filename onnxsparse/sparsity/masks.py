@@ -31,7 +31,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return flat.view_as(weight)
 
 
-_CHUNK = 1 << 24
+_CHUNK = 1 << 22
 _UINT = {torch.float16: np.uint16, torch.float32: np.uint32, torch.float64: np.uint64}
 
 
