@@ -62,7 +62,8 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
     if isinstance(model, onnx.ModelProto):
         proto, base_dir = model, ""
     else:
-        proto = load_model(model, external_data=False, memory_factor=INSPECT_MEMORY_FACTOR, purpose="inspecting it")
+        proto = load_model(model, external_data=False, memory_factors=INSPECT_MEMORY_FACTOR,
+                           purpose="inspecting it")
         base_dir = str(Path(model).resolve().parent)
     norm = normalize_for_torch(densify(proto), convert_opset=False)
     constants = {init.name: init for init in norm.model.graph.initializer}

@@ -74,7 +74,7 @@ def _magnitude_mask_select(weight: torch.Tensor, k: int) -> torch.Tensor:
     for start in range(0, flat.numel(), _CHUNK):
         below = flat[start:start + _CHUNK].abs() < threshold
         torch.logical_not(below, out=mask[start:start + _CHUNK])
-        ties -= int(below.sum())
+        ties -= int(torch.count_nonzero(below))
     # Ties at the threshold: a stable sort prunes the first ones in index order.
     for start in range(0, flat.numel(), _CHUNK):
         if ties <= 0:
