@@ -187,3 +187,22 @@ def test_model_over_2gb_prunes_within_3x_its_weight_bytes(tmp_path):
     assert report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert report["verification"]["export_max_rel_error"] < 1e-4
     _check_output(src, out, layers, dim)
+
+
+def test_external_data_at_sparsity_0_is_bit_identical_and_dry_run_leaves_nothing(tmp_path):
+    from onnxsparse.config import PruneConfig
+    from onnxsparse.pipeline import prune
+
+    src_dir = tmp_path / "in"
+    src_dir.mkdir()
+    src = _matmul_chain(src_dir, 128, 2)
+    calib = _calib(tmp_path, 128)
+    out = tmp_path / "same.onnx"
+    prune(src, out, calib, PruneConfig(method="magnitude", sparsity=0.0), progress=False)
+    before, after = onnx.load(str(src)), onnx.load(str(out))
+    assert [t.raw_data for t in after.graph.initializer] == [t.raw_data for t in before.graph.initializer]
+    assert _external_locations(out) == {"w0": "same.onnx.data", "w1": "same.onnx.data"}
+    result = prune(src, None, calib, PruneConfig(method="magnitude", sparsity=0.5), progress=False)
+    assert result.output is None and result.report["storage"]["saved_bytes"] > 2 * 128 * 128 * 4
+    assert sorted(p.name for p in src_dir.iterdir()) == ["chain.onnx", "chain.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "in", "same.onnx", "same.onnx.data"]
