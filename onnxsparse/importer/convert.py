@@ -48,6 +48,17 @@ def _check_supported(model: onnx.ModelProto) -> None:
             raise OnnxSparseError(f"control-flow op {label} is not supported (opset {opset})")
 
 
+@contextlib.contextmanager
+def _working_folder(path: Path):
+    """``contextlib.chdir`` (Python 3.11+) for Python 3.10."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphModule:
     from onnx2torch import convert
 
@@ -59,7 +70,7 @@ def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphMod
         # straight into torch when its module is built. onnx reads external data relative to the working
         # folder only (absolute and escaping locations are refused), hence the change of folder for the
         # conversion alone; the locations were checked to stay inside ``base_dir`` when the model was loaded.
-        with contextlib.chdir(base_dir):
+        with _working_folder(base_dir):
             return convert(norm.model, attach_onnx_mapping=True)
     except NotImplementedError as exc:
         match = _CONVERTER_MISSING.search(str(exc))
