@@ -69,8 +69,8 @@ class TrackedTensor:
     attr: str  # attribute name on that module ("weight", "bias", "onnx_initializer_3", ...)
     layout: Layout
     role: str  # "weight", "bias", "bn_weight", "bn_bias", "bn_mean", "bn_var"
-    # value right after conversion, for change detection; shares storage with the dense module (never
-    # modified in place), so the snapshot costs no memory
+    # value right after conversion, for change detection; a large one shares storage with the dense module
+    # (never modified in place), so the snapshot costs no memory
     original: torch.Tensor = field(repr=False)
     shared: bool = False  # the ONNX tensor feeds several nodes: never changed
 

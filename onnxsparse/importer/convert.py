@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import onnx
+import torch
 from torch import fx, nn
 
 from onnxsparse.errors import OnnxSparseError
@@ -131,6 +132,17 @@ def _promote_to_parameter(gm: fx.GraphModule, path: str) -> tuple[str, str]:
     return owner_path, attr
 
 
+# Snapshots of tensors at least this large share the dense module's storage instead of copying it: the
+# dense module (the teacher) is never modified in place, and a model's weights are not held twice.
+# Smaller ones (BatchNorm statistics, biases) are copied: cheap, and safe from any in-place update.
+_SHARED_SNAPSHOT_BYTES = 1 << 20
+
+
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    return t if t.numel() * t.element_size() >= _SHARED_SNAPSHOT_BYTES else t.clone()
+
+
 def _matches(patterns: Sequence[str], *candidates: str) -> str | None:
     for pattern in patterns:
         for candidate in candidates:
@@ -180,7 +192,7 @@ class _Builder:
             attr=attr,
             layout=layout,
             role=role,
-            original=tensor.detach(),  # shares the dense module's storage (the teacher is never modified)
+            original=_snapshot(tensor),
             shared=self.shared(source),
         )
         if tracked.shared and isinstance(tensor, nn.Parameter):
