@@ -7,6 +7,7 @@ map from every torch tensor the tool may change back to the ONNX tensor it came 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -56,9 +57,12 @@ class Layout:
         return self.perm[axis] if self.perm is not None else axis
 
     def to_onnx(self, t: torch.Tensor) -> np.ndarray:
+        if self.scale == 1.0 and t.dtype in (torch.float32, torch.float64, torch.float16):
+            # exact in the tensor's own dtype: no float64 copy (a transpose moves values, it computes none)
+            a = t.detach().to("cpu")
+            return (a.T if self.transpose else a).contiguous().numpy()
         a = t.detach().to("cpu", torch.float64)
-        if self.scale != 1.0:
-            a = a / self.scale
+        a = a / self.scale
         if self.transpose:
             a = a.T
         array = a.contiguous().numpy()
@@ -88,7 +92,9 @@ class TrackedTensor:
     attr: str  # attribute name on that module ("weight", "bias", "onnx_initializer_3", ...)
     layout: Layout
     role: str  # "weight", "bias", "bn_weight", "bn_bias", "bn_mean", "bn_var"
-    original: torch.Tensor = field(repr=False)  # value right after conversion, for change detection
+    # value right after conversion, for change detection; a large one shares storage with the dense module
+    # (never modified in place), so the snapshot costs no memory
+    original: torch.Tensor = field(repr=False)
     shared: bool = False  # the ONNX tensor feeds several nodes: never changed
 
     def owner(self, module: nn.Module) -> nn.Module:
@@ -134,7 +140,7 @@ class SkippedLayer:
 @dataclass
 class ImportedModel:
     proto: onnx.ModelProto  # the original model, never modified
-    module: fx.GraphModule  # trainable torch copy (dense, eval mode)
+    module: fx.GraphModule | None  # trainable torch copy (dense, eval mode); None after release_dense()
     layers: list[PrunableLayer]
     tracked: list[TrackedTensor]  # every tensor that may be written back (weights, biases, BN)
     skipped: list[SkippedLayer]
@@ -144,12 +150,25 @@ class ImportedModel:
     torch_opset: int  # opset of the copy onnx2torch converted (differs when the importer converted it)
     has_batchnorm: bool
     notes: list[str] = field(default_factory=list)
+    # folder the external data of ``proto`` lives in: tensors stored outside the file are left on disk
+    # (``proto`` holds only their locations); None when every tensor is in ``proto``
+    base_dir: Path | None = None
 
     def layer(self, name: str) -> PrunableLayer:
         for layer in self.layers:
             if layer.name == name:
                 return layer
         raise KeyError(name)
+
+    def release_dense(self) -> None:
+        """Drop the dense torch module and the values of the change-detection snapshots (kept: shape and
+        dtype, as meta tensors). Call once the changed tensors are written back."""
+        import gc
+
+        for tracked in self.tracked:
+            tracked.original = tracked.original.to("meta")
+        self.module = None
+        gc.collect()  # a GraphModule and its fx graph reference each other: only the cycle collector frees them
 
     def clone_module(self) -> fx.GraphModule:
         import copy

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxsparse.importer.load import load_model
+from onnxsparse.importer.load import INSPECT_MEMORY_FACTOR, load_model
 from onnxsparse.importer.normalize import normalize_for_torch
 from onnxsparse.sparsity.patterns import check_nm, format_pattern, onnx_group_axis, tightest_pattern
 
@@ -57,7 +58,13 @@ def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto])
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
     from onnxsparse.exporter.writeback import densify
 
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    # Tensors stored as external data are read one at a time from the model's folder.
+    if isinstance(model, onnx.ModelProto):
+        proto, base_dir = model, ""
+    else:
+        proto = load_model(model, external_data=False, memory_factors=INSPECT_MEMORY_FACTOR,
+                           purpose="inspecting it")
+        base_dir = str(Path(model).resolve().parent)
     norm = normalize_for_torch(densify(proto), convert_opset=False)
     constants = {init.name: init for init in norm.model.graph.initializer}
     rows = []
@@ -67,7 +74,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
         value = weight_operand(node, constants)
         if value is None:
             continue
-        array = numpy_helper.to_array(constants[value])
+        array = numpy_helper.to_array(constants[value], base_dir)
         axis = onnx_group_axis(node, list(node.input).index(value), array.ndim)
         layout = norm.layouts.get(value)
         if layout is not None and layout.perm is not None:  # a weight behind a Transpose: the stored layout

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,8 @@ from onnxsparse.device import out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
-from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, zip_size
-from onnxsparse.exporter.writeback import to_sparse_initializers
+from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
+from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
@@ -124,7 +126,8 @@ def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays
         if array is None:
             continue
         if row["pattern"] == "dense":
-            before = int((imported.layer(row["name"]).weight.original == 0).sum())
+            source = imported.layer(row["name"]).weight.source  # zeros map to zeros in every layout
+            before = int((tensor_arrays(imported.proto, [source], imported.base_dir)[source.name] == 0).sum())
             if row["zeros"] > before:
                 raise OnnxSparseError(
                     f"internal error: layer {row['name']!r} must stay dense under pattern {n}:{m} "
@@ -143,11 +146,13 @@ def _storage(model_path: Path | None, pruned: onnx.ModelProto, sparse: onnx.Mode
     input_bytes = files_size(model_path) if model_path is not None and model_path.is_file() else None
     variants = {}
     for name, proto in (("dense", pruned), ("sparse-initializer", sparse)):
-        size = proto.ByteSize()
+        outside = external_bytes(proto)  # tensors written to the external data file
+        size = proto.ByteSize() + outside
         variants[name] = {
             "bytes": size,
             # zipping in memory doubles the model's footprint: only below the single-file limit
-            "zip_bytes": zip_size(proto.SerializeToString()) if size < EXTERNAL_DATA_THRESHOLD // 4 else None,
+            "zip_bytes": (zip_size(proto.SerializeToString())
+                          if size < EXTERNAL_DATA_THRESHOLD // 4 and not outside else None),
         }
     return {
         "format": save_format,
@@ -249,9 +254,35 @@ def prune(
         "onnxsparse.pattern": config.pattern,
         "onnxsparse.target_sparsity": f"{config.sparsity:.6g}",
     }
+    dry_dir = tempfile.TemporaryDirectory() if output is None else None
+    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
+    # External data is streamed beside the output while written back, never held in memory.
+    staged = staged_data_path(save_path) if imported.base_dir is not None else None
+    # The teacher's weights stay alive through the change-detection snapshots until write-back is done.
+    del ctx, teacher
+    try:
+        return _export_verify_save(
+            imported, student, metadata, staged, save_path, output, model_path, config, calib_set, result,
+            notes, timer, started, total, device, report_path, signals,
+        )
+    finally:
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _export_verify_save(imported, student, metadata, staged, save_path, output, model_path, config, calib_set,
+                        result, notes, timer, started, total, device, report_path, signals) -> PruneResult:
+    """Write back, verify and save; the caller removes the staged external data if anything fails."""
     with timer.phase("export"):
-        pruned, changed = write_back(imported, student, metadata)
-        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers])
+        pruned, changed = write_back(imported, student, metadata, data_file=staged)
+        # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
+        imported.release_dense()
+        result.masks.clear()
+        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
+                               staged.parent if staged is not None else None)
         rows = _layer_table(imported, result, arrays, config.nm)
         _check_zeros(rows, imported, arrays, config.nm)
         achieved = sum(r["zeros"] for r in rows) / total
@@ -299,17 +330,10 @@ def prune(
     failed: QualityGateFailed | None = None
     with timer.phase("verify+save"):
         try:
-            if output is not None:
-                save_atomic(to_save, output, validate=validate)
-                storage["saved_bytes"] = files_size(output)
-            else:
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_atomic(to_save, Path(tmp) / "dry-run.onnx", validate=validate)
-                    storage["saved_bytes"] = files_size(Path(tmp) / "dry-run.onnx")
+            save_atomic(to_save, save_path, validate=validate, staged_data=staged)
+            storage["saved_bytes"] = files_size(save_path)
         except QualityGateFailed as exc:
-            failed = exc  # the report is still written: it says why
+            failed = exc  # nothing is written; the report still is: it says why
     report = {
         "onnxsparse": onnxsparse.__version__,
         "model": str(model_path) if model_path is not None else "<ModelProto>",

@@ -25,8 +25,8 @@ def _only_file(tmp_path):
 def test_export_mismatch_writes_nothing(tmp_path, monkeypatch):
     real = pipeline.write_back
 
-    def corrupt(imported, module, metadata=None):
-        model, changed = real(imported, module, metadata)
+    def corrupt(imported, module, metadata=None, **kwargs):
+        model, changed = real(imported, module, metadata, **kwargs)
         init = next(i for i in model.graph.initializer if i.name == imported.layers[-1].name)
         from onnx import numpy_helper
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,27 +18,51 @@ from onnxsparse import PruneConfig, prune
 from onnxsparse.errors import QualityGateFailed
 from onnxsparse.exporter.verify import output_agreement
 from onnxsparse.importer import import_model
-from onnxsparse.sparsity.correction import choose_correction, relative_batchnorm
+from onnxsparse.sparsity.correction import apply_correction, choose_correction, relative_batchnorm
 from onnxsparse_cli.main import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "fashion_mnist"
 
 
-def test_chooser_keeps_the_best_mode_and_prefers_the_earlier_on_ties():
-    module = torch.nn.Linear(2, 2)
-    values = {"none": 0.0, "a": 3.0, "b": 5.0, "c": 5.0}
+def test_chooser_applies_the_best_mode_exactly_and_scores_without_touching_weights():
+    imported = import_model(graphs.export_torch(graphs.tiny_cnn(), keep_bn=True))
+    x = 3.0 + 2.0 * torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    base = imported.clone_module()
+    with torch.no_grad():
+        for layer in imported.layers:
+            w = layer.weight.get(base)
+            w.mul_((w.abs() > w.abs().flatten().kthvalue(int(0.7 * w.numel())).values).to(w.dtype))
+    with torch.no_grad():
+        dense_out = imported.module(x)
 
-    def apply(mode):
+    def score(module):
         with torch.no_grad():
-            module.weight.fill_(values[mode])
-        return None
+            return -float(((module.eval()(x) - dense_out) ** 2).mean())
 
-    choice = choose_correction(module, ("none", "a", "b", "c"), apply, lambda: float(module.weight[0, 0].detach()))
-    assert choice.mode == "b" and choice.scores == values
-    assert float(module.weight[0, 0].detach()) == 5.0  # the chosen mode's state is what the module holds
-    choice = choose_correction(module, ("none", "a"), lambda m: apply({"none": "none", "a": "none"}[m]),
-                               lambda: 0.0)
-    assert choice.mode == "none"
+    modes = ("none", "channel", "relative", "reestimate")
+    student = copy.deepcopy(base)
+    weights = {layer.name: layer.weight.get(student).detach().clone() for layer in imported.layers}
+    seen = []
+
+    def scored():
+        seen.append({layer.name: torch.equal(layer.weight.get(student), weights[layer.name])
+                     for layer in imported.layers})
+        return score(student)
+
+    choice = choose_correction(student, imported.module, imported.layers, modes, bn_batches=lambda: [(x,)],
+                               channel_inputs=(x,), score=scored)
+    assert all(all(s.values()) for s in seen)  # candidates are scored through hooks: weights untouched
+    assert set(choice.scores) == set(modes) and choice.scores[choice.mode] == max(choice.scores.values())
+    # the kept model is what applying the chosen mode from the same start gives
+    direct = copy.deepcopy(base)
+    apply_correction(choice.mode, direct, imported.module, imported.layers, bn_batches=[(x,)], channel_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), direct.eval()(x), rtol=1e-4, atol=1e-5)
+    assert score(student) == pytest.approx(choice.scores[choice.mode], rel=1e-3, abs=1e-6)
+    # ties keep the earlier mode
+    tie = choose_correction(copy.deepcopy(base), imported.module, imported.layers, modes,
+                            bn_batches=lambda: [(x,)], channel_inputs=(x,), score=lambda: 0.0)
+    assert tie.mode == "none"
 
 
 def test_relative_batchnorm_is_a_no_op_on_the_dense_model_and_matches_moments():

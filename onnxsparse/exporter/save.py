@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+def staged_data_path(output: str | os.PathLike) -> Path:
+    """A fresh temporary name for external data written ahead of ``save_atomic(..., staged_data=)``."""
+    out = Path(output)
+    return out.with_name(f".{out.name}.data.{uuid.uuid4().hex}.tmp")
+
+
 def check_output_path(output: str | os.PathLike, *, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:
     """Refuse to overwrite the input or an existing file (unless ``force``); probe that the folder is writable."""
     out = Path(output)
@@ -56,20 +62,31 @@ def save_atomic(
     *,
     validate: Callable[[Path], None] | None = None,
     external_data: bool | None = None,
+    staged_data: Path | None = None,
 ) -> Path:
     """Save ``model`` to a temporary file next to ``output``, run ``validate(tmp_path)``, then rename.
 
     Models over ~2 GB (or with ``external_data=True``) store tensors in ``<output name>.data``.
+    ``staged_data``: ``model``'s external tensors are already written to this file in ``output``'s folder
+    (see :func:`staged_data_path`); it becomes ``<output name>.data`` (and is removed on failure).
     On any failure nothing is left at ``output``.
     """
     out = Path(output)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    use_external = external_data if external_data is not None else model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = f"{out.name}.data"
-    tmp_data = out.with_name(f".{data_name}.{uuid.uuid4().hex}.tmp")
     created: list[Path] = [tmp]
+    if staged_data is not None:
+        if Path(staged_data).resolve().parent != out.resolve().parent:
+            raise OnnxSparseError(f"internal error: staged data {str(staged_data)!r} is not beside {str(out)!r}")
+        use_external, tmp_data = True, Path(staged_data)
+        created.append(tmp_data)
+    else:
+        use_external = external_data if external_data is not None else model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        tmp_data = out.with_name(f".{data_name}.{uuid.uuid4().hex}.tmp")
     try:
-        if use_external:
+        if staged_data is not None:
+            onnx.save_model(model, str(tmp))
+        elif use_external:
             # save_model(save_as_external_data=True) rewrites the proto it is given: hand it a copy.
             staged = onnx.ModelProto()
             staged.CopyFrom(model)
@@ -87,7 +104,7 @@ def save_atomic(
             saved = onnx.load(str(tmp), load_external_data=False)
             for tensor in onnx.external_data_helper._get_all_tensors(saved):  # noqa: SLF001
                 for entry in tensor.external_data:
-                    if entry.key == "location":
+                    if entry.key == "location" and entry.value == tmp_data.name:
                         entry.value = data_name
             onnx.save_model(saved, str(tmp))
             os.replace(tmp_data, out.with_name(data_name))

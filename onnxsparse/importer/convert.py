@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import onnx
+import torch
 from torch import fx, nn
 
 from onnxsparse.errors import OnnxSparseError
@@ -21,7 +24,7 @@ from onnxsparse.graph import (
     TensorSource,
     TrackedTensor,
 )
-from onnxsparse.importer.load import load_model, model_opset
+from onnxsparse.importer.load import has_external_data, load_model, model_opset
 from onnxsparse.importer.normalize import NormalizedGraph, normalize_for_torch
 
 logger = logging.getLogger(__name__)
@@ -50,14 +53,33 @@ def _check_supported(model: onnx.ModelProto) -> None:
             raise OnnxSparseError(f"control-flow op {label} is not supported (opset {opset})")
 
 
-def _convert(norm: NormalizedGraph) -> fx.GraphModule:
+@contextlib.contextmanager
+def _working_folder(path: Path):
+    """``contextlib.chdir`` (Python 3.11+) for Python 3.10."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphModule:
     from onnx2torch import convert
 
     from onnxsparse.importer.converters import ConverterError, installed
 
     try:
         with installed():
-            return convert(norm.model, attach_onnx_mapping=True)
+            if base_dir is None:
+                return convert(norm.model, attach_onnx_mapping=True)
+            # The copy is weightless: tensors stored as external data stay on disk, so onnx2torch's shape
+            # inference serialises a small proto (a >2 GB one cannot be serialised) and each tensor is read
+            # straight into torch when its module is built. onnx reads external data relative to the working
+            # folder only (absolute and escaping locations are refused), hence the change of folder for the
+            # conversion alone; the locations were checked to stay inside ``base_dir`` when the model was loaded.
+            with _working_folder(base_dir):
+                return convert(norm.model, attach_onnx_mapping=True)
     except ConverterError as exc:
         original, op_type = norm.original_nodes.get(exc.node, (exc.node, "?"))
         raise OnnxSparseError(
@@ -119,8 +141,20 @@ def _promote_to_parameter(gm: fx.GraphModule, path: str) -> tuple[str, str]:
     owner = gm.get_submodule(owner_path)
     if attr in owner._buffers:  # noqa: SLF001 - onnx2torch keeps MatMul/Gemm constants as buffers
         tensor = owner._buffers.pop(attr)  # noqa: SLF001
-        owner.register_parameter(attr, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.is_floating_point()))
+        # the buffer is gone from the module: the parameter takes over its storage (no copy)
+        owner.register_parameter(attr, nn.Parameter(tensor.detach(), requires_grad=tensor.is_floating_point()))
     return owner_path, attr
+
+
+# Snapshots of tensors at least this large share the dense module's storage instead of copying it: the
+# dense module (the teacher) is never modified in place, and a model's weights are not held twice.
+# Smaller ones (BatchNorm statistics, biases) are copied: cheap, and safe from any in-place update.
+_SHARED_SNAPSHOT_BYTES = 1 << 20
+
+
+def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
+    t = tensor.detach()
+    return t if t.numel() * t.element_size() >= _SHARED_SNAPSHOT_BYTES else t.clone()
 
 
 def _matches(patterns: Sequence[str], *candidates: str) -> str | None:
@@ -175,7 +209,7 @@ class _Builder:
             attr=attr,
             layout=layout if stored is None else stored.then(transpose=layout.transpose, scale=layout.scale),
             role=role,
-            original=tensor.detach().clone(),
+            original=_snapshot(tensor),
             shared=self.shared(source),
         )
         if tracked.shared and isinstance(tensor, nn.Parameter):
@@ -435,10 +469,14 @@ def import_model(
     exclude: Iterable[str] = (),
 ) -> ImportedModel:
     """Load (if needed), normalise and convert ``model``; map every prunable weight back to its tensor."""
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        proto, base_dir = model, None
+    else:
+        proto = load_model(model, external_data=False)
+        base_dir = Path(model).resolve().parent if has_external_data(proto) else None
     _check_supported(proto)
     norm = normalize_for_torch(proto)
-    gm = _convert(norm)
+    gm = _convert(norm, base_dir)
     gm.eval()
     builder = _Builder(proto, norm, gm, tuple(exclude))
     has_bn = builder.build()
@@ -457,6 +495,7 @@ def import_model(
         torch_opset=norm.torch_opset,
         has_batchnorm=has_bn,
         notes=list(norm.notes),
+        base_dir=base_dir,
     )
     logger.info(
         "imported %d prunable layer(s) (%d weights), %d skipped, batchnorm=%s",

@@ -100,8 +100,10 @@ class PruneContext:
             return CorrectionChoice("none", {}, CorrectionReport(), "--no-correction")
         scorer = self.holdout_scorer()
         modes = correction_modes(self.imported.has_batchnorm, self.layers)
-        return choose_correction(module, modes, lambda mode: self.apply_correction(mode, module),
-                                 lambda: scorer(module).score, measured_on=scorer.split)
+        with oom_phase("statistics correction"):
+            return choose_correction(module, self.teacher, self.layers, modes, bn_batches=self.train_batches,
+                                     channel_inputs=self.correction_inputs(), score=lambda: scorer(module).score,
+                                     measured_on=scorer.split)
 
 
 @dataclass

@@ -16,8 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,12 +117,25 @@ def fit_channel_correction(
 ) -> CorrectionReport:
     """Fit and fold the per-channel affine correction for every correctable layer (see module docstring)."""
     report = report or CorrectionReport()
+    fitted = fit_channel_affine(student, teacher, layers, inputs)
+    return fold_channel_affine(student, layers, fitted, report, int(inputs[0].shape[0]))
+
+
+ChannelAffine = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (scale a, shift b) per channel
+
+
+@torch.no_grad()
+def fit_channel_affine(
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: list[PrunableLayer],
+    inputs: tuple[torch.Tensor, ...],
+) -> ChannelAffine:
+    """The per-channel ``(a, b)`` of every correctable layer, fitted in one forward in graph order (each layer
+    sees its corrected predecessors); ``student`` is left unchanged."""
     targets = [layer for layer in layers if correctable(layer)]
-    report.uncorrected_layers.extend(
-        layer.name for layer in layers if not layer.feeds_batchnorm and layer.out_axis_weight is None
-    )
     if not targets:
-        return report
+        return {}
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
 
@@ -172,7 +186,19 @@ def fit_channel_correction(
             h.remove()
         student.train(was_training)
 
-    for layer in targets:
+    return fitted
+
+
+@torch.no_grad()
+def fold_channel_affine(student: nn.Module, layers: list[PrunableLayer], fitted: ChannelAffine,
+                        report: CorrectionReport, samples: int) -> CorrectionReport:
+    """Fold fitted ``(a, b)`` into the layers: ``W[c] *= a[c]``, ``bias[c] = a[c] * bias[c] + b[c]``."""
+    report.uncorrected_layers.extend(
+        layer.name for layer in layers if not layer.feeds_batchnorm and layer.out_axis_weight is None
+    )
+    for layer in layers:
+        if not correctable(layer):
+            continue
         if layer.name not in fitted:
             report.uncorrected_layers.append(layer.name)
             continue
@@ -187,8 +213,29 @@ def fit_channel_correction(
             report.channel_layers.append(layer.name)
         else:
             report.scale_only_layers.append(layer.name)
-    report.channel_samples = int(inputs[0].shape[0])
+    report.channel_samples = samples
     return report
+
+
+@contextlib.contextmanager
+def channel_affine_applied(student: nn.Module, layers: list[PrunableLayer], fitted: ChannelAffine):
+    """``student`` computes as if ``fitted`` were folded (forward hooks on the layers' outputs), unchanged after."""
+    handles = []
+    for layer in layers:
+        if layer.name not in fitted:
+            continue
+        a, b = fitted[layer.name]
+
+        def hook(_module, _inp, out, a=a, b=b, layer=layer):
+            shape = _view(a, out.dim(), layer.out_axis_act % out.dim())
+            return out * a.to(out.dtype).view(shape) + b.to(out.dtype).view(shape)
+
+        handles.append(student.get_submodule(layer.module_path).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def correct(
@@ -318,35 +365,60 @@ class CorrectionChoice:
                 **self.report.as_dict()}
 
 
+def _batchnorm_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every BatchNorm parameter and buffer (what the BatchNorm modes change): small."""
+    return {f"{name}.{key}": value.detach().clone()
+            for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
+            for key, value in m.state_dict().items()}
+
+
+@torch.no_grad()
+def _load_batchnorm_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    live = module.state_dict()
+    for key, value in state.items():
+        live[key].copy_(value)
+
+
 @torch.no_grad()
 def choose_correction(
     student: nn.Module,
+    teacher: nn.Module,
+    layers: list[PrunableLayer],
     modes: tuple[str, ...],
-    apply,
-    score,
     *,
+    bn_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None,
+    channel_inputs: tuple[torch.Tensor, ...] | None,
+    score: Callable[[], float],
     measured_on: str = "holdout",
 ) -> CorrectionChoice:
-    """Try every mode on ``student`` (``apply(mode) -> CorrectionReport``, ``score() -> float``) from the same
-    state, keep the best-scoring one applied. Ties keep the earlier mode."""
-    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    """Score every mode (see :func:`apply_correction`) on ``student`` from the same state, then apply the best.
+    Ties keep the earlier mode.
 
-    def restore() -> None:
-        for k, v in student.state_dict().items():
-            v.copy_(state[k])
-
+    Memory stays small whatever the model: the BatchNorm modes change BatchNorm tensors alone (copied per
+    mode), and the per-channel fit is scored through output hooks and folded into the weights only for the
+    mode kept.
+    """
+    start = _batchnorm_state(student)
+    trials: dict[str, tuple[dict, ChannelAffine, CorrectionReport]] = {}
     scores: dict[str, float] = {}
-    best = None
     for mode in modes:
-        restore()
-        report = apply(mode)
-        scores[mode] = float(score())
-        if best is None or scores[mode] > scores[best[0]]:
-            best = (mode, report, {k: v.detach().clone() for k, v in student.state_dict().items()}
-                    if mode != modes[-1] else None)
-    mode, report, kept = best
-    if mode != modes[-1]:
-        for k, v in student.state_dict().items():
-            v.copy_(kept[k])
-    logger.info("statistics correction: %s (%s)", mode, ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
-    return CorrectionChoice(mode, scores, report, measured_on)
+        _load_batchnorm_state(student, start)
+        report = CorrectionReport()
+        if mode == "relative" and channel_inputs is not None:
+            report.batchnorm_layers, report.batchnorm_samples = relative_batchnorm(student, teacher, channel_inputs)
+        elif mode == "reestimate" and bn_batches is not None:
+            report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches())
+        elif mode not in ("none", "channel", "relative", "reestimate"):
+            raise ValueError(f"unknown correction mode {mode!r}")
+        fitted = fit_channel_affine(student, teacher, layers, channel_inputs) \
+            if mode != "none" and channel_inputs is not None else {}
+        with channel_affine_applied(student, layers, fitted):
+            scores[mode] = float(score())
+        trials[mode] = (_batchnorm_state(student) if mode in ("relative", "reestimate") else start, fitted, report)
+    best = max(modes, key=lambda m: (scores[m], -modes.index(m)))
+    state, fitted, report = trials[best]
+    _load_batchnorm_state(student, state)
+    if best != "none" and channel_inputs is not None:
+        fold_channel_affine(student, layers, fitted, report, int(channel_inputs[0].shape[0]))
+    logger.info("statistics correction: %s (%s)", best, ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
+    return CorrectionChoice(best, scores, report, measured_on)

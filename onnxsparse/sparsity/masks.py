@@ -6,11 +6,17 @@ ties in magnitude (ties go to the lower flat index being pruned first).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from onnxsparse.graph import PrunableLayer
+
+
+# Tensors of at least this many elements are thresholded by a radix select on the float bits (CPU): no |W|
+# copy, which matters for the multi-GB weights of models over 2 GB. Smaller ones use kthvalue (any device).
+_SELECT_ON_BITS = 1 << 24
 
 
 def zeros_for(sparsity: float, numel: int) -> int:
@@ -25,6 +31,9 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
         return torch.ones_like(weight, dtype=torch.bool)
     if k == n:
         return torch.zeros_like(weight, dtype=torch.bool)
+    if n >= _SELECT_ON_BITS and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64,
+                                                                                    torch.float16):
+        return _magnitude_mask_select(weight.detach(), k)  # no |W| copy of a huge tensor
     return _kth_mask(weight.detach().abs().flatten(), k).view_as(weight)
 
 
@@ -39,6 +48,60 @@ def _kth_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     tied = magnitude == threshold
     room = k - below.sum()  # ties at the threshold still to prune, lowest flat index first
     return ~(below | (tied & (tied.cumsum(0) <= room)))
+
+
+_CHUNK = 1 << 22
+_UINT = {torch.float16: np.uint16, torch.float32: np.uint32, torch.float64: np.uint64}
+
+
+def _kth_smallest_magnitude(flat: torch.Tensor, k: int) -> float:
+    """The ``k``-th smallest ``|w|`` (1-based) by radix selection on the float bits, 16 bits a pass.
+
+    For non-negative floats the bit patterns sort like the values (NaN above infinity), so the k-th value
+    is found from histograms over chunks: no sorted copy, no index array, memory of one chunk.
+    """
+    uint = _UINT[flat.dtype]
+    bits = np.dtype(uint).itemsize * 8
+    prefix, rank = 0, k  # rank: position of the k-th value among those sharing ``prefix``
+    for shift in range(bits - 16, -1, -16):
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start:start + _CHUNK].abs().numpy().view(uint)
+            if shift + 16 < bits:
+                chunk = chunk[(chunk >> uint(shift + 16)) == uint(prefix)]
+            counts += np.bincount(((chunk >> uint(shift)) & uint(0xFFFF)).astype(np.int64), minlength=1 << 16)
+        cumulative = np.cumsum(counts)
+        digit = int(np.searchsorted(cumulative, rank))
+        rank -= int(cumulative[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    return float(np.array([prefix], dtype=uint).view(flat.numpy().dtype)[0])
+
+
+def _magnitude_mask_select(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of :func:`magnitude_mask` (the first ``k`` of a stable ascending sort of ``|w|`` pruned)
+    from the k-th smallest ``|w|`` by selection: chunk-sized temporaries instead of a sort's values and int64
+    indices (which cost 5x the weight for a float32 tensor over 2 GB)."""
+    flat = weight.reshape(-1)
+    threshold = _kth_smallest_magnitude(flat, k)
+    if np.isnan(threshold):  # NaNs sort last: fall back to the sort, which places them exactly
+        order = torch.argsort(flat.abs(), stable=True)
+        mask = torch.ones(flat.numel(), dtype=torch.bool)
+        mask[order[:k]] = False
+        return mask.view_as(weight)
+    mask = torch.empty(flat.numel(), dtype=torch.bool)
+    ties = k
+    for start in range(0, flat.numel(), _CHUNK):
+        below = flat[start:start + _CHUNK].abs() < threshold
+        torch.logical_not(below, out=mask[start:start + _CHUNK])
+        ties -= int(torch.count_nonzero(below))
+    # Ties at the threshold: a stable sort prunes the first ones in index order.
+    for start in range(0, flat.numel(), _CHUNK):
+        if ties <= 0:
+            break
+        at = torch.nonzero(flat[start:start + _CHUNK].abs() == threshold).reshape(-1)[:ties] + start
+        mask[at] = False
+        ties -= at.numel()
+    return mask.view_as(weight)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -135,4 +198,11 @@ def apply_masks_inplace(module: nn.Module, layers: list[PrunableLayer], masks: d
     for layer in layers:
         if layer.name in masks:
             w = layer.weight.get(module)
-            w.mul_(masks[layer.name].to(w.dtype))
+            mask = masks[layer.name].to(w.device)
+            if not w.is_contiguous():
+                w.mul_(mask.to(w.dtype))
+                continue
+            # in chunks: the mask's float copy stays small for a weight of several GB
+            flat_w, flat_m = w.view(-1), mask.reshape(-1)
+            for start in range(0, flat_w.numel(), _CHUNK):
+                flat_w[start:start + _CHUNK].mul_(flat_m[start:start + _CHUNK].to(w.dtype))

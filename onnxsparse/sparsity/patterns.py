@@ -103,10 +103,16 @@ def check_nm(array: np.ndarray | torch.Tensor, n: int, m: int, axis: int) -> boo
     a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
     if a.ndim == 0 or not -a.ndim <= axis < a.ndim or a.shape[axis] % m:
         return False
-    if a.size == 0:
+    return _groups_within(a != 0, n, m, axis % a.ndim)
+
+
+def _groups_within(nonzero: np.ndarray, n: int, m: int, axis: int) -> bool:
+    """Every ``m`` consecutive entries along ``axis`` of the boolean ``nonzero`` hold at most ``n`` True."""
+    if nonzero.size == 0:
         return True
-    nonzero = np.moveaxis(a != 0, axis, -1).reshape(-1, m)
-    return bool((nonzero.sum(axis=1) <= n).all())
+    # split the axis into (groups, m) in place of moving it last: no copy of a large tensor
+    shape = nonzero.shape[:axis] + (nonzero.shape[axis] // m, m) + nonzero.shape[axis + 1:]
+    return bool((nonzero.reshape(shape).sum(axis=axis + 1, dtype=np.int32) <= n).all())
 
 
 def tightest_pattern(array: np.ndarray | torch.Tensor, axis: int | None,
@@ -114,8 +120,13 @@ def tightest_pattern(array: np.ndarray | torch.Tensor, axis: int | None,
     """The first of ``candidates`` (tightest first) that ``array`` satisfies along ``axis``; None if none."""
     if axis is None:
         return None
+    a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if a.ndim == 0 or not -a.ndim <= axis < a.ndim:
+        return None
+    nonzero = a != 0
     for n, m in candidates:
-        if check_nm(array, n, m, axis):
+        _check_nm_args(n, m)
+        if a.shape[axis] % m == 0 and _groups_within(nonzero, n, m, axis % a.ndim):
             return n, m
     return None
 
