@@ -216,5 +216,4 @@ class MapAgreement:
 
     def describe(self) -> str:
         return (f"agreement with the dense model's probability maps on the test pages: IoU of the maps "
-                f"thresholded at {self.threshold:g} and R² = 1 - SSE/SST, pooled over every pixel; the dense "
-                "row is 1 by definition")
+                f"thresholded at {self.threshold:g} and R² = 1 - SSE/SST, pooled over every pixel")
