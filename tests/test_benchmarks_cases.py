@@ -172,7 +172,8 @@ def test_report_detection_dense_row_is_one_and_classifiers_keep_top1():
     text = report.markdown(_results(cls))
     assert "Dense top-1 **90.00%** on 10 test images (2 classes)." in text
     assert "Top-1 (%) of the pruned model, and the wall time" in text
-    assert "- unipts beats every other method at 0.9: 80.00 vs best other magnitude 70.00 (+10.00 points): **met**" in text
+    assert ("- unipts beats every other method at 0.9: 80.00 vs best other magnitude 70.00 (+10.00 points): **met**"
+            in text)
 
 
 def test_read_texts(tmp_path: Path):
@@ -200,7 +201,8 @@ def test_word_line_is_reproducible_and_fits():
 def test_dense_recogniser_reads_rendered_lines(tmp_path: Path):
     if not render.available_faces():
         pytest.skip("DejaVu fonts are not installed")
-    model = Path(importlib.util.find_spec("rapidocr_onnxruntime").origin).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    package = Path(importlib.util.find_spec("rapidocr_onnxruntime").origin).parent
+    model = package / "models" / "ch_PP-OCRv4_rec_infer.onnx"
     (tmp_path / "test").mkdir()
     rows = []
     for i, seed in enumerate((600_000, 600_001)):
