@@ -7,7 +7,7 @@ from pathlib import Path
 
 BEGIN = "<!-- BEGIN benchmarks/run.py (generated: rerun the command instead of editing) -->"
 END = "<!-- END benchmarks/run.py -->"
-HEADING = "## Methods side by side: top-1 vs sparsity (`benchmarks/run.py`)"
+HEADING = "## Methods side by side: accuracy vs sparsity (`benchmarks/run.py`)"
 METHOD_ORDER = ("magnitude", "global-magnitude", "reconstruct", "unipts")
 LABELS = {
     "magnitude": "magnitude (uniform)",
@@ -16,10 +16,32 @@ LABELS = {
     "unipts": "unipts",
 }
 FASHION = ("fashion", "fashion-bn")
+# Cases recorded without a "metric" entry are classifiers scored by top-1.
+TOP1 = {"names": ["top1"], "titles": {"top1": "top-1"}, "percent": True, "against_dense": False}
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _metric(case: dict) -> dict:
+    return case.get("metric") or TOP1
+
+
+def _value(v: float | None, metric: dict) -> str:
+    if not metric["percent"]:
+        return "-" if v is None else f"{v:.4f}"
+    return _pct(v)
+
+
+def _diff(d: float, metric: dict) -> str:
+    return f"{100 * d:+.2f} points" if metric["percent"] else f"{d:+.4f}"
+
+
+def _title(metric: dict, name: str) -> str:
+    title = metric["titles"].get(name, name)
+    title = title[:1].upper() + title[1:]
+    return f"{title} (%)" if metric["percent"] else title
 
 
 def _secs(v: float | None) -> str:
@@ -39,18 +61,20 @@ def _sparsities(runs: dict) -> list[float]:
 
 def _targets(name: str, case: dict) -> list[str]:
     runs = case["runs"]
+    metric = _metric(case)
+    key = metric["names"][0]
     lines = []
-    at = {r["method"]: r for r in runs.values() if r["sparsity"] == 0.9 and r.get("top1") is not None}
+    at = {r["method"]: r for r in runs.values() if r["sparsity"] == 0.9 and r.get(key) is not None}
     if "unipts" not in at:
         return ["- targets at 0.9: no unipts result at 0.9 in this table"]
-    u = at["unipts"]["top1"]
-    others = {m: r["top1"] for m, r in at.items() if m != "unipts"}
+    u = at["unipts"][key]
+    others = {m: r[key] for m, r in at.items() if m != "unipts"}
     if others:
         best = max(others, key=others.get)
-        gap = 100 * (u - others[best])
-        verdict = "met" if gap > 0 else f"missed by {-gap:.2f} points"
-        lines.append(f"- unipts beats every other method at 0.9: {_pct(u)} vs best other {best} "
-                     f"{_pct(others[best])} ({gap:+.2f} points): **{verdict}**")
+        gap = u - others[best]
+        verdict = "met" if gap > 0 else f"missed by {_diff(-gap, metric).lstrip('+')}"
+        lines.append(f"- unipts beats every other method at 0.9: {_value(u, metric)} vs best other {best} "
+                     f"{_value(others[best], metric)} ({_diff(gap, metric)}): **{verdict}**")
     if name in FASHION:
         drop = 100 * (case["dense"]["top1"] - u)
         verdict = "met" if drop <= 2 else f"missed by {drop - 2:.2f} points"
@@ -59,31 +83,64 @@ def _targets(name: str, case: dict) -> list[str]:
     return lines
 
 
+def _intro(case: dict, metric: dict) -> str:
+    if "metric" not in case:
+        return (f"{case['source']}. Dense top-1 **{_pct(case['dense']['top1'])}%** on {case['test_images']:,} test "
+                f"images ({case['classes']} classes).")
+    if metric["against_dense"]:
+        return (f"{case['source']}. Scored against the dense model's own outputs on {case['test_images']:,} test "
+                "images, so the dense row is 1 by definition.")
+    unit = "%" if metric["percent"] else ""
+    values = [f"{metric['titles'][k]} " + (f"**{_value(case['dense'][k], metric)}{unit}**" if i == 0 else
+                                           f"{_value(case['dense'][k], metric)}{unit}")
+              for i, k in enumerate(metric["names"])]
+    return f"{case['source']}. Dense " + ", ".join(values) + f" on {case['test_images']:,} test images."
+
+
+def _cells(runs: dict, method: str, sparsities: list[float], key: str, metric: dict, timed: bool) -> list[str]:
+    cells = []
+    for s in sparsities:
+        r = runs.get(f"{method}@{s:g}")
+        if r is None:
+            cells.append("not run")
+        elif r.get("error"):
+            cells.append(f"error ({_secs(r.get('wall_s'))})" if timed else "error")
+        elif timed:
+            cells.append(f"{_value(r.get(key), metric)} ({_secs(r['wall_s'])})")
+        else:
+            cells.append(_value(r.get(key), metric))
+    return cells
+
+
+def _table(case: dict, key: str, metric: dict, sparsities: list[float], timed: bool) -> list[str]:
+    runs = case["runs"]
+    out = ["| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
+    dense = 1.0 if metric["against_dense"] else case["dense"][key]
+    out.append("| dense | " + " | ".join(_value(dense, metric) for _ in sparsities) + " |")
+    for method in _methods(runs):
+        cells = _cells(runs, method, sparsities, key, metric, timed)
+        out.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return out
+
+
 def case_table(name: str, case: dict) -> list[str]:
     runs = case["runs"]
+    metric = _metric(case)
+    main, *others = metric["names"]
     sparsities = _sparsities(runs)
-    out = [f"### {case['title']}", "", f"{case['source']}. Dense top-1 **{_pct(case['dense']['top1'])}%** on "
-           f"{case['test_images']:,} test images ({case['classes']} classes)."]
+    out = [f"### {case['title']}", "", _intro(case, metric)]
+    if metric.get("description"):
+        out.append(f"Metric: {metric['description']}.")
     if case.get("preprocess"):
         out.append("Preprocessing: " + " → ".join(case["preprocess"]) + ".")
     for note in case.get("notes", []):
         out.append(f"Note: {note}.")
-    out += ["", "Top-1 (%) of the pruned model, and the wall time of its `prune` run (import, calibration "
-            "decoding, method, write-back, verification):", ""]
-    out.append("| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |")
-    out.append("|---|" + "---:|" * len(sparsities))
-    out.append("| dense | " + " | ".join(_pct(case["dense"]["top1"]) for _ in sparsities) + " |")
-    for method in _methods(runs):
-        cells = []
-        for s in sparsities:
-            r = runs.get(f"{method}@{s:g}")
-            if r is None:
-                cells.append("not run")
-            elif r.get("error"):
-                cells.append(f"error ({_secs(r.get('wall_s'))})")
-            else:
-                cells.append(f"{_pct(r['top1'])} ({_secs(r['wall_s'])})")
-        out.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    out += ["", f"{_title(metric, main)} of the pruned model, and the wall time of its `prune` run (import, "
+            "calibration decoding, method, write-back, verification):", ""]
+    out += _table(case, main, metric, sparsities, timed=True)
+    for key in others:
+        out += ["", f"{_title(metric, key)} of the pruned model:", ""]
+        out += _table(case, key, metric, sparsities, timed=False)
     errors = [f"- {k}: {r['error']}" for k, r in runs.items() if r.get("error")]
     if errors:
         out += ["", "Errors:", *errors]
@@ -116,7 +173,7 @@ def markdown(results: dict) -> str:
     for name, case in results.get("cases", {}).items():
         if case.get("runs"):
             lines += case_table(name, case)
-    lines += ["![top-1 vs sparsity](curve.png)", "", END]
+    lines += ["![accuracy vs sparsity](curve.png)", "", END]
     return "\n".join(lines)
 
 
@@ -138,7 +195,8 @@ def update_results_md(path: Path, section: str) -> None:
 
 
 def curve(results: dict, path: Path) -> Path | None:
-    """Top-1 vs sparsity, one panel per case, one line per method, dense dashed. None without matplotlib."""
+    """Each case's main metric vs sparsity, one panel per case, one line per method, dense dashed (and chance
+    for the classifiers). None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -155,18 +213,23 @@ def curve(results: dict, path: Path) -> Path | None:
     colors = {m: f"C{i}" for i, m in enumerate(METHOD_ORDER)}
     for ax, (name, case) in zip(axes, cases):
         runs = case["runs"]
+        metric = _metric(case)
+        key = metric["names"][0]
+        scale = 100 if metric["percent"] else 1
         for method in _methods(runs):
-            pts = sorted((r["sparsity"], 100 * r["top1"]) for r in runs.values()
-                         if r["method"] == method and r.get("top1") is not None)
+            pts = sorted((r["sparsity"], scale * r[key]) for r in runs.values()
+                         if r["method"] == method and r.get(key) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors.get(method),
                         label=LABELS.get(method, method), linewidth=2 if method == "unipts" else 1.3)
-        ax.axhline(100 * case["dense"]["top1"], color="k", linestyle="--", linewidth=1, label="dense")
-        ax.axhline(100 / max(case["classes"], 1), color="0.6", linestyle=":", linewidth=1, label="chance")
+        dense = 1.0 if metric["against_dense"] else case["dense"][key]
+        ax.axhline(scale * dense, color="k", linestyle="--", linewidth=1, label="dense")
+        if case.get("classes"):
+            ax.axhline(100 / max(case["classes"], 1), color="0.6", linestyle=":", linewidth=1, label="chance")
         ax.set_title(case["title"], fontsize=9)
         ax.set_xlabel("sparsity")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylabel(_title(metric, key))
+        ax.set_ylim(0, scale)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     for ax in axes[len(cases):]:

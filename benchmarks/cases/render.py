@@ -3,6 +3,8 @@
 * :func:`document_page` - a page of a document (title, paragraphs, sometimes a table of numbers) in one of
   the DejaVu faces; the benchmark rotates it by 0/90/180/270 degrees for the page-orientation classifier.
 * :func:`text_line` - a crop of one line of text, 48 x 192 pixels, for the text-line 0/180 classifier.
+* :func:`word_line` - a short line (1-4 English words or numbers) on white, 48 x 320 pixels, left-aligned and
+  wholly inside the crop, with its text: for the text recogniser.
 
 Every image comes from its own seeded generator, so a data set is reproducible image by image.
 """
@@ -149,3 +151,46 @@ def text_line(seed: int, size: tuple[int, int] = (192, 48)) -> Image.Image:
     y = (height - (bottom - top)) // 2 - top + int(rng.integers(-4, 5))
     draw.text((x, y), text, fill=ink, font=font)
     return img
+
+
+def _word_text(rng: np.random.Generator) -> str:
+    words = []
+    for _ in range(int(rng.integers(1, 5))):
+        r = rng.random()
+        if r < 0.15:
+            words.append(str(rng.integers(0, 10_000)))
+        elif r < 0.20:
+            words.append(f"{rng.uniform(0, 1000):.{int(rng.integers(1, 3))}f}")
+        elif r < 0.40:
+            words.append(str(rng.choice(CAPITALISED)))
+        else:
+            words.append(str(rng.choice(WORDS)))
+    return " ".join(words)
+
+
+def word_line(seed: int, size: tuple[int, int] = (320, 48)) -> tuple[Image.Image, str]:
+    """An RGB line of 1-4 words or numbers in dark ink on white (``size`` = width, height), and its text.
+
+    The font shrinks until the whole text fits inside the crop, so the text is the label exactly.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    text = _word_text(rng)
+    shade = int(rng.integers(0, 60))
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    face = str(rng.choice(available_faces() + available_bold()))
+    x0 = int(rng.integers(2, 10))
+    fsize = int(rng.integers(22, 33))
+    font = _font(face, fsize)
+    while fsize > 12:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        if right - left <= width - x0 - 4 and bottom - top <= height - 4:
+            break
+        fsize -= 1
+        font = _font(face, fsize)
+    left, top, _right, bottom = draw.textbbox((0, 0), text, font=font)
+    slack = max(0, height - (bottom - top) - 4)
+    y = 2 + int(rng.integers(0, slack + 1)) - top
+    draw.text((x0 - left, y), text, fill=(shade, shade, shade), font=font)
+    return img, text
