@@ -57,7 +57,8 @@ class Layout:
         return self.perm[axis] if self.perm is not None else axis
 
     def to_onnx(self, t: torch.Tensor) -> np.ndarray:
-        if self.scale == 1.0 and t.dtype in (torch.float32, torch.float64, torch.float16):
+        if (self.scale == 1.0 and self.perm is None and self.onnx_dtype is None
+                and t.dtype in (torch.float32, torch.float64, torch.float16)):
             # exact in the tensor's own dtype: no float64 copy (a transpose moves values, it computes none)
             a = t.detach().to("cpu")
             return (a.T if self.transpose else a).contiguous().numpy()

@@ -87,10 +87,12 @@ def _progress(ctx: PruneContext, total: int, desc: str):
 
 
 def _announce(ctx: PruneContext, message: str) -> None:
-    """A line for the user on stderr (beside the progress bars), and in the log."""
+    """A line for the user on stderr, and in the log. Written between progress bars (none is open then), and
+    without tqdm.write, whose first call imports multiprocessing's locks: a Ctrl-C landing in that import
+    broke the clean interruption."""
     logger.info(message)
     if ctx.progress:
-        tqdm.write(f"onnxsparse: {message}", file=sys.stderr)
+        print(f"onnxsparse: {message}", file=sys.stderr, flush=True)
 
 
 def _plain(obj):
