@@ -30,7 +30,9 @@ from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
 from onnxsparse.sparsity import patterns
+from onnxsparse.plain import json_default
 from onnxsparse.sparsity.masks import zeros_for
+from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -42,35 +44,6 @@ class PruneResult:
     achieved_sparsity: float
     layers: list[dict]
     report: dict = field(default_factory=dict)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during a run; ``phase`` says where. Nothing was written."""
-
-    def __init__(self, phase: str) -> None:
-        super().__init__(phase)
-        self.phase = phase
-
-
-class _Timer:
-    def __init__(self) -> None:
-        self.phases: dict[str, float] = {}
-        self.current = "start"
-
-    def phase(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                timer.current = name
-                self.start = time.perf_counter()
-
-            def __exit__(self, exc_type, exc, tb):
-                timer.phases[name] = timer.phases.get(name, 0.0) + time.perf_counter() - self.start
-                if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and not isinstance(exc, Interrupted):
-                    raise Interrupted(name) from None
-
-        return _Ctx()
 
 
 def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str, np.ndarray],
@@ -189,7 +162,7 @@ def prune(
     """
     from onnxsparse.data import PreprocessConfig, load_calibration
 
-    timer = _Timer()
+    timer = Phases(interrupts=True)
     started = time.perf_counter()
     model_path = None if isinstance(model, onnx.ModelProto) else Path(model)
     sources = (model_path,) if model_path is not None else ()
@@ -197,7 +170,7 @@ def prune(
         check_output_path(output, inputs=sources, force=force)
     if report_path is not None:
         check_output_path(report_path, inputs=sources, force=True)
-    with timer.phase("import"):
+    with timer("import"):
         imported = import_model(model, exclude=config.exclude)
     if not imported.layers:
         raise OnnxSparseError(
@@ -205,7 +178,7 @@ def prune(
             + (f"; {len(imported.skipped)} skipped: " + "; ".join(f"{s.tensor}: {s.reason}" for s in imported.skipped[:5])
                if imported.skipped else "")
         )
-    with timer.phase("calibration data"):
+    with timer("calibration data"):
         calib_set = load_calibration(
             calib, imported.proto, model_path=model_path, preprocess=preprocess or PreprocessConfig(),
             max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
@@ -225,7 +198,7 @@ def prune(
         raise OnnxSparseError("resume needs a run directory")
     ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress and dist.is_main,
                        run_dir=runs, dist=dist)
-    with timer.phase("calibration data"):
+    with timer("calibration data"):
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes: list[str] = []
     if config.nm is not None:
@@ -236,7 +209,7 @@ def prune(
             logger.warning(notes[-1])
     method = get_method(config.method)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, device)
-    with timer.phase("method"):
+    with timer("method"):
         try:
             # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
             # (training or statistics correction would otherwise move weights at sparsity 0).
@@ -276,7 +249,7 @@ def prune(
 def _export_verify_save(imported, student, metadata, staged, save_path, output, model_path, config, calib_set,
                         result, notes, timer, started, total, device, report_path, signals) -> PruneResult:
     """Write back, verify and save; the caller removes the staged external data if anything fails."""
-    with timer.phase("export"):
+    with timer("export"):
         pruned, changed = write_back(imported, student, metadata, data_file=staged)
         # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
         imported.release_dense()
@@ -328,7 +301,7 @@ def _export_verify_save(imported, student, metadata, staged, save_path, output, 
             raise QualityGateFailed(checked.agreement, config.min_agreement, checked.measure, checked.samples)
 
     failed: QualityGateFailed | None = None
-    with timer.phase("verify+save"):
+    with timer("verify+save"):
         try:
             save_atomic(to_save, save_path, validate=validate, staged_data=staged)
             storage["saved_bytes"] = files_size(save_path)
@@ -362,11 +335,11 @@ def _export_verify_save(imported, student, metadata, staged, save_path, output, 
         "verification": verification,
         "signals": signals.as_list(),
         "quality_gate": gate,
-        "time_s": {**{k: round(v, 3) for k, v in timer.phases.items()},
+        "time_s": {**timer.rounded(),
                    "total": round(time.perf_counter() - started, 3)},
     }
     if report_path is not None:
-        Path(report_path).write_text(json.dumps(report, indent=2, default=_json_default))
+        Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
     if failed is not None:
         failed.report = report
         raise failed
@@ -401,17 +374,3 @@ def _fingerprint(model_path: Path | None, imported: ImportedModel, calib, config
     source = str(Path(calib).resolve()) if isinstance(calib, (str, os.PathLike)) else type(calib).__name__
     return {"model_sha256": digest.hexdigest(), "config": config.as_dict(), "calibration": source,
             "preprocess": repr(preprocess)}
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (Path,)):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")

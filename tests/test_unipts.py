@@ -17,12 +17,12 @@ import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, lr_at, train
+from onnxsparse.methods.signals import raw_output_kind
 from onnxsparse.methods.unipts.objective import (
     Agreement,
     Distillation,
     base_decayed_kl,
     default_gamma,
-    is_class_logits,
     normalised_mse,
 )
 from onnxsparse.methods.unipts.search import (
@@ -198,10 +198,10 @@ def test_base_decayed_kl_equals_direct_computation():
 
 
 def test_fallback_objective_for_non_logits():
-    assert is_class_logits([torch.zeros(2, 10)])
-    assert not is_class_logits([torch.zeros(2, 1)])
-    assert not is_class_logits([torch.zeros(2, 10, 4)])
-    assert not is_class_logits([torch.zeros(2, 10), torch.zeros(2, 3)])
+    assert raw_output_kind(torch.zeros(2, 10)) == "class"
+    assert raw_output_kind(torch.zeros(2, 1)) == "dense"
+    assert raw_output_kind(torch.zeros(2, 10, 4)) == "dense"
+    assert raw_output_kind(torch.zeros(2, 10, dtype=torch.int64)) == "dense"
     s, t = [torch.ones(2, 3), torch.zeros(4)], [torch.zeros(2, 3), torch.arange(4.0)]
     expected = (1.0 / (0 + 1e-8) + (torch.arange(4.0) ** 2).mean() / torch.arange(4.0).var(unbiased=False)) / 2
     torch.testing.assert_close(normalised_mse(s, t), expected)

@@ -80,6 +80,18 @@ def _softmax_axis(node: onnx.NodeProto, opset: int, rank: int) -> int:
     return axis
 
 
+def as_outputs(out) -> list[torch.Tensor]:
+    """A module's output as a flat list of tensors (a GraphModule returns a tensor, tuple or list)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    flat: list[torch.Tensor] = []
+    for item in out:
+        flat.extend(as_outputs(item))
+    return flat
+
+
 class Signals:
     """The per-output description of one model, and the forward that returns the compared tensors."""
 
@@ -116,8 +128,6 @@ class Signals:
 
     def forward(self, module: nn.Module, batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run ``module`` on ``batch``; one compared tensor per output (captured logits where described)."""
-        from onnxsparse.methods.unipts.objective import as_outputs
-
         captured: dict[int, torch.Tensor] = {}
         handles = []
         for i, signal in enumerate(self.signals):
@@ -139,15 +149,14 @@ class Signals:
                 for i, s in enumerate(self.signals)]
 
 
-def _kind_of_raw(t: torch.Tensor) -> str:
+def raw_output_kind(t: torch.Tensor) -> str:
+    """``class`` for a 2-D ``(N, C > 1)`` float output (taken as logits), ``dense`` for anything else."""
     return "class" if t.is_floating_point() and t.dim() == 2 and t.shape[1] > 1 else "dense"
 
 
 @torch.no_grad()
 def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequence[torch.Tensor]) -> Signals:
     """Describe every output of ``imported`` using one teacher forward on ``batch``."""
-    from onnxsparse.methods.unipts.objective import as_outputs
-
     modules = dict(teacher.named_modules())
     model = imported.proto
     candidates: list[OutputSignal] = []
@@ -171,12 +180,12 @@ def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequenc
     final = []
     for c, t, out in zip(candidates, compared, outputs):
         if c.module_path is None:
-            kind = _kind_of_raw(out)
+            kind = raw_output_kind(out)
             final.append(OutputSignal(c.output, c.index, kind, "class logits (the output itself)"
                                       if kind == "class" else c.source, None, 1 if kind == "class" else -1))
             continue
         if not t.is_floating_point() or t.dim() < 1:
-            final.append(OutputSignal(c.output, c.index, _kind_of_raw(out), "the output itself"))
+            final.append(OutputSignal(c.output, c.index, raw_output_kind(out), "the output itself"))
             continue
         if c.kind == "sigmoid":
             final.append(OutputSignal(c.output, c.index, "binary", f"logits: {c.source}", c.module_path))
@@ -184,7 +193,7 @@ def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequenc
         node = model.graph.node[int(c.module_path[1:])]
         axis = _softmax_axis(node, imported.opset, t.dim())
         if axis < 0 or t.shape[axis] < 2:
-            final.append(OutputSignal(c.output, c.index, _kind_of_raw(out), "the output itself"))
+            final.append(OutputSignal(c.output, c.index, raw_output_kind(out), "the output itself"))
             continue
         kind = "class" if t.dim() == 2 and axis == 1 else "sequence"
         final.append(OutputSignal(c.output, c.index, kind, f"logits: {c.source}", c.module_path, axis))

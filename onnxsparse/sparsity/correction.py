@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from onnxsparse.graph import PrunableLayer
+from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
 
@@ -238,23 +239,6 @@ def channel_affine_applied(student: nn.Module, layers: list[PrunableLayer], fitt
             h.remove()
 
 
-def correct(
-    student: nn.Module,
-    teacher: nn.Module,
-    layers: list[PrunableLayer],
-    *,
-    bn_batches: Iterable[tuple[torch.Tensor, ...]] | None,
-    channel_inputs: tuple[torch.Tensor, ...] | None,
-) -> CorrectionReport:
-    """BatchNorm re-estimation (where there is BatchNorm), then per-channel correction of the other layers."""
-    report = CorrectionReport()
-    if bn_batches is not None:
-        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches)
-    if channel_inputs is not None:
-        fit_channel_correction(student, teacher, layers, channel_inputs, report)
-    return report
-
-
 @torch.no_grad()
 def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
     """Dense-relative BatchNorm correction (see the module docstring) on one batch. Returns (layers, samples).
@@ -367,16 +351,9 @@ class CorrectionChoice:
 
 def _batchnorm_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of every BatchNorm parameter and buffer (what the BatchNorm modes change): small."""
-    return {f"{name}.{key}": value.detach().clone()
-            for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)  # noqa: SLF001
-            for key, value in m.state_dict().items()}
-
-
-@torch.no_grad()
-def _load_batchnorm_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    live = module.state_dict()
-    for key, value in state.items():
-        live[key].copy_(value)
+    prefixes = tuple(f"{name}." for name, m in module.named_modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm))  # noqa: SLF001
+    return copy_state(module, lambda key: key.startswith(prefixes))
 
 
 @torch.no_grad()
@@ -402,7 +379,7 @@ def choose_correction(
     trials: dict[str, tuple[dict, ChannelAffine, CorrectionReport]] = {}
     scores: dict[str, float] = {}
     for mode in modes:
-        _load_batchnorm_state(student, start)
+        load_state(student, start)
         report = CorrectionReport()
         if mode == "relative" and channel_inputs is not None:
             report.batchnorm_layers, report.batchnorm_samples = relative_batchnorm(student, teacher, channel_inputs)
@@ -417,7 +394,7 @@ def choose_correction(
         trials[mode] = (_batchnorm_state(student) if mode in ("relative", "reestimate") else start, fitted, report)
     best = max(modes, key=lambda m: (scores[m], -modes.index(m)))
     state, fitted, report = trials[best]
-    _load_batchnorm_state(student, state)
+    load_state(student, state)
     if best != "none" and channel_inputs is not None:
         fold_channel_affine(student, layers, fitted, report, int(channel_inputs[0].shape[0]))
     logger.info("statistics correction: %s (%s)", best, ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))

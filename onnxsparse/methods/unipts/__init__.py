@@ -24,7 +24,6 @@ The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by defau
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sys
@@ -36,7 +35,6 @@ import torch
 from tqdm import tqdm
 
 from onnxsparse.config import UniPTSConfig
-from onnxsparse.device import oom_phase
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.methods.scoring import FixedBatches
@@ -52,7 +50,10 @@ from onnxsparse.methods.unipts.search import (
 )
 from onnxsparse.sparsity import allocation, patterns
 from onnxsparse.sparsity.correction import correction_modes
+from onnxsparse.plain import to_plain
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks
+from onnxsparse.state import copy_state, load_state
+from onnxsparse.timing import Phases
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +66,6 @@ def autocast_for(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
-
-
-class _Phases:
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            with oom_phase(name):
-                yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def _progress(ctx: PruneContext, total: int, desc: str):
@@ -95,21 +82,6 @@ def _announce(ctx: PruneContext, message: str) -> None:
         print(f"onnxsparse: {message}", file=sys.stderr, flush=True)
 
 
-def _plain(obj):
-    """Plain Python data (what a weights_only checkpoint may hold) from numpy-laden report data."""
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-@torch.no_grad()
-def _restore(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for k, v in module.state_dict().items():
-        v.copy_(state[k])
-
-
 @register_method("unipts")
 class UniPTS:
     name = "unipts"
@@ -117,7 +89,7 @@ class UniPTS:
     def run(self, ctx: PruneContext) -> MethodResult:
         cfg: UniPTSConfig = ctx.config.unipts
         started = time.perf_counter()
-        phases = _Phases()
+        phases = Phases()
         layers = ctx.layers
         autocast = autocast_for(ctx.device)
         if ctx.calib.n_train < 2:
@@ -166,7 +138,7 @@ class UniPTS:
                 final_masks = {layer.name: layer.weight.get(ctx.student).detach() != 0 for layer in layers}
             self._check_finite(ctx)
         info["sparsities"] = sparsities
-        info["time_s"] = {**phases.seconds, "total": round(time.perf_counter() - started, 3)}
+        info["time_s"] = {**phases.rounded(), "total": round(time.perf_counter() - started, 3)}
         return MethodResult(sparsities, final_masks, info)
 
     # ------------------------------------------------------------------------------------------------
@@ -225,7 +197,7 @@ class UniPTS:
             "chosen": chosen,
         })
         if ctx.run_dir is not None:
-            ctx.run_dir.save("allocation", {"zeros": torch.as_tensor(zeros), "info": _plain(search_info)})
+            ctx.run_dir.save("allocation", {"zeros": torch.as_tensor(zeros), "info": to_plain(search_info)})
         return zeros, pattern_masks, search_info, False
 
     @staticmethod
@@ -275,7 +247,7 @@ class UniPTS:
         holdout = ctx.holdout_scorer()
         choice = ctx.correct()
         scores = {"magnitude+correction": holdout(ctx.student)}
-        states = {"magnitude+correction": _snapshot(ctx.student)}
+        states = {"magnitude+correction": copy_state(ctx.student)}
         evaluator.restore()
         with torch.no_grad():
             rec_masks, rows, _ = reconstruct_all(ctx, sparsities, pattern_masks)
@@ -283,9 +255,9 @@ class UniPTS:
         fitted = sum(1 for r in rows if r.get("fitted"))
         chosen = max(scores, key=lambda k: (scores[k].score, k == "reconstruct"))
         if chosen == "reconstruct":
-            states["reconstruct"] = _snapshot(ctx.student)
+            states["reconstruct"] = copy_state(ctx.student)
         else:
-            _restore(ctx.student, states["magnitude+correction"])
+            load_state(ctx.student, states["magnitude+correction"])
             evaluator.restore_pruned(masks)  # pruned weights get their dense values back
         report = {"chosen": chosen, "measured_on": holdout.split,
                   "candidates": {k: v.as_dict() for k, v in scores.items()},
@@ -347,11 +319,11 @@ class UniPTS:
         start = start_report["candidates"][start_report["chosen"]]
         start_score = -math.inf
         if start_state is not None:
-            trained_state = _snapshot(ctx.student)
-            _restore(ctx.student, start_state)
+            trained_state = copy_state(ctx.student)
+            load_state(ctx.student, start_state)
             start_score = holdout(ctx.student).score
             if trained.score >= start_score:
-                _restore(ctx.student, trained_state)
+                load_state(ctx.student, trained_state)
         kept = "trained" if trained.score >= start_score else "start"
         if kept == "start":
             _announce(ctx, f"UniPTS: training did not improve on its start on the holdout "

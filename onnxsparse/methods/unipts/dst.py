@@ -34,6 +34,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import HoldoutScorer
 from onnxsparse.methods.unipts.objective import Distillation
+from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     # DDP's constructor makes every rank start from rank 0's parameters and buffers
     model = dist.wrap(student)
     device = params[0].device if params else torch.device("cpu")
-    good_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    good_state = copy_state(student)
     good_optim = copy.deepcopy(optimizer.state_dict())
     good_step = step
     while step < total:
@@ -335,9 +336,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
                     f"with lr {lr_now:.3g}; nothing was written. Try a smaller --lr."
                 )
             logger.warning("NaN/Inf loss at step %d: rolling back to step %d and halving the lr", step, good_step)
-            with torch.no_grad():
-                for k, v in student.state_dict().items():
-                    v.copy_(good_state[k])
+            load_state(student, good_state)
             optimizer.load_state_dict(good_optim)
             base_lr *= 0.5
             if progress is not None:
@@ -358,9 +357,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         result.curve.append(row)
         if progress is not None:
             progress.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "-")
-        with torch.no_grad():
-            for k, v in student.state_dict().items():
-                good_state[k].copy_(v)
+        good_state = copy_state(student)
         good_optim = copy.deepcopy(optimizer.state_dict())
         good_step = step
         if checkpoint is not None and step < total and len(result.curve) % max(checkpoint_every, 1) == 0:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from onnxsparse.methods.signals import Signals
+from onnxsparse.methods.signals import Signals, as_outputs  # noqa: F401 - as_outputs: used by callers of this module
 
 import torch
 import torch.nn.functional as F
@@ -36,28 +36,6 @@ LOSS_NAMES = {
     "binary": "Bernoulli KL per element of the logits behind Sigmoid",
     "dense": "normalised MSE (mean squared error / teacher variance)",
 }
-
-
-def as_outputs(out) -> list[torch.Tensor]:
-    """A module's output as a flat list of tensors (a GraphModule returns a tensor, tuple or list)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    flat: list[torch.Tensor] = []
-    for item in out:
-        flat.extend(as_outputs(item))
-    return flat
-
-
-def is_class_logits(outputs: Sequence[torch.Tensor]) -> bool:
-    """One 2-D ``(N, C > 1)`` float output."""
-    return (
-        len(outputs) == 1
-        and outputs[0].dim() == 2
-        and outputs[0].shape[1] > 1
-        and outputs[0].is_floating_point()
-    )
 
 
 def default_gamma(epochs: float) -> float:

@@ -27,7 +27,9 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.signals import Signals
 from onnxsparse.methods.unipts.objective import Agreement
+from onnxsparse.methods.scoring import HoldoutScorer
 from onnxsparse.sparsity.correction import apply_correction
+from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
 
 logger = logging.getLogger(__name__)
@@ -190,21 +192,15 @@ class FitnessEvaluator:
         self.evaluations = 0
         self.seconds = 0.0
         with torch.no_grad():
-            self.live = student.state_dict()  # references to the live tensors
-            self.snapshot = {k: v.detach().clone() for k, v in self.live.items()}
+            self.snapshot = copy_state(student)
             self.orders = {
                 layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
                 for layer in self.layers
             }
-            self.teacher_outputs = []
-            with self.autocast():
-                for batch in batches:
-                    self.teacher_outputs.append([o.detach().float() for o in self.signals.forward(teacher, batch)])
+        self.scorer = HoldoutScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
 
-    @torch.no_grad()
     def restore(self) -> None:
-        for k, v in self.live.items():
-            v.copy_(self.snapshot[k])
+        load_state(self.student, self.snapshot)
 
     @torch.no_grad()
     def prune(self, zeros: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -256,18 +252,8 @@ class FitnessEvaluator:
                 channel_inputs=self.channel_inputs,
             )
 
-    @torch.no_grad()
     def score(self) -> Agreement:
-        was_training = self.student.training
-        self.student.eval()
-        agreement = Agreement(self.signals)
-        try:
-            with self.autocast():
-                for batch, t_out in zip(self.batches, self.teacher_outputs):
-                    agreement.add([o.float() for o in self.signals.forward(self.student, batch)], t_out)
-        finally:
-            self.student.train(was_training)
-        return agreement
+        return self.scorer(self.student)
 
     def __call__(self, zeros: Sequence[int]) -> Agreement:
         start = time.perf_counter()
