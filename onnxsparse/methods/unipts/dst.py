@@ -231,6 +231,87 @@ def _to_layout(batch: tuple[torch.Tensor, ...], layout: torch.memory_format) -> 
     return tuple(t.contiguous(memory_format=layout) if t.dim() == 4 else t for t in batch)
 
 
+class _Budget:
+    """Shortens the run to fit ``budget_s``: the time per step is measured over 8 steps from the 3rd (the first
+    ones pay for warm-up), then the total is fixed once; rank 0's measure decides for every rank."""
+
+    def __init__(self, budget_s: float | None, start: float, device: torch.device, dist: DistContext):
+        self.budget_s, self.start, self.device, self.dist = budget_s, start, device, dist
+        self.timed_from: tuple[int, float] | None = None
+
+    def total_after(self, step: int, total: int) -> int:
+        if self.budget_s is None:
+            return total
+        if step == 2:
+            _synchronize(self.device)
+            self.timed_from = (step, time.perf_counter())
+        elif self.timed_from is not None and step == self.timed_from[0] + 8:
+            _synchronize(self.device)
+            per = (time.perf_counter() - self.timed_from[1]) / 8
+            remaining = self.budget_s - (time.perf_counter() - self.start)
+            # an epoch-end holdout pass is about 1/3 of an iteration per batch: keep 10% for it
+            fit = int(self.dist.broadcast_float(step + max(int(0.9 * remaining / max(per, 1e-9)), 0)))
+            if fit < total:
+                logger.info("training shortened to %d iterations to fit the time budget", fit)
+                return max(fit, step)
+        return total
+
+
+@dataclass
+class _Epoch:
+    """What one epoch's steps leave behind; the loss sum and NaN flags stay on the device until read."""
+
+    loss_sum: torch.Tensor
+    nonfinite: torch.Tensor
+    first_bad: torch.Tensor  # step of the first NaN/Inf loss, -1 if none
+    n_losses: int = 0
+    diverged: bool = False
+
+
+def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, layout, epoch: int, step: int,
+               total: int, plan: TrainPlan, base_lr: float, *, autocast, progress, budget: _Budget, dist,
+               max_grad_norm: float | None, device) -> tuple[_Epoch, int, int]:
+    """The steps of one epoch: (what they left, the step reached, the total, possibly shortened by the budget)."""
+    state = _Epoch(torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.bool, device=device),
+                   torch.full((), -1, dtype=torch.int64, device=device))
+    for batch in batches:
+        if step >= total:
+            break
+        if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample (same on every rank: equal shards)
+            continue
+        batch = _to_layout(batch, layout)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, plan.warmup, base_lr)
+        with autocast():
+            with torch.no_grad():
+                t_out = loss_fn.signals.forward(teacher, batch)
+            loss = loss_fn(loss_fn.signals.forward(model, batch), t_out, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        detached = loss.detach()
+        bad = ~torch.isfinite(detached)
+        state.first_bad = torch.where(bad & ~state.nonfinite, step, state.first_bad)
+        state.nonfinite |= bad
+        state.loss_sum += detached.double()
+        state.n_losses += 1
+        step += 1
+        if progress is not None:
+            progress.update(1)
+        if state.n_losses % FINITE_CHECK_EVERY == 0 and dist.any(state.nonfinite):
+            state.diverged = True
+            break
+        new_total = budget.total_after(step, total)
+        if new_total != total:
+            total = new_total
+            if progress is not None:
+                progress.total = total
+                progress.refresh()
+    return state, step, total
+
+
 def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, holdout, autocast, progress,
            stop, resume, checkpoint, checkpoint_every, dist, freeze_batchnorm, max_grad_norm) -> TrainResult:
     total = plan.iterations
@@ -238,9 +319,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     base_lr = plan.lr
     teacher.eval()
     step = 0
-    epoch = 0
     start = time.perf_counter()
-    timed_from: tuple[int, float] | None = None
     if resume is not None:
         student.load_state_dict(resume["student"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -253,88 +332,29 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     # DDP's constructor makes every rank start from rank 0's parameters and buffers
     model = dist.wrap(student)
     device = params[0].device if params else torch.device("cpu")
-    good_state = copy_state(student)
-    good_optim = copy.deepcopy(optimizer.state_dict())
-    good_step = step
+    budget = _Budget(plan.budget_s, start, device, dist)
+    good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
     while step < total:
         if dist.any(stop()):
             result.stopped = "cancelled"
             break
         epoch = step // max(plan.iterations_per_epoch, 1)
-        tau = loss_fn.tau(epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # step of the first NaN/Inf loss
-        n_losses = 0
-        diverged = False
         student.train()
         if freeze_batchnorm:
             _batchnorm_eval(student)
-        for batch in epoch_batches(epoch):
-            if step >= total:
-                break
-            if batch[0].shape[0] < 2:  # BatchNorm cannot train on one sample (same on every rank: equal shards)
-                continue
-            batch = _to_layout(batch, layout)
-            lr = lr_at(step, total, plan.warmup, base_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast():
-                with torch.no_grad():
-                    t_out = loss_fn.signals.forward(teacher, batch)
-                s_out = loss_fn.signals.forward(model, batch)
-                loss = loss_fn(s_out, t_out, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            detached = loss.detach()
-            bad = ~torch.isfinite(detached)
-            first_bad = torch.where(bad & ~nonfinite, step, first_bad)
-            nonfinite |= bad
-            loss_sum += detached.double()
-            n_losses += 1
-            step += 1
-            if progress is not None:
-                progress.update(1)
-            if n_losses % FINITE_CHECK_EVERY == 0 and dist.any(nonfinite):
-                diverged = True
-                break
-            # time budget: measure from the 3rd step (the first ones pay for warm-up), then fix the total
-            if plan.budget_s is not None:
-                if step == 2:
-                    _synchronize(device)
-                    timed_from = (step, time.perf_counter())
-                elif timed_from is not None and step == timed_from[0] + 8:
-                    _synchronize(device)
-                    per = (time.perf_counter() - timed_from[1]) / 8
-                    remaining = plan.budget_s - (time.perf_counter() - start)
-                    # an epoch-end holdout pass is about 1/3 of an iteration per batch: keep 10% for it
-                    # (rank 0's measure decides, so every rank runs the same number of steps)
-                    fit = int(dist.broadcast_float(step + max(int(0.9 * remaining / max(per, 1e-9)), 0)))
-                    if fit < total:
-                        logger.info("training shortened to %d iterations to fit the time budget", fit)
-                        total = max(fit, step)
-                        if progress is not None:
-                            progress.total = total
-                            progress.refresh()
-        if not diverged and n_losses and dist.any(nonfinite):
-            diverged = True
-        if not diverged and not n_losses:
+        ran, step, total = _run_epoch(model, student, teacher, epoch_batches(epoch), loss_fn, optimizer, params,
+                                      layout, epoch, step, total, plan, base_lr, autocast=autocast,
+                                      progress=progress, budget=budget, dist=dist, max_grad_norm=max_grad_norm,
+                                      device=device)
+        if not ran.diverged and ran.n_losses and dist.any(ran.nonfinite):
+            ran.diverged = True
+        if not ran.diverged and not ran.n_losses:
             result.stopped = "no training batches (fewer than 2 calibration samples)"
             break
-        if not diverged and not dist.all(_finite_params(student)):
-            diverged = True
-        if diverged:
-            lr_now = optimizer.param_groups[0]["lr"]
-            bad_step = int(dist.broadcast_float(float(first_bad)))
-            result.rollbacks.append({"epoch": epoch, "step": bad_step if bad_step >= 0 else step, "lr": lr_now})
-            if len(result.rollbacks) >= MAX_ROLLBACKS:
-                raise OnnxSparseError(
-                    f"UniPTS training diverged (NaN/Inf loss) {len(result.rollbacks)} times, last at step {step} "
-                    f"with lr {lr_now:.3g}; nothing was written. Try a smaller --lr."
-                )
+        if not ran.diverged and not dist.all(_finite_params(student)):
+            ran.diverged = True
+        if ran.diverged:
+            _record_divergence(result, optimizer, ran, epoch, step, dist)
             logger.warning("NaN/Inf loss at step %d: rolling back to step %d and halving the lr", step, good_step)
             load_state(student, good_state)
             optimizer.load_state_dict(good_optim)
@@ -343,27 +363,42 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
                 progress.update(good_step - step)
             step = good_step
             continue
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "loss": dist.mean_float(float(loss_sum) / n_losses) if n_losses else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "tau": tau,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
-        if holdout is not None:
-            agreement = holdout(student)
-            row.update({f"holdout_{k}": v for k, v in agreement.as_dict().items() if k != "samples"})
-        result.curve.append(row)
+        result.curve.append(_epoch_row(ran, epoch, step, optimizer, loss_fn, start, holdout, student, dist))
         if progress is not None:
-            progress.set_postfix(loss=f"{row['loss']:.4g}" if row["loss"] is not None else "-")
-        good_state = copy_state(student)
-        good_optim = copy.deepcopy(optimizer.state_dict())
-        good_step = step
+            loss = result.curve[-1]["loss"]
+            progress.set_postfix(loss=f"{loss:.4g}" if loss is not None else "-")
+        good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
         if checkpoint is not None and step < total and len(result.curve) % max(checkpoint_every, 1) == 0:
             checkpoint({"student": good_state, "optimizer": good_optim, "step": step, "base_lr": base_lr,
                         "total": total, "curve": result.curve, "rollbacks": result.rollbacks})
     result.iterations = step
-    elapsed = time.perf_counter() - start
-    result.seconds_per_iteration = elapsed / max(step, 1)
+    result.seconds_per_iteration = (time.perf_counter() - start) / max(step, 1)
     return result
+
+
+def _record_divergence(result: TrainResult, optimizer, ran: _Epoch, epoch: int, step: int, dist) -> None:
+    """Note a NaN/Inf epoch in the result; the third one ends the run with a user error."""
+    lr_now = optimizer.param_groups[0]["lr"]
+    bad_step = int(dist.broadcast_float(float(ran.first_bad)))
+    result.rollbacks.append({"epoch": epoch, "step": bad_step if bad_step >= 0 else step, "lr": lr_now})
+    if len(result.rollbacks) >= MAX_ROLLBACKS:
+        raise OnnxSparseError(
+            f"UniPTS training diverged (NaN/Inf loss) {len(result.rollbacks)} times, last at step {step} "
+            f"with lr {lr_now:.3g}; nothing was written. Try a smaller --lr."
+        )
+
+
+def _epoch_row(ran: _Epoch, epoch: int, step: int, optimizer, loss_fn, start: float, holdout, student, dist) -> dict:
+    """The training curve's row for a finished epoch (the holdout agreement when there is a holdout)."""
+    row = {
+        "epoch": epoch,
+        "step": step,
+        "loss": dist.mean_float(float(ran.loss_sum) / ran.n_losses) if ran.n_losses else None,
+        "lr": optimizer.param_groups[0]["lr"],
+        "tau": loss_fn.tau(epoch),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    if holdout is not None:
+        agreement = holdout(student)
+        row.update({f"holdout_{k}": v for k, v in agreement.as_dict().items() if k != "samples"})
+    return row
