@@ -29,8 +29,8 @@ from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
-from onnxsparse.sparsity import patterns
 from onnxsparse.plain import json_default
+from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
 from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
@@ -160,8 +160,6 @@ def prune(
     ``dist`` (from :mod:`onnxsparse.distributed`) runs this as one rank of a torchrun job: the method's work is
     shared, rank 0 alone exports, verifies and writes; the other ranks return a result without ``output``.
     """
-    from onnxsparse.data import PreprocessConfig, load_calibration
-
     timer = Phases(interrupts=True)
     started = time.perf_counter()
     model_path = None if isinstance(model, onnx.ModelProto) else Path(model)
@@ -170,6 +168,46 @@ def prune(
         check_output_path(output, inputs=sources, force=force)
     if report_path is not None:
         check_output_path(report_path, inputs=sources, force=True)
+    dist = dist or DistContext()
+    ctx = _prepare(model, model_path, calib, config, preprocess, timer, dist, progress, run_dir, resume)
+    with timer("calibration data"):
+        signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
+    notes = _pattern_notes(config)
+    logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, ctx.device)
+    with timer("method"):
+        try:
+            # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
+            # (training or statistics correction would otherwise move weights at sparsity 0).
+            result = (_unchanged(ctx.imported) if config.sparsity == 0 and config.nm is None
+                      else get_method(config.method).run(ctx))
+        except torch.cuda.OutOfMemoryError as exc:
+            raise out_of_memory(exc, ctx.device, config) from None
+    dist.broadcast_module(ctx.student)  # rank 0's weights on every rank, whatever float noise did
+    if not dist.is_main:
+        return PruneResult(None, config.sparsity, float("nan"), [], {"rank": dist.rank})
+    run = _Run(ctx.imported, ctx.student.to("cpu").eval(), ctx.calib, config, ctx.device, model_path, output,
+               result, signals, notes, timer, started)
+    dry_dir = tempfile.TemporaryDirectory() if output is None else None
+    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
+    # External data is streamed beside the output while written back, never held in memory.
+    staged = staged_data_path(save_path) if run.imported.base_dir is not None else None
+    # The teacher's weights stay alive through the change-detection snapshots until write-back is done.
+    del ctx
+    try:
+        return _export_verify_save(run, staged, save_path, report_path)
+    finally:
+        if staged is not None:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preprocess, timer: Phases,
+             dist: DistContext, progress: bool, run_dir, resume: bool) -> PruneContext:
+    """Import, calibration data, device, teacher and student, run directory: what a method gets."""
+    from onnxsparse.data import PreprocessConfig, load_calibration
+
     with timer("import"):
         imported = import_model(model, exclude=config.exclude)
     if not imported.layers:
@@ -183,7 +221,6 @@ def prune(
             calib, imported.proto, model_path=model_path, preprocess=preprocess or PreprocessConfig(),
             max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
         )
-    dist = dist or DistContext()
     _check_distributed(dist, config, run_dir, resume)
     device = dist.device if dist.active else resolve_device(config.device)
     torch.manual_seed(config.seed)
@@ -196,10 +233,11 @@ def prune(
         runs = RunDir(run_dir, _fingerprint(model_path, imported, calib, config, preprocess), resume=resume)
     elif resume:
         raise OnnxSparseError("resume needs a run directory")
-    ctx = PruneContext(imported, teacher, student, calib_set, config, device, progress=progress and dist.is_main,
-                       run_dir=runs, dist=dist)
-    with timer("calibration data"):
-        signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
+    return PruneContext(imported, teacher, student, calib_set, config, device, progress=progress and dist.is_main,
+                        run_dir=runs, dist=dist)
+
+
+def _pattern_notes(config: PruneConfig) -> list[str]:
     notes: list[str] = []
     if config.nm is not None:
         n, m = config.nm
@@ -207,121 +245,139 @@ def prune(
             notes.append(f"--sparsity {config.sparsity:g} ignored: pattern {config.pattern} sets every N:M layer to "
                          f"{1.0 - n / m:g} (layers it cannot group stay dense)")
             logger.warning(notes[-1])
-    method = get_method(config.method)
-    logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, device)
-    with timer("method"):
-        try:
-            # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
-            # (training or statistics correction would otherwise move weights at sparsity 0).
-            result = _unchanged(imported) if config.sparsity == 0 and config.nm is None else method.run(ctx)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise out_of_memory(exc, device, config) from None
-    dist.broadcast_module(ctx.student)  # rank 0's weights on every rank, whatever float noise did
-    if not dist.is_main:
-        return PruneResult(None, config.sparsity, float("nan"), [], {"rank": dist.rank})
-    student = ctx.student.to("cpu").eval()
-    total = sum(layer.numel for layer in imported.layers)
-    metadata = {
-        "onnxsparse.version": onnxsparse.__version__,
-        "onnxsparse.method": config.method,
-        "onnxsparse.pattern": config.pattern,
-        "onnxsparse.target_sparsity": f"{config.sparsity:.6g}",
-    }
-    dry_dir = tempfile.TemporaryDirectory() if output is None else None
-    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
-    # External data is streamed beside the output while written back, never held in memory.
-    staged = staged_data_path(save_path) if imported.base_dir is not None else None
-    # The teacher's weights stay alive through the change-detection snapshots until write-back is done.
-    del ctx, teacher
-    try:
-        return _export_verify_save(
-            imported, student, metadata, staged, save_path, output, model_path, config, calib_set, result,
-            notes, timer, started, total, device, report_path, signals,
-        )
-    finally:
-        if staged is not None:
-            with contextlib.suppress(OSError):
-                staged.unlink()
-        if dry_dir is not None:
-            dry_dir.cleanup()
+    return notes
 
 
-def _export_verify_save(imported, student, metadata, staged, save_path, output, model_path, config, calib_set,
-                        result, notes, timer, started, total, device, report_path, signals) -> PruneResult:
-    """Write back, verify and save; the caller removes the staged external data if anything fails."""
-    with timer("export"):
-        pruned, changed = write_back(imported, student, metadata, data_file=staged)
-        # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
-        imported.release_dense()
-        result.masks.clear()
-        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
-                               staged.parent if staged is not None else None)
-        rows = _layer_table(imported, result, arrays, config.nm)
-        _check_zeros(rows, imported, arrays, config.nm)
-        achieved = sum(r["zeros"] for r in rows) / total
-        prop = pruned.metadata_props.add()
-        prop.key, prop.value = "onnxsparse.achieved_sparsity", f"{achieved:.6g}"
-        initializer_weights = [layer.weight.source.name for layer in imported.layers
-                               if layer.weight.source.kind == "initializer"]
-        sparse_model, converted = to_sparse_initializers(pruned, initializer_weights)
-        storage = _storage(model_path, pruned, sparse_model, config.save_format, converted)
-        to_save = sparse_model if config.save_format == "sparse-initializer" else pruned
-        if config.save_format == "sparse-initializer" and not converted:
-            notes.append("--save-format sparse-initializer: no pruned weight is smaller as a sparse tensor "
-                         "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
-        if config.save_format != "sparse-initializer":
-            del sparse_model
-    n_verify = min(config.verify_samples, calib_set.n_holdout) if calib_set.n_holdout else min(
-        config.verify_samples, calib_set.n_train)
-    split = "holdout" if calib_set.n_holdout else "train"
+@dataclass
+class _Run:
+    """What export, verification and the report need from a finished method run (rank 0)."""
 
-    def feeds():
+    imported: ImportedModel
+    student: torch.nn.Module  # pruned, on the CPU, eval mode
+    calib: object  # CalibrationSet
+    config: PruneConfig
+    device: torch.device
+    model_path: Path | None
+    output: str | os.PathLike | None
+    result: MethodResult
+    signals: object  # methods.signals.Signals
+    notes: list[str]
+    timer: Phases
+    started: float
+
+    @property
+    def total(self) -> int:
+        return sum(layer.numel for layer in self.imported.layers)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "onnxsparse.version": onnxsparse.__version__,
+            "onnxsparse.method": self.config.method,
+            "onnxsparse.pattern": self.config.pattern,
+            "onnxsparse.target_sparsity": f"{self.config.sparsity:.6g}",
+        }
+
+    def verify_feeds(self):
+        """Up to ``verify_samples`` holdout feeds (training feeds when there is no holdout split)."""
+        split = "holdout" if self.calib.n_holdout else "train"
+        n_verify = min(self.config.verify_samples, self.calib.n_holdout if self.calib.n_holdout else self.calib.n_train)
         seen = 0
-        for feed in calib_set.feeds(split, config.batch_size):
+        for feed in self.calib.feeds(split, self.config.batch_size):
             if seen >= n_verify:
                 return
             take = min(n_verify - seen, next(iter(feed.values())).shape[0])
             seen += take
             yield {k: v[:take] for k, v in feed.items()}
 
-    verification = {}
-    gate: dict = {"min_agreement": config.min_agreement, "split": split}
 
-    def validate(path: Path) -> None:
-        nonlocal verification
-        dense_ref = model_path if model_path is not None else imported.proto
+class _Gate:
+    """Verification of the saved file, then the quality gate: below ``--min-agreement`` the save is refused."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.verification: dict = {}
+        self.report: dict = {"min_agreement": run.config.min_agreement,
+                             "split": "holdout" if run.calib.n_holdout else "train"}
+
+    def __call__(self, path: Path) -> None:
+        run = self.run
         checked = verify_file(
-            path, dense_ref, feeds(), student=student, input_names=calib_set.input_names, device="cpu",
-            tolerance=config.verify_tolerance, ort_device=device, kinds=[(s.kind, s.axis) for s in signals],
+            path, run.model_path if run.model_path is not None else run.imported.proto, run.verify_feeds(),
+            student=run.student, input_names=run.calib.input_names, device="cpu",
+            tolerance=run.config.verify_tolerance, ort_device=run.device,
+            kinds=[(s.kind, s.axis) for s in run.signals],
         )
-        verification = checked.as_dict()
-        gate.update({"agreement": checked.agreement, "measure": checked.measure,
-                     "passed": checked.agreement is None or checked.agreement >= config.min_agreement})
-        if not gate["passed"]:
-            raise QualityGateFailed(checked.agreement, config.min_agreement, checked.measure, checked.samples)
+        self.verification = checked.as_dict()
+        passed = checked.agreement is None or checked.agreement >= run.config.min_agreement
+        self.report.update({"agreement": checked.agreement, "measure": checked.measure, "passed": passed})
+        if not passed:
+            raise QualityGateFailed(checked.agreement, run.config.min_agreement, checked.measure, checked.samples)
 
+
+def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_path) -> PruneResult:
+    """Write back, verify and save; the caller removes the staged external data if anything fails."""
+    imported, config = run.imported, run.config
+    with run.timer("export"):
+        pruned, changed = write_back(imported, run.student, run.metadata(), data_file=staged)
+        # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
+        imported.release_dense()
+        run.result.masks.clear()
+        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
+                               staged.parent if staged is not None else None)
+        rows = _layer_table(imported, run.result, arrays, config.nm)
+        _check_zeros(rows, imported, arrays, config.nm)
+        achieved = sum(r["zeros"] for r in rows) / run.total
+        prop = pruned.metadata_props.add()
+        prop.key, prop.value = "onnxsparse.achieved_sparsity", f"{achieved:.6g}"
+        to_save, storage = _storage_format(run, pruned)
+    gate = _Gate(run)
     failed: QualityGateFailed | None = None
-    with timer("verify+save"):
+    with run.timer("verify+save"):
         try:
-            save_atomic(to_save, save_path, validate=validate, staged_data=staged)
+            save_atomic(to_save, save_path, validate=gate, staged_data=staged)
             storage["saved_bytes"] = files_size(save_path)
         except QualityGateFailed as exc:
             failed = exc  # nothing is written; the report still is: it says why
-    report = {
+    report = _report(run, rows, achieved, storage, changed, gate, written=failed is None)
+    if report_path is not None:
+        Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
+    if failed is not None:
+        failed.report = report
+        raise failed
+    return PruneResult(Path(run.output) if run.output is not None else None, config.sparsity, achieved, rows, report)
+
+
+def _storage_format(run: _Run, pruned: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """The model to save in the chosen ``--save-format``, and the storage figures of both formats."""
+    config = run.config
+    initializer_weights = [layer.weight.source.name for layer in run.imported.layers
+                           if layer.weight.source.kind == "initializer"]
+    sparse_model, converted = to_sparse_initializers(pruned, initializer_weights)
+    storage = _storage(run.model_path, pruned, sparse_model, config.save_format, converted)
+    if config.save_format == "sparse-initializer" and not converted:
+        run.notes.append("--save-format sparse-initializer: no pruned weight is smaller as a sparse tensor "
+                         "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
+    return (sparse_model if config.save_format == "sparse-initializer" else pruned), storage
+
+
+def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed: list[str], gate: _Gate,
+            written: bool) -> dict:
+    imported, config, device, calib = run.imported, run.config, run.device, run.calib
+    return {
         "onnxsparse": onnxsparse.__version__,
-        "model": str(model_path) if model_path is not None else "<ModelProto>",
-        "output": str(output) if output is not None and failed is None else None,
+        "model": str(run.model_path) if run.model_path is not None else "<ModelProto>",
+        "output": str(run.output) if run.output is not None and written else None,
         "method": config.method,
         "pattern": config.pattern,
         "target_sparsity": config.sparsity,
         "achieved_sparsity": achieved,
-        "prunable_params": total,
+        "prunable_params": run.total,
         "device": str(device),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": config.as_dict(),
-        "calibration": {"train": calib_set.n_train, "holdout": calib_set.n_holdout, "pipeline": calib_set.pipeline,
-                        "skipped": calib_set.skipped},
+        "calibration": {"train": calib.n_train, "holdout": calib.n_holdout, "pipeline": calib.pipeline,
+                        "skipped": calib.skipped},
         "graph": {"opset": imported.opset, "torch_opset": imported.torch_opset, "batchnorm": imported.has_batchnorm,
                   "notes": imported.notes},
         "layers": rows,
@@ -329,21 +385,14 @@ def _export_verify_save(imported, student, metadata, staged, save_path, output, 
         "dense_layers": [{"name": r["name"], "node": r["node"], "op": r["op"], "reason": r["dense_reason"]}
                          for r in rows if r["pattern"] == "dense"],
         "storage": storage,
-        "notes": notes,
+        "notes": run.notes,
         "changed_tensors": len(changed),
-        "method_info": result.info,
-        "verification": verification,
-        "signals": signals.as_list(),
-        "quality_gate": gate,
-        "time_s": {**timer.rounded(),
-                   "total": round(time.perf_counter() - started, 3)},
+        "method_info": run.result.info,
+        "verification": gate.verification,
+        "signals": run.signals.as_list(),
+        "quality_gate": gate.report,
+        "time_s": {**run.timer.rounded(), "total": round(time.perf_counter() - run.started, 3)},
     }
-    if report_path is not None:
-        Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
-    if failed is not None:
-        failed.report = report
-        raise failed
-    return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, rows, report)
 
 
 def _check_distributed(dist: DistContext, config: PruneConfig, run_dir, resume: bool) -> None:
