@@ -151,6 +151,28 @@ def test_dequantized_and_unpruned_weights_are_reported():
     np.testing.assert_allclose(out.numpy(), _run_unoptimised(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_qdq_model_prunes_and_verifies_against_the_graph_as_written(tmp_path):
+    # onnxruntime's extended optimisations fuse DequantizeLinear into MatMul (0.2% off the float graph): the
+    # export check compares with the graph as written (exact=True), so a QDQ model is not refused as a
+    # write-back error
+    from onnxsparse import PruneConfig, prune
+    from onnxsparse.exporter.verify import ort_session
+
+    model = graphs.dequantized_and_shared_weights()
+    rng = np.random.default_rng(0)
+    x = (20 * rng.standard_normal((16, 8))).astype(np.float32)  # outputs >> 1: relative errors show
+    with torch.no_grad():
+        reference = import_model(model).module(torch.from_numpy(x)).numpy()
+    fused = ort_session(model).run(None, {"x": x})[0]
+    exact = ort_session(model, exact=True).run(None, {"x": x})[0]
+    assert np.abs(fused - reference).max() / np.abs(reference).max() > 1e-3
+    assert np.abs(exact - reference).max() / np.abs(reference).max() < 1e-5
+    result = prune(model, tmp_path / "q.onnx", [{"x": x}] * 4,
+                   PruneConfig(sparsity=0.5, method="magnitude", min_agreement=0.0), progress=False)
+    assert result.report["verification"]["export_max_rel_error"] < 1e-5
+    assert [row["name"] for row in result.layers] == ["fc2.w"] and result.layers[0]["zeros"] == 9
+
+
 def test_einsum_and_embedding_weights_are_reported():
     imported = import_model(graphs.einsum_and_embedding())
     assert [layer.name for layer in imported.layers] == ["fc.w"]
