@@ -116,19 +116,34 @@ def normalize_for_torch(model: onnx.ModelProto, *, convert_opset: bool = True) -
     copy.CopyFrom(model)
     g = copy.graph
     graph_outputs = {o.name for o in g.output}
-
     original_nodes: dict[str, tuple[str, str]] = {}
     for i, node in enumerate(g.node):
-        new_name = f"n{i}"
-        original_nodes[new_name] = (node.name, node.op_type)
-        node.name = new_name
-
+        original_nodes[f"n{i}"] = (node.name, node.op_type)
+        node.name = f"n{i}"  # methods.signals and sparsity.allocation rely on n<i> = the i-th original node
     sources = {init.name: TensorSource("initializer", init.name) for init in g.initializer}
     layouts: dict[str, Layout] = {}
     notes: list[str] = []
+    kept = _constants_as_initializers(g, sources, graph_outputs, notes)
+    final = _bypass_identities(kept, sources, graph_outputs, notes)
+    final, folded_values = _fold_weight_transforms(g, final, sources, layouts, graph_outputs)
+    if folded_values:
+        notes.append(f"{folded_values} Transpose/Cast node(s) over weights read as transformed initializers")
+    del g.node[:]
+    g.node.extend(final)
+    consumers: Counter = Counter()
+    for name in [name for node in final for name in node.input] + list(graph_outputs):
+        if name in sources:
+            consumers[sources[name]] += 1
+    opset = model_opset(model)
+    copy, torch_opset = _torch_opset(copy, opset, notes) if convert_opset else (copy, opset)
+    return NormalizedGraph(model=copy, original_nodes=original_nodes, sources=sources, consumers=consumers,
+                           layouts=layouts, opset=opset, torch_opset=torch_opset, notes=notes)
 
-    # Weights held in Constant nodes (Paddle exports every weight this way) become initializers of the copy;
-    # the exporter writes them back into the Constant node's `value` attribute.
+
+def _constants_as_initializers(g: onnx.GraphProto, sources: dict[str, TensorSource], graph_outputs: set[str],
+                               notes: list[str]) -> list[onnx.NodeProto]:
+    """Weights held in Constant nodes (Paddle exports every weight this way) become initializers of the copy;
+    the exporter writes them back into the Constant node's ``value`` attribute. Returns the other nodes."""
     kept = []
     folded = 0
     for node in g.node:
@@ -149,11 +164,15 @@ def normalize_for_torch(model: onnx.ModelProto, *, convert_opset: bool = True) -
         kept.append(node)
     if folded:
         notes.append(f"{folded} Constant node(s) read as initializers")
+    return kept
 
-    # Identity nodes over constants (PyTorch's exporter emits them for shared initializers) are bypassed.
+
+def _bypass_identities(nodes: list[onnx.NodeProto], sources: dict[str, TensorSource], graph_outputs: set[str],
+                       notes: list[str]) -> list[onnx.NodeProto]:
+    """Identity nodes over constants (PyTorch's exporter emits them for shared initializers) are bypassed."""
     alias: dict[str, str] = {}
     final = []
-    for node in kept:
+    for node in nodes:
         for i, name in enumerate(node.input):
             if name in alias:
                 node.input[i] = alias[name]
@@ -168,51 +187,29 @@ def normalize_for_torch(model: onnx.ModelProto, *, convert_opset: bool = True) -
         final.append(node)
     if alias:
         notes.append(f"{len(alias)} Identity node(s) over constants bypassed")
-    final, folded_values = _fold_weight_transforms(g, final, sources, layouts, graph_outputs)
-    if folded_values:
-        notes.append(f"{folded_values} Transpose/Cast node(s) over weights read as transformed initializers")
-    del g.node[:]
-    g.node.extend(final)
+    return final
 
-    consumers: Counter = Counter()
-    for node in final:
-        for name in node.input:
-            if name in sources:
-                consumers[sources[name]] += 1
-    for name in graph_outputs:
-        if name in sources:
-            consumers[sources[name]] += 1
 
-    opset = model_opset(model)
-    torch_opset = opset
+def _torch_opset(copy: onnx.ModelProto, opset: int, notes: list[str]) -> tuple[onnx.ModelProto, int]:
+    """The copy at an opset onnx2torch converts (TORCH_OPSET_RANGE), or as it is where conversion fails."""
     lo, hi = TORCH_OPSET_RANGE
-    if convert_opset and not lo <= opset <= hi:
-        target = min(max(opset, lo), hi)
-        # LayerNormalization (opset 17) has no earlier version: such models go down to 17 instead, which
-        # onnx2torch also converts (it resolves every op to its newest schema at or below the opset).
-        targets = [target] + ([_LAYER_NORM_OPSET] if target < _LAYER_NORM_OPSET < opset else [])
-        failures = []
-        for candidate in targets:
-            try:
-                copy = version_converter.convert_version(copy, candidate)
-            except Exception as exc:  # noqa: BLE001 - the converter raises many types; native conversion may still work
-                failures.append(f"to {candidate}: {exc}")
-                continue
-            torch_opset = candidate
-            notes.append(f"opset {opset} converted to {candidate} for the torch copy (the output keeps opset {opset})")
-            break
-        else:
-            # onnx2torch converts opset 17 natively (LayerNormalization included): nothing to warn about there.
-            logger.log(logging.INFO if opset <= _LAYER_NORM_OPSET else logging.WARNING,
-                       "could not convert opset %d (%s); converting at opset %d", opset, "; ".join(failures), opset)
-            notes.append(f"opset {opset} kept for the torch copy: version conversion failed ({'; '.join(failures)})")
-    return NormalizedGraph(
-        model=copy,
-        original_nodes=original_nodes,
-        sources=sources,
-        consumers=consumers,
-        layouts=layouts,
-        opset=opset,
-        torch_opset=torch_opset,
-        notes=notes,
-    )
+    if lo <= opset <= hi:
+        return copy, opset
+    target = min(max(opset, lo), hi)
+    # LayerNormalization (opset 17) has no earlier version: such models go down to 17 instead, which
+    # onnx2torch also converts (it resolves every op to its newest schema at or below the opset).
+    targets = [target] + ([_LAYER_NORM_OPSET] if target < _LAYER_NORM_OPSET < opset else [])
+    failures = []
+    for candidate in targets:
+        try:
+            converted = version_converter.convert_version(copy, candidate)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types; native conversion may still work
+            failures.append(f"to {candidate}: {exc}")
+            continue
+        notes.append(f"opset {opset} converted to {candidate} for the torch copy (the output keeps opset {opset})")
+        return converted, candidate
+    # onnx2torch converts opset 17 natively (LayerNormalization included): nothing to warn about there.
+    logger.log(logging.INFO if opset <= _LAYER_NORM_OPSET else logging.WARNING,
+               "could not convert opset %d (%s); converting at opset %d", opset, "; ".join(failures), opset)
+    notes.append(f"opset {opset} kept for the torch copy: version conversion failed ({'; '.join(failures)})")
+    return copy, opset
