@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsparse.data.calibration import _scan as scan_calibration_folder
+from onnxsparse.data.calibration import scan_calibration_folder
 from onnxsparse.data.images import DecoderPool, is_image_file
 from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs

@@ -227,7 +227,7 @@ class _Folder:
     others: tuple[Path, ...]
 
 
-def _scan(root: Path) -> _Folder:
+def scan_calibration_folder(root: Path) -> _Folder:
     images, tensors, others = [], [], []
     seen: set[str] = set()
     any_entry = False
@@ -354,48 +354,9 @@ def load_calibration(
     _validate_args(preprocess, max_samples, holdout_size, seed)
     specs = input_specs(model)
     _check_inputs(specs)
-
+    split = (preprocess, max_samples, holdout_size, seed)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise OnnxSparseError(f"calibration source {path} does not exist")
-        if path.is_dir():
-            folder = _scan(path)
-            if folder.images and folder.tensors:
-                raise OnnxSparseError(
-                    f"calibration folder {path} holds both image files ({len(folder.images)}) and .npy/.npz "
-                    f"files ({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --calib at one kind"
-                )
-            if folder.images:
-                return _load_images(folder, specs, model, model_path, preprocess, max_samples, holdout_size, seed)
-            if folder.tensors:
-                collector = collect_files(list(folder.tensors), specs, path)
-                return _from_collector(
-                    collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)},
-                    preprocess, max_samples, holdout_size, seed,
-                )
-            examples = ", ".join(p.name for p in folder.others[:3])
-            raise OnnxSparseError(
-                f"calibration folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)}) or .npy/.npz files"
-                + (f"; found {len(folder.others)} other file(s), e.g. {examples}" if folder.others else "")
-            )
-        if path.is_file():
-            if is_tensor_file(path.name):
-                collector = collect_files([path], specs, path)
-                return _from_collector(
-                    collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)},
-                    preprocess, max_samples, holdout_size, seed,
-                )
-            if is_image_file(path.name):
-                raise OnnxSparseError(
-                    f"calibration source {path} is a single image; --calib needs a folder of images "
-                    f"(at least {MIN_SAMPLES})"
-                )
-            raise OnnxSparseError(
-                f"calibration source {path} is not a folder, .npy or .npz file (got {path.suffix or 'no extension'})"
-            )
-        raise OnnxSparseError(f"calibration source {path} is neither a folder nor a file")
-
+        return _load_path(Path(source), specs, model, model_path, *split)
     limit = max_samples
     if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
         collector = FeedCollector(specs)
@@ -426,6 +387,49 @@ def load_calibration(
         f"unsupported calibration source of type {type(source).__name__}; expected a folder or .npy/.npz path, "
         "a feed dict, a CalibrationDataReader, an iterable of feed dicts, or a torch Dataset/DataLoader"
     )
+
+def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, preprocess: PreprocessConfig,
+               max_samples: int | None, holdout_size: int | None, seed: int) -> CalibrationSet:
+    """A folder of images or of .npy/.npz files, or one .npy/.npz file."""
+    if not path.exists():
+        raise OnnxSparseError(f"calibration source {path} does not exist")
+    if path.is_dir():
+        folder = scan_calibration_folder(path)
+        if folder.images and folder.tensors:
+            raise OnnxSparseError(
+                f"calibration folder {path} holds both image files ({len(folder.images)}) and .npy/.npz "
+                f"files ({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --calib at one kind"
+            )
+        if folder.images:
+            return _load_images(folder, specs, model, model_path, preprocess, max_samples, holdout_size, seed)
+        if folder.tensors:
+            collector = collect_files(list(folder.tensors), specs, path)
+            return _from_collector(
+                collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)},
+                preprocess, max_samples, holdout_size, seed,
+            )
+        examples = ", ".join(p.name for p in folder.others[:3])
+        raise OnnxSparseError(
+            f"calibration folder {path} has no image files ({', '.join(IMAGE_EXTENSIONS)}) or .npy/.npz files"
+            + (f"; found {len(folder.others)} other file(s), e.g. {examples}" if folder.others else "")
+        )
+    if path.is_file():
+        if is_tensor_file(path.name):
+            collector = collect_files([path], specs, path)
+            return _from_collector(
+                collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)},
+                preprocess, max_samples, holdout_size, seed,
+            )
+        if is_image_file(path.name):
+            raise OnnxSparseError(
+                f"calibration source {path} is a single image; --calib needs a folder of images "
+                f"(at least {MIN_SAMPLES})"
+            )
+        raise OnnxSparseError(
+            f"calibration source {path} is not a folder, .npy or .npz file (got {path.suffix or 'no extension'})"
+        )
+    raise OnnxSparseError(f"calibration source {path} is neither a folder nor a file")
+
 
 
 def _warn_ignored(preprocess: PreprocessConfig, kind: str) -> list[str]:
