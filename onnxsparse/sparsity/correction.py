@@ -93,6 +93,18 @@ def reestimate_batchnorm(module: nn.Module, batches: Iterable[tuple[torch.Tensor
         bn.running_var.copy_(torch.where(bn.running_var < _SILENT_VAR_RATIO * var, var, bn.running_var))
     return len(bns), seen
 
+@contextlib.contextmanager
+def _hooks(module: nn.Module, hooks: dict[str, object], *, pre: bool = False):
+    """Forward (or forward pre-) hooks on ``module``'s submodules by path, removed on exit."""
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(module.get_submodule(path), register)(hook) for path, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _channel_stats(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = out.detach().movedim(axis, 0).reshape(out.shape[axis], -1).double()
     return x.mean(dim=1), x.std(dim=1, unbiased=False)
@@ -138,7 +150,6 @@ def fit_channel_affine(
     if not targets:
         return {}
     dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
 
     def teacher_hook(layer: PrunableLayer):
         def hook(_module, _inp, out):
@@ -146,13 +157,8 @@ def fit_channel_affine(
 
         return hook
 
-    for layer in targets:
-        handles.append(teacher.get_submodule(layer.module_path).register_forward_hook(teacher_hook(layer)))
-    try:
+    with _hooks(teacher, {layer.module_path: teacher_hook(layer) for layer in targets}):
         teacher(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
 
     fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -177,14 +183,10 @@ def fit_channel_affine(
 
     was_training = student.training
     student.eval()
-    handles = [
-        student.get_submodule(layer.module_path).register_forward_hook(student_hook(layer)) for layer in targets
-    ]
     try:
-        student(*inputs)
+        with _hooks(student, {layer.module_path: student_hook(layer) for layer in targets}):
+            student(*inputs)
     finally:
-        for h in handles:
-            h.remove()
         student.train(was_training)
 
     return fitted
@@ -221,22 +223,18 @@ def fold_channel_affine(student: nn.Module, layers: list[PrunableLayer], fitted:
 @contextlib.contextmanager
 def channel_affine_applied(student: nn.Module, layers: list[PrunableLayer], fitted: ChannelAffine):
     """``student`` computes as if ``fitted`` were folded (forward hooks on the layers' outputs), unchanged after."""
-    handles = []
-    for layer in layers:
-        if layer.name not in fitted:
-            continue
+
+    def hook_for(layer: PrunableLayer):
         a, b = fitted[layer.name]
 
-        def hook(_module, _inp, out, a=a, b=b, layer=layer):
+        def hook(_module, _inp, out):
             shape = _view(a, out.dim(), layer.out_axis_act % out.dim())
             return out * a.to(out.dtype).view(shape) + b.to(out.dtype).view(shape)
 
-        handles.append(student.get_submodule(layer.module_path).register_forward_hook(hook))
-    try:
+        return hook
+
+    with _hooks(student, {layer.module_path: hook_for(layer) for layer in layers if layer.name in fitted}):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -261,12 +259,8 @@ def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[tor
 
         return hook
 
-    handles = [teacher.get_submodule(n).register_forward_pre_hook(teacher_hook(n)) for n in names]
-    try:
+    with _hooks(teacher, {n: teacher_hook(n) for n in names}, pre=True):
         teacher(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
 
     def student_hook(name):
         def hook(module, args):
@@ -286,12 +280,10 @@ def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[tor
 
     was_training = student.training
     student.eval()
-    handles = [student.get_submodule(n).register_forward_pre_hook(student_hook(n)) for n in names]
     try:
-        student(*inputs)
+        with _hooks(student, {n: student_hook(n) for n in names}, pre=True):
+            student(*inputs)
     finally:
-        for h in handles:
-            h.remove()
         student.train(was_training)
     return len(names), int(inputs[0].shape[0])
 
