@@ -115,12 +115,11 @@ class UniPTS:
             )  # fitness in fp32: bf16 would blur the ranking of close candidates
             zeros, pattern_masks, info["allocation"], resumed = self._allocate(ctx, cfg, evaluator, started)
             zeros = ctx.dist.broadcast_object(zeros)  # rank 0's choice, should float noise split the ranks
-        sparsities = zeros_to_sparsities(zeros, layers)
 
         with phases("start"):
-            masks = evaluator.prune(zeros) if pattern_masks is None else evaluator.apply_masks(pattern_masks)
-            info["start"], start_state = self._start(ctx, evaluator, masks, sparsities, pattern_masks)
+            info["start"], start_state, zeros, masks = self._start(ctx, evaluator, zeros, pattern_masks)
             del evaluator
+        sparsities = zeros_to_sparsities(zeros, layers)
 
         with phases("training"):
             info["training"], info["resumed"] = self._train(ctx, cfg, signals, masks, sparsities, autocast,
@@ -238,33 +237,45 @@ class UniPTS:
         }
 
     @staticmethod
-    def _start(ctx: PruneContext, evaluator: FitnessEvaluator, masks, sparsities, pattern_masks):
-        """Score the two starting points on the holdout, leave the student at the better one (pruned weights
-        given their dense values back when it is the magnitude start, for dynamic sparse training). Returns the
-        report and the chosen start with its masks applied (for the final comparison)."""
+    def _start(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, pattern_masks):
+        """Score the starting points on the holdout and leave the student at the best one: the magnitude-pruned
+        model after its best statistics correction (pruned weights then get their dense values back, for
+        dynamic sparse training), and the layer-wise reconstruction of the chosen allocation and, where that
+        differs, of the uniform one (the fitness scores allocations by magnitude pruning, which is not what
+        suits reconstruction best). Returns the report, the chosen start with its masks applied (for the final
+        comparison), its allocation (zeros per layer) and masks."""
         from onnxsparse.methods.reconstruct import reconstruct_all
 
+        layers = ctx.layers
         holdout = ctx.holdout_scorer()
+        masks = evaluator.prune(zeros) if pattern_masks is None else evaluator.apply_masks(pattern_masks)
         choice = ctx.correct()
         scores = {"magnitude+correction": holdout(ctx.student)}
         states = {"magnitude+correction": copy_state(ctx.student)}
-        evaluator.restore()
-        with torch.no_grad():
-            rec_masks, rows, _ = reconstruct_all(ctx, sparsities, pattern_masks)
-        scores["reconstruct"] = holdout(ctx.student)
-        fitted = sum(1 for r in rows if r.get("fitted"))
-        chosen = max(scores, key=lambda k: (scores[k].score, k == "reconstruct"))
-        if chosen == "reconstruct":
-            states["reconstruct"] = copy_state(ctx.student)
-        else:
-            load_state(ctx.student, states["magnitude+correction"])
+        starts = {"magnitude+correction": (zeros, masks)}
+        allocations = {"reconstruct": zeros}
+        if pattern_masks is None:
+            uniform = sparsities_to_zeros(allocation.uniform(layers, float(ctx.config.sparsity)), layers)
+            if not np.array_equal(uniform, zeros):
+                allocations["reconstruct, uniform allocation"] = uniform
+        fitted = {}
+        for name, alloc in allocations.items():
+            evaluator.restore()
+            with torch.no_grad():
+                rec_masks, rows, _ = reconstruct_all(ctx, zeros_to_sparsities(alloc, layers), pattern_masks)
+            scores[name], states[name], starts[name] = holdout(ctx.student), copy_state(ctx.student), (alloc, rec_masks)
+            fitted[name] = sum(1 for r in rows if r.get("fitted"))
+        chosen = max(scores, key=lambda k: (scores[k].score, k != "magnitude+correction"))
+        load_state(ctx.student, states[chosen])
+        zeros, masks = starts[chosen]
+        if chosen == "magnitude+correction":
             evaluator.restore_pruned(masks)  # pruned weights get their dense values back
         report = {"chosen": chosen, "measured_on": holdout.split,
                   "candidates": {k: v.as_dict() for k, v in scores.items()},
                   "correction": choice.as_dict(), "reconstructed_layers": fitted}
         _announce(ctx, f"UniPTS start: {chosen} (holdout " + ", ".join(
             f"{k} {v.score:.4g}" for k, v in scores.items()) + ")")
-        return report, states[chosen]
+        return report, states[chosen], zeros, masks
 
     def _train(self, ctx: PruneContext, cfg: UniPTSConfig, signals, masks, sparsities, autocast, started, resumed):
         for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
