@@ -176,8 +176,9 @@ class UniPTS:
         search_info: dict = {"ran": False}
         if nm is None and cfg.search and len(layers) > 1:
             found, search_info = self._search(ctx, cfg, evaluator, numels, caps, started)
-            candidates["search"] = found.zeros
-            fitness["search"] = {"fitness": found.fitness, **found.details}
+            if found is not None:
+                candidates["search"] = found.zeros
+                fitness["search"] = {"fitness": found.fitness, **found.details}
         chosen = max(fitness, key=lambda k: (fitness[k]["fitness"], k == "search"))
         zeros = candidates[chosen]
         if nm is not None:
@@ -225,7 +226,14 @@ class UniPTS:
         if cfg.time_budget is not None:
             search_budget = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
             per_gen = evaluator.seconds_per_candidate * cfg.population
-            generations = max(1, min(generations, int(search_budget / max(per_gen, 1e-9))))
+            generations = min(generations, int(search_budget / max(per_gen, 1e-9)))
+            if generations < 1:  # not one generation fits the search's share of the budget: no search
+                reason = (f"one generation (~{per_gen:.0f} s: {cfg.population} candidates at "
+                          f"{evaluator.seconds_per_candidate:.1f} s) does not fit the search's share of "
+                          f"--time-budget ({search_budget:.0f} s left); the uniform and global-magnitude "
+                          "allocations compete alone")
+                _announce(ctx, f"UniPTS search skipped: {reason}")
+                return None, {"ran": False, "skipped": reason}
         with _progress(ctx, generations, "unipts search") as bar:
             found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
         return found, {
