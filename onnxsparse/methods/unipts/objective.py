@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from onnxsparse.methods.signals import Signals, as_outputs  # noqa: F401 - as_outputs: used by callers of this module
+from onnxsparse.methods.signals import Signals
 
 import torch
 import torch.nn.functional as F
