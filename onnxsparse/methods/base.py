@@ -18,7 +18,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 from onnxsparse.methods.signals import Signals
-from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, apply_correction, choose_correction, correction_modes
+from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, choose_correction, correction_modes
 
 if TYPE_CHECKING:
     from onnxsparse.data import CalibrationSet
@@ -39,6 +39,7 @@ class PruneContext:
     progress: bool = True
     stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
     run_dir: RunDir | None = None  # checkpoints of a long run (None: no checkpoints)
+    dist: DistContext = field(default_factory=DistContext)  # this process's rank in a torchrun run
     signals: Signals | None = None  # what each output is (methods.signals); None: described on first use
     _scorer: object = field(default=None, init=False, repr=False)
 
@@ -62,7 +63,6 @@ class PruneContext:
                                          autocast=contextlib.nullcontext)
             self._scorer.split = split if split == "holdout" else "train (no holdout split)"
         return self._scorer
-    dist: DistContext = field(default_factory=DistContext)  # this process's rank in a torchrun run
 
     @property
     def layers(self):
@@ -81,15 +81,6 @@ class PruneContext:
         return tuple(
             torch.from_numpy(self.calib.train[name][:n]).to(self.device) for name in self.calib.input_names
         )
-
-    def apply_correction(self, mode: str, module: nn.Module | None = None, *, bn_batches=None) -> CorrectionReport:
-        """One statistics-correction mode (sparsity.correction.apply_correction) on ``module`` (default: student)."""
-        module = self.student if module is None else module
-        if bn_batches is None and mode == "reestimate":
-            bn_batches = self.train_batches()
-        with oom_phase("statistics correction"):
-            return apply_correction(mode, module, self.teacher, self.layers, bn_batches=bn_batches,
-                                    channel_inputs=self.correction_inputs() if mode != "none" else None)
 
     def correct(self, module: nn.Module | None = None) -> CorrectionChoice:
         """The statistics correction of ``module`` (default: the student) that agrees best with the dense

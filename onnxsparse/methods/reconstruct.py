@@ -485,15 +485,10 @@ def reconstruct_all(ctx: PruneContext, sparsities: dict[str, float],
     given). Returns (masks, one report row per layer, calibration samples used)."""
     fixed = fixed or {}
     layers = ctx.layers
+    from onnxsparse.methods.scoring import take_samples  # imported here: scoring imports the unipts package
+
     n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
-    batches = []
-    seen = 0
-    for batch in ctx.train_batches(min(ctx.config.batch_size, n_samples)):
-        take = min(batch[0].shape[0], n_samples - seen)
-        batches.append(tuple(t[:take] for t in batch))
-        seen += take
-        if seen >= n_samples:
-            break
+    batches = take_samples(ctx.train_batches(min(ctx.config.batch_size, n_samples)), n_samples)
     was_training = ctx.student.training
     ctx.student.eval()
     walkers = tuple(_Walker(m, batches) if isinstance(m, fx.GraphModule) else None

@@ -16,13 +16,16 @@ _CACHE_BYTES = 1 << 30  # inputs kept on the device up to this size
 
 
 def take_samples(batches, n: int) -> list[tuple[torch.Tensor, ...]]:
+    """The first ``n`` samples of ``batches`` (the last batch cut to fit); stops reading once it has them."""
     out, seen = [], 0
+    if n <= 0:
+        return out
     for batch in batches:
-        if seen >= n:
-            break
         take = min(n - seen, batch[0].shape[0])
         out.append(tuple(t[:take] for t in batch))
         seen += take
+        if seen >= n:
+            break
     return out
 
 
