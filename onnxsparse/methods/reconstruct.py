@@ -113,6 +113,20 @@ def _pointwise(plan: _Unfold) -> bool:
     return all(k == 1 for k in plan.kernel) and all(s == 1 for s in plan.stride) and not any(plan.padding)
 
 
+def _conv2d_args(plan: _Unfold) -> tuple[tuple[int, ...], ...]:
+    """(kernel, stride, padding, dilation) of the convolution as a 2-D one (a 1-D one gets a unit height)."""
+    if len(plan.kernel) == 1:
+        return (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
+    return plan.kernel, plan.stride, plan.padding, plan.dilation
+
+
+def _group_columns(cols: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, P) patches -> (groups, C / groups, N * P) columns."""
+    n, c, positions = cols.shape
+    cols = cols.reshape(n, groups, c // groups, positions)
+    return cols.permute(1, 2, 0, 3).reshape(groups, c // groups, n * positions)
+
+
 def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torch.Tensor:
     """Layer input -> (groups, d, n) columns; ``index`` picks im2col positions (same for teacher and student)."""
     x = x.detach()
@@ -120,15 +134,11 @@ def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torc
         cols = x.flatten(2)  # a 1x1 convolution without stride or padding: the pixels are the columns
         if index is not None:
             cols = cols[:, :, index]
-        n, c, positions = cols.shape
-        cols = cols.reshape(n, plan.groups, c // plan.groups, positions)
-        return cols.permute(1, 2, 0, 3).reshape(plan.groups, c // plan.groups, n * positions)
+        return _group_columns(cols, plan.groups)
     if plan.kind == "conv":
         if len(plan.kernel) == 1:
             x = x.unsqueeze(2)
-            kernel, stride, padding, dilation = (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
-        else:
-            kernel, stride, padding, dilation = plan.kernel, plan.stride, plan.padding, plan.dilation
+        kernel, stride, padding, dilation = _conv2d_args(plan)
         if index is None:
             cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*k, L)
         else:  # only the sampled positions: gather the patches from the padded input
@@ -141,9 +151,7 @@ def _columns(x: torch.Tensor, plan: _Unfold, index: torch.Tensor | None) -> torc
             cols_ = ow.unsqueeze(0) * stride[1] + (kw * dilation[1]).unsqueeze(1)
             cols = xp[:, :, rows, cols_]  # (N, C, k, P), channel-major like unfold
             cols = cols.reshape(cols.shape[0], -1, cols.shape[-1])
-        n, ck, positions = cols.shape
-        cols = cols.reshape(n, plan.groups, ck // plan.groups, positions)
-        return cols.permute(1, 2, 0, 3).reshape(plan.groups, ck // plan.groups, n * positions)
+        return _group_columns(cols, plan.groups)
     if plan.features_axis == -2:
         x = x.transpose(-1, -2)
     rows = x.reshape(-1, x.shape[-1])
@@ -156,14 +164,9 @@ def _positions(x: torch.Tensor, plan: _Unfold, generator: torch.Generator,
                per_sample: int = MAX_POSITIONS) -> torch.Tensor | None:
     """Random subset of ``per_sample`` im2col positions (or token rows) per sample when there are more."""
     if plan.kind == "conv":
-        spatial = x.shape[2:]
-        if len(plan.kernel) == 1:
-            spatial = (1, *spatial)
-            kernel, stride, padding, dilation = (1, *plan.kernel), (1, *plan.stride), (0, *plan.padding), (1, *plan.dilation)
-        else:
-            kernel, stride, padding, dilation = plan.kernel, plan.stride, plan.padding, plan.dilation
+        spatial = (1, *x.shape[2:]) if len(plan.kernel) == 1 else x.shape[2:]
         total = 1
-        for size, k, s, p, d in zip(spatial, kernel, stride, padding, dilation):
+        for size, k, s, p, d in zip(spatial, *_conv2d_args(plan)):
             total *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         if total <= per_sample:
             return None
@@ -191,18 +194,16 @@ class _Capture:
         raise _Stop
 
 
-def _capture(model: nn.Module, module_path: str, weight: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The layer's input for one batch by a forward pass (stopped at the layer)."""
+def _input_of(module: nn.Module, weight: torch.Tensor, forward) -> torch.Tensor | None:
+    """The activation input of ``module`` during ``forward()``, which stops there; None if it is not called."""
     hook = _Capture(weight)
-    handle = model.get_submodule(module_path).register_forward_pre_hook(hook, with_kwargs=True)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        model(*batch)
+        forward()
     except _Stop:
         pass
     finally:
         handle.remove()
-    if hook.value is None:
-        raise RuntimeError(f"module {module_path!r} was not called")
     return hook.value
 
 
@@ -257,17 +258,10 @@ class _Walker:
         out = []
         for env in self.envs:
             self.interp.env = env
-            hook = _Capture(weight)
-            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-            try:
-                self.interp.run_node(node)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-            if hook.value is None:
+            value = _input_of(module, weight, lambda: self.interp.run_node(node))
+            if value is None:
                 return None
-            out.append(hook.value)
+            out.append(value)
         return out
 
 
@@ -275,7 +269,10 @@ def _layer_inputs(model: nn.Module, walker: _Walker | None, batches: list[tuple[
                   module_path: str, weight: torch.Tensor) -> list[torch.Tensor]:
     got = walker.inputs(module_path, weight) if walker is not None else None
     if got is None:
-        got = [_capture(model, module_path, weight, batch) for batch in batches]
+        module = model.get_submodule(module_path)
+        got = [_input_of(module, weight, lambda batch=batch: model(*batch)) for batch in batches]
+        if any(value is None for value in got):
+            raise RuntimeError(f"module {module_path!r} was not called")
     return got
 
 
@@ -411,6 +408,13 @@ def _damped(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, t
     return Hd, lam, dead
 
 
+def _prune_by_magnitude(weight: torch.Tensor, sparsity: float, fixed_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``weight`` outside ``fixed_mask`` (else its magnitude mask at ``sparsity``) in place; the mask."""
+    mask = fixed_mask if fixed_mask is not None else magnitude_mask(weight, sparsity)
+    weight.mul_(mask.to(weight.dtype))
+    return mask
+
+
 @torch.no_grad()
 def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, *,
                       batches: list[tuple[torch.Tensor, ...]], walkers: tuple[_Walker | None, _Walker | None] = (None, None),
@@ -422,9 +426,8 @@ def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, 
     module = ctx.student.get_submodule(layer.module_path)
     plan = _plan(layer, module, weight)
     if isinstance(plan, str):
-        mask = fixed_mask if fixed_mask is not None else magnitude_mask(weight, sparsity)
-        weight.mul_(mask.to(weight.dtype))
-        return {"layer": layer.name, "fitted": False, "reason": plan, "mask": mask}
+        return {"layer": layer.name, "fitted": False, "reason": plan,
+                "mask": _prune_by_magnitude(weight, sparsity, fixed_mask)}
     weight_t = layer.weight.get(ctx.teacher)
     bias = layer.bias.get(ctx.student) if layer.bias is not None and not layer.bias.shared else None
     with_bias = bias is not None
@@ -501,18 +504,15 @@ def reconstruct_all(ctx: PruneContext, sparsities: dict[str, float],
         if ctx.stop():
             # Interrupted: the remaining layers get plain magnitude masks so that nothing half-pruned leaks.
             for rest in layers[len(rows):]:
-                w = rest.weight.get(ctx.student)
-                masks[rest.name] = fixed.get(rest.name, magnitude_mask(w, sparsities[rest.name]))
-                w.mul_(masks[rest.name].to(w.dtype))
+                masks[rest.name] = _prune_by_magnitude(rest.weight.get(ctx.student), sparsities[rest.name],
+                                                       fixed.get(rest.name))
             break
         try:
             row = reconstruct_layer(ctx, layer, sparsities[layer.name], batches=batches, walkers=walkers,
                                     fixed_mask=fixed.get(layer.name))
         except (torch.linalg.LinAlgError, RuntimeError) as exc:
             logger.warning("layer %s: reconstruction failed (%s); magnitude pruning instead", layer.name, exc)
-            w = layer.weight.get(ctx.student)
-            mask = fixed.get(layer.name, magnitude_mask(w, sparsities[layer.name]))
-            w.mul_(mask.to(w.dtype))
+            mask = _prune_by_magnitude(layer.weight.get(ctx.student), sparsities[layer.name], fixed.get(layer.name))
             row = {"layer": layer.name, "fitted": False, "reason": str(exc)[:200], "mask": mask}
         masks[layer.name] = row.pop("mask").to(torch.bool)
         rows.append(row)
