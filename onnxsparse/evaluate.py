@@ -512,11 +512,7 @@ def _tensor_files(path: Path) -> list[Path]:
     if not any(path.iterdir()):
         return []
     folder = scan_calibration_folder(path)
-    if folder.images and folder.tensors:
-        raise OnnxSparseError(
-            f"--data {path} holds both image files ({len(folder.images)}) and .npy/.npz files "
-            f"({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --data at one kind"
-        )
+    folder.check_one_kind("--data", "--data")
     return list(folder.tensors)
 
 

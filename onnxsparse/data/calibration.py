@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 
 from onnxsparse.data.augment import augment_batch
 from onnxsparse.data.images import IMAGE_EXTENSIONS, DecodeStats, decode_files, is_image_file
-from onnxsparse.data.preprocess import PreprocessConfig, resolve_preprocess
+from onnxsparse.data.preprocess import PreprocessConfig, is_int, positive_int, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import (
     FeedCollector,
@@ -47,17 +46,12 @@ def default_holdout_size(n: int) -> int:
 
 def check_batch_size(n_samples: int, batch_size: int, *, split: str = "train") -> None:
     """Raise if a split is too small for a step that needs full batches of ``batch_size``."""
-    if not _is_int(batch_size) or batch_size <= 0:
-        raise OnnxSparseError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    positive_int(batch_size, "--batch-size")
     if n_samples < batch_size:
         raise OnnxSparseError(
             f"the calibration {split} split has {n_samples} sample(s), fewer than the batch size {batch_size}; "
             "add calibration data, lower --batch-size, or lower the holdout size"
         )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -159,9 +153,8 @@ class CalibrationSet:
         tensors already on ``device`` instead of gathering and copying from the host.
         """
         arrays = self._arrays(split)
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise OnnxSparseError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not _is_int(world_size) or world_size < 1 or not _is_int(rank) or not 0 <= rank < world_size:
+        positive_int(batch_size, "batch_size")
+        if not is_int(world_size) or world_size < 1 or not is_int(rank) or not 0 <= rank < world_size:
             raise OnnxSparseError(f"rank must be in 0..world_size-1 with world_size >= 1, got {rank}/{world_size}")
         device = torch.device(device)
         n = len(arrays[self.input_names[0]])
@@ -205,8 +198,7 @@ class CalibrationSet:
     def feeds(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """onnxruntime feed dicts in stored order, cast to each input's declared dtype, no augmentation."""
         arrays = self._arrays(split)
-        if not _is_int(batch_size) or batch_size <= 0:
-            raise OnnxSparseError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int(batch_size, "batch_size")
         n = len(arrays[self.input_names[0]])
         for start in range(0, n, batch_size):
             yield {
@@ -225,6 +217,14 @@ class _Folder:
     images: tuple[Path, ...]
     tensors: tuple[Path, ...]
     others: tuple[Path, ...]
+
+    def check_one_kind(self, name: str, option: str) -> None:
+        """Refuse a folder of both images and tensors; ``name`` and ``option`` say how the user gave it."""
+        if self.images and self.tensors:
+            raise OnnxSparseError(
+                f"{name} {self.root} holds both image files ({len(self.images)}) and .npy/.npz files "
+                f"({len(self.tensors)}, e.g. {self.tensors[0]}); point {option} at one kind"
+            )
 
 
 def scan_calibration_folder(root: Path) -> _Folder:
@@ -304,11 +304,11 @@ def _validate_args(
 ) -> None:
     if not isinstance(preprocess, PreprocessConfig):
         raise OnnxSparseError(f"preprocess must be a PreprocessConfig, got {type(preprocess).__name__}")
-    if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
-        raise OnnxSparseError(f"--max-samples must be a positive integer, got {max_samples!r}")
-    if holdout_size is not None and (not _is_int(holdout_size) or holdout_size < 0):
+    if max_samples is not None:
+        positive_int(max_samples, "--max-samples")
+    if holdout_size is not None and (not is_int(holdout_size) or holdout_size < 0):
         raise OnnxSparseError(f"--holdout-size must be an integer >= 0, got {holdout_size!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise OnnxSparseError(f"--seed must be an integer, got {seed!r}")
 
 
@@ -356,57 +356,47 @@ def load_calibration(
     _check_inputs(specs)
     split = (preprocess, max_samples, holdout_size, seed)
     if isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source), specs, model, model_path, *split)
-    limit = max_samples
+        return _load_path(Path(source), specs, model, model_path, split)
     if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
         collector = FeedCollector(specs)
         collector.add_item(source, "feed")
         kind = "feed dict" if isinstance(source, Mapping) else "array"
-        return _from_collector(collector, specs, {"kind": kind}, preprocess, max_samples, holdout_size, seed)
+        return _from_collector(collector, specs, {"kind": kind}, *split)
     if callable(getattr(source, "get_next", None)):
-        collector = collect_stream(reader_items(source), specs, "reader", limit)
+        collector = collect_stream(reader_items(source), specs, "reader", max_samples)
         rewind = getattr(source, "rewind", None)
         if callable(rewind):
             try:
                 rewind()
             except Exception as exc:  # noqa: BLE001 - a reader's rewind is optional; we hold a copy
                 log.debug("reader rewind failed (%s); its data is cached", exc)
-        return _from_collector(
-            collector, specs, {"kind": "reader", "type": type(source).__name__},
-            preprocess, max_samples, holdout_size, seed,
-        )
+        return _from_collector(collector, specs, {"kind": "reader", "type": type(source).__name__}, *split)
     if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
         if hasattr(source, "__len__"):
-            return _load_dataset(source, specs, preprocess, max_samples, holdout_size, seed)
+            return _load_dataset(source, specs, *split)
     if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
         what = "DataLoader" if isinstance(source, torch.utils.data.DataLoader) else type(source).__name__
-        collector = collect_stream(iter(source), specs, what, limit)
-        return _from_collector(collector, specs, {"kind": "iterable", "type": what}, preprocess, max_samples,
-                               holdout_size, seed)
+        collector = collect_stream(iter(source), specs, what, max_samples)
+        return _from_collector(collector, specs, {"kind": "iterable", "type": what}, *split)
     raise OnnxSparseError(
         f"unsupported calibration source of type {type(source).__name__}; expected a folder or .npy/.npz path, "
         "a feed dict, a CalibrationDataReader, an iterable of feed dicts, or a torch Dataset/DataLoader"
     )
 
-def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, preprocess: PreprocessConfig,
-               max_samples: int | None, holdout_size: int | None, seed: int) -> CalibrationSet:
-    """A folder of images or of .npy/.npz files, or one .npy/.npz file."""
+def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, split: tuple) -> CalibrationSet:
+    """A folder of images or of .npy/.npz files, or one .npy/.npz file; ``split``: (preprocess, max_samples,
+    holdout_size, seed)."""
     if not path.exists():
         raise OnnxSparseError(f"calibration source {path} does not exist")
     if path.is_dir():
         folder = scan_calibration_folder(path)
-        if folder.images and folder.tensors:
-            raise OnnxSparseError(
-                f"calibration folder {path} holds both image files ({len(folder.images)}) and .npy/.npz "
-                f"files ({len(folder.tensors)}, e.g. {folder.tensors[0]}); point --calib at one kind"
-            )
+        folder.check_one_kind("calibration folder", "--calib")
         if folder.images:
-            return _load_images(folder, specs, model, model_path, preprocess, max_samples, holdout_size, seed)
+            return _load_images(folder, specs, model, model_path, *split)
         if folder.tensors:
             collector = collect_files(list(folder.tensors), specs, path)
             return _from_collector(
-                collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)},
-                preprocess, max_samples, holdout_size, seed,
+                collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)}, *split
             )
         examples = ", ".join(p.name for p in folder.others[:3])
         raise OnnxSparseError(
@@ -417,8 +407,7 @@ def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, preprocess
         if is_tensor_file(path.name):
             collector = collect_files([path], specs, path)
             return _from_collector(
-                collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)},
-                preprocess, max_samples, holdout_size, seed,
+                collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)}, *split
             )
         if is_image_file(path.name):
             raise OnnxSparseError(
@@ -429,7 +418,6 @@ def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, preprocess
             f"calibration source {path} is not a folder, .npy or .npz file (got {path.suffix or 'no extension'})"
         )
     raise OnnxSparseError(f"calibration source {path} is neither a folder nor a file")
-
 
 
 def _warn_ignored(preprocess: PreprocessConfig, kind: str) -> list[str]:
@@ -459,30 +447,30 @@ def _from_collector(
     arrays = collector.arrays()
     order = np.random.default_rng(seed).permutation(n)
     holdout_index, train_index = order[:holdout], order[holdout : holdout + train]
-    ignored = _warn_ignored(preprocess, source_info["kind"])
-    pipeline = {
-        "source": source_info,
-        "preprocess": None,
-        "ignored_options": ignored,
-        "augment": False,
-        "split": _split_info(n, holdout, train, seed, max_samples, holdout_size),
-        "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
-    }
+    calib = _tensor_set(arrays, train_index, holdout_index, specs, source_info, preprocess,
+                        _split_info(n, holdout, train, seed, max_samples, holdout_size))
     log.info(
         "calibration data: %d samples from %s -> %d train, %d holdout (seed %d)", n, where, train, holdout, seed
     )
-    return _tensor_set(arrays, train_index, holdout_index, specs, pipeline)
+    return calib
 
 
 def _tensor_set(arrays: dict[str, np.ndarray], train_index, holdout_index, specs: list[InputSpec],
-                pipeline: dict) -> CalibrationSet:
+                source_info: dict, preprocess: PreprocessConfig, split: dict) -> CalibrationSet:
     """A CalibrationSet of already-preprocessed tensors (no augmentation, nothing skipped)."""
     return CalibrationSet(
         train={name: a[train_index] for name, a in arrays.items()},
         holdout={name: a[holdout_index] for name, a in arrays.items()},
         input_names=tuple(s.name for s in specs),
         augment=False,
-        pipeline=pipeline,
+        pipeline={
+            "source": source_info,
+            "preprocess": None,
+            "ignored_options": _warn_ignored(preprocess, source_info["kind"]),
+            "augment": False,
+            "split": split,
+            "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
+        },
         skipped={},
         layouts={s.name: s.layout for s in specs},
         dtypes={s.name: s.dtype for s in specs},
@@ -508,17 +496,11 @@ def _load_dataset(
         raise OnnxSparseError(
             f"{what} items should each be one sample; {holdout + train} items gave {collector.count} samples"
         )
-    ignored = _warn_ignored(preprocess, "torch Dataset")
-    pipeline = {
-        "source": {"kind": "torch Dataset", "type": what, "length": n},
-        "preprocess": None,
-        "ignored_options": ignored,
-        "augment": False,
-        "split": _split_info(n, holdout, train, seed, max_samples, holdout_size),
-        "shapes": {s.name: list(arrays[s.name].shape[1:]) for s in specs},
-    }
+    calib = _tensor_set(arrays, slice(holdout, None), slice(None, holdout), specs,
+                        {"kind": "torch Dataset", "type": what, "length": n}, preprocess,
+                        _split_info(n, holdout, train, seed, max_samples, holdout_size))
     log.info("calibration data: %s of %d items -> %d train, %d holdout (seed %d)", what, n, train, holdout, seed)
-    return _tensor_set(arrays, slice(holdout, None), slice(None, holdout), specs, pipeline)
+    return calib
 
 
 def _load_images(

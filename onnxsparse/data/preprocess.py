@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ``label`` names the value the way the user wrote it ("--mean", "mean in preprocess.json").
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -91,8 +91,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _positive_int(value: Any, label: str) -> int:
-    if not _is_int(value) or int(value) <= 0:
+def positive_int(value: Any, label: str) -> int:
+    if not is_int(value) or int(value) <= 0:
         raise OnnxSparseError(f"{label} must be a positive integer, got {value!r}")
     return int(value)
 
@@ -106,12 +106,12 @@ def parse_size(value: Any, label: str = "--input-size") -> tuple[int, int]:
         height = int(match.group(1))
         width = int(match.group(2)) if match.group(2) is not None else height
         value = (height, width)
-    if _is_int(value):
+    if is_int(value):
         value = (value, value)
     if (
         not isinstance(value, Sequence)
         or len(value) != 2
-        or not all(_is_int(v) and int(v) > 0 for v in value)
+        or not all(is_int(v) and int(v) > 0 for v in value)
     ):
         raise OnnxSparseError(
             f"{label} must be one positive integer or two (height, width), got {value!r}"
@@ -172,14 +172,14 @@ def _std(value: Any, label: str) -> tuple[float, ...]:
 
 
 def _crop(value: Any, label: str) -> int | tuple[int, int]:
-    if _is_int(value):
-        return _positive_int(value, label)
+    if is_int(value):
+        return positive_int(value, label)
     return parse_size(value, label)
 
 
 # Per documented key: (validator, CLI option name).
 _VALIDATORS = {
-    "resize": (_positive_int, "--resize"),
+    "resize": (positive_int, "--resize"),
     "crop": (_crop, "--crop"),
     "input_size": (parse_size, "--input-size"),
     "mean": (parse_floats, "--mean"),
@@ -222,10 +222,10 @@ class PreprocessConfig:
                 object.__setattr__(self, key, validate(value, option))
         if not isinstance(self.augment, bool):
             raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
-        if not _is_int(self.workers) or self.workers < 0:
+        if not is_int(self.workers) or self.workers < 0:
             raise OnnxSparseError(f"--workers must be an integer >= 0 (0 decodes in-process), got {self.workers!r}")
         object.__setattr__(self, "workers", int(self.workers))
-        object.__setattr__(self, "max_pixels", _positive_int(self.max_pixels, "max_pixels"))
+        object.__setattr__(self, "max_pixels", positive_int(self.max_pixels, "max_pixels"))
 
     def given(self) -> dict[str, Any]:
         """The documented preprocessing keys the user set (not None)."""
