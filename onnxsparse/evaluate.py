@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsparse.data.calibration import scan_calibration_folder
+from onnxsparse.data.calibration import feed_batches, scan_calibration_folder
 from onnxsparse.data.images import DecoderPool, is_image_file
 from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
@@ -199,18 +199,6 @@ def iter_batches(folder: ImageFolder, pipeline: Pipeline, batch_size: int, *, wo
                 images, labels = [], []
     if images:
         yield pipeline.batch(images), np.asarray(labels, np.int64)
-
-
-def iter_tensor_batches(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int,
-                        limit: int | None = None) -> Iterator[tuple[dict[str, np.ndarray], None]]:
-    """(feed, None) batches of already-preprocessed tensors, cast to each input's declared dtype."""
-    if batch_size < 1:
-        raise OnnxSparseError(f"--batch-size must be >= 1, got {batch_size}")
-    n = len(arrays[specs[0].name])
-    n = n if limit is None else min(n, limit)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        yield {s.name: arrays[s.name][start:stop].astype(s.dtype, copy=False) for s in specs}, None
 
 
 @dataclass(frozen=True)
@@ -495,9 +483,12 @@ def _compare_inputs(data: str | os.PathLike, model: onnx.ModelProto, model_path:
     if tensors:
         if labels_file is not None:
             raise OnnxSparseError(f"--labels needs a labelled image folder, but --data {path} holds .npy/.npz tensors")
+        if batch_size < 1:
+            raise OnnxSparseError(f"--batch-size must be >= 1, got {batch_size}")
         specs = input_specs(model)
-        arrays = collect_files(tensors, specs, path).arrays()
-        return iter_tensor_batches(arrays, specs, batch_size, limit), False, len(tensors)
+        arrays = {name: a[:limit] for name, a in collect_files(tensors, specs, path).arrays().items()}
+        feeds = feed_batches(arrays, {s.name: s.dtype for s in specs}, batch_size)
+        return ((feed, None) for feed in feeds), False, len(tensors)
     folder = scan_folder(path, labels_file=labels_file, require_labels=labels_file is not None).head(limit)
     pipeline = image_pipeline(model, model_path, preprocess)
     return iter_batches(folder, pipeline, batch_size, workers=preprocess.workers), folder.labelled, len(folder.files)

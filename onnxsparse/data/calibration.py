@@ -197,14 +197,17 @@ class CalibrationSet:
 
     def feeds(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """onnxruntime feed dicts in stored order, cast to each input's declared dtype, no augmentation."""
-        arrays = self._arrays(split)
         positive_int(batch_size, "batch_size")
-        n = len(arrays[self.input_names[0]])
-        for start in range(0, n, batch_size):
-            yield {
-                name: arrays[name][start : start + batch_size].astype(self.dtypes.get(name, np.float32), copy=False)
-                for name in self.input_names
-            }
+        return feed_batches(self._arrays(split), self.dtypes, batch_size)
+
+
+def feed_batches(arrays: dict[str, np.ndarray], dtypes: dict[str, np.dtype],
+                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Feed dicts of ``batch_size`` samples in stored order, each input cast to its dtype (default float32)."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        yield {name: a[start : start + batch_size].astype(dtypes.get(name, np.float32), copy=False)
+               for name, a in arrays.items()}
 
 
 # ---------------------------------------------------------------------------------------------
