@@ -20,6 +20,19 @@ from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse_cli.options import preprocessing, verbosity
 
 
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+_BATCH_SIZE = click.option("--batch-size", type=int, default=64, show_default=True)
+
+
+def _onnxruntime_options(func):
+    """--json, --device, the preprocessing options and verbosity: what eval and compare share."""
+    device = click.option(
+        "--device", default="cpu", show_default=True,
+        help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.",
+    )
+    return _JSON(device(preprocessing(verbosity(func))))
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -74,7 +87,7 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
 @click.option("--no-correction", is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@_BATCH_SIZE
 @click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--holdout-size", type=int, default=None, help="Calibration samples kept aside for verification.")
 @click.option("--no-augment", "no_augment", is_flag=True, help="No random-resized-crop/flip during distillation.")
@@ -234,7 +247,7 @@ def _print_summary(report: dict) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_JSON
 @verbosity
 def inspect(model, as_json, quiet) -> None:
     """Per-layer weight shapes, parameter counts, current sparsity and N:M pattern of MODEL.
@@ -261,10 +274,14 @@ def inspect(model, as_json, quiet) -> None:
                f"{n24:>4}")
 
 
-
 def _fraction(value: float | None, flag: str) -> None:
     if value is not None and not 0.0 <= value <= 1.0:
         raise OnnxSparseError(f"{flag} must be a fraction in [0, 1] (e.g. 0.95 for 95%), got {value!r}")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
 
 
 def _pct(value: float | None) -> str:
@@ -276,19 +293,14 @@ def _pct(value: float | None) -> str:
 @click.option("--data", required=True, type=click.Path(), help="Labelled image folder: one sub-folder per class.")
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
               help="Class names, one per line, in the model's class order (default: sorted folder names).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@_BATCH_SIZE
 @click.option("--limit", type=int, default=None, help="Evaluate at most this many images (balanced over classes).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--device", default="cpu", show_default=True,
-              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
-@preprocessing
-@verbosity
+@_onnxruntime_options
 def eval_(model, data, labels_file, batch_size, limit, as_json, device, preprocess, quiet) -> None:
     """Top-1 and top-5 accuracy of MODEL with onnxruntime on the labelled image folder --data."""
     from onnxsparse.evaluate import evaluate
 
-    if limit is not None and limit < 1:
-        raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
+    _check_limit(limit)
     result = evaluate(model, data, preprocess=preprocess, labels_file=labels_file, batch_size=batch_size,
                       limit=limit, progress=not quiet and not as_json, device=device)
     if as_json:
@@ -313,21 +325,16 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, device, preproce
               help="Class names, one per line, in the model's class order.")
 @click.option("--min-agreement", type=float, default=None,
               help="Exit with status 1 when top-1 agreement is below this fraction (e.g. 0.99).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@_BATCH_SIZE
 @click.option("--limit", type=int, default=None, help="Compare on at most this many images.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--device", default="cpu", show_default=True,
-              help="onnxruntime provider: cpu, cuda[:N] (needs onnxruntime-gpu, see README; CPU if missing) or auto.")
-@preprocessing
-@verbosity
+@_onnxruntime_options
 def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, as_json, device, preprocess,
             quiet) -> None:
     """Run DENSE and SPARSE on the same --data inputs; report agreement, output differences, sparsity."""
     from onnxsparse.evaluate import compare as run_compare
 
     _fraction(min_agreement, "--min-agreement")
-    if limit is not None and limit < 1:
-        raise OnnxSparseError(f"--limit must be >= 1, got {limit}")
+    _check_limit(limit)
     result = run_compare(dense, sparse, data, preprocess=preprocess, labels_file=labels_file,
                          batch_size=batch_size, limit=limit, device=device)
     if min_agreement is not None and result.top1_agreement is None:

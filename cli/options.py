@@ -7,44 +7,6 @@ import logging
 
 import click
 
-from onnxsparse.errors import OnnxSparseError
-
-
-def _floats(value: str | None, flag: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.replace(",", " ").split())
-    except ValueError:
-        raise OnnxSparseError(f"{flag} must be numbers separated by commas, got {value!r}") from None
-
-
-def _size(value: str | None, flag: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().replace(",", "x").split("x")
-    try:
-        if len(parts) == 1:
-            n = int(parts[0])
-            return (n, n)
-        if len(parts) == 2:
-            return (int(parts[0]), int(parts[1]))
-    except ValueError:
-        pass
-    raise OnnxSparseError(f"{flag} must be HxW (e.g. 224x224) or one number, got {value!r}")
-
-
-def _scale(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        if "/" in value:
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        return float(value)
-    except (ValueError, ZeroDivisionError):
-        raise OnnxSparseError(f"--scale must be a number or a fraction such as 1/255, got {value!r}") from None
-
 
 def verbosity(func):
     @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -77,10 +39,9 @@ def preprocessing(func):
                 no_augment: bool = False, **kwargs):
         from onnxsparse.data import PreprocessConfig
 
-        crop_size = _size(crop, "--crop")
+        # The strings are parsed and checked by PreprocessConfig, with the option's name in the message.
         pre = PreprocessConfig(
-            preset=preset, resize=resize, crop=crop_size, input_size=_size(input_size, "--input-size"),
-            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=_scale(scale),
+            preset=preset, resize=resize, crop=crop, input_size=input_size, mean=mean, std=std, scale=scale,
             channel_order=channel_order, layout=layout, augment=not no_augment, workers=workers,
         )
         return func(*args, preprocess=pre, **kwargs)
