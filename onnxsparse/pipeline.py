@@ -47,7 +47,7 @@ class PruneResult:
 
 
 def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str, np.ndarray],
-                 nm: tuple[int, int] | None = None) -> list[dict]:
+                 nm: tuple[int, int] | None) -> list[dict]:
     """One row per prunable layer. With an N:M pattern the target is ``1 - N/M`` (0 for layers left dense)."""
     dense = patterns.dense_layers(imported.layers, nm)
     rows = []
@@ -82,8 +82,8 @@ def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str
     return rows
 
 
-def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays: dict[str, np.ndarray] | None = None,
-                 nm: tuple[int, int] | None = None) -> None:
+def _check_zeros(rows: list[dict], imported: ImportedModel, arrays: dict[str, np.ndarray],
+                 nm: tuple[int, int] | None) -> None:
     # Zeros may exceed the target only where kept weights happen to be exactly zero; fewer is a bug.
     for row in rows:
         if row["zeros"] < row["target_zeros"]:
@@ -91,7 +91,7 @@ def _check_zeros(rows: list[dict], imported: ImportedModel | None = None, arrays
                 f"internal error: layer {row['name']!r} has {row['zeros']} zeros, {row['target_zeros']} allotted; "
                 "nothing was written"
             )
-    if nm is None or imported is None or arrays is None:
+    if nm is None:
         return
     n, m = nm
     for row in rows:

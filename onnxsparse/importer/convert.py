@@ -105,15 +105,8 @@ def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphMod
         ) from None
 
 
-def _module_of(gm: fx.GraphModule, name: str) -> nn.Module:
-    module = gm.get_submodule(name)
-    if isinstance(module, nn.Sequential):  # onnx2torch wraps asymmetric padding as Sequential(pad, conv)
-        module = module[-1]
-    return module
-
-
 def _owner_path(gm: fx.GraphModule, name: str) -> str:
-    module = gm.get_submodule(name)
+    module = gm.get_submodule(name)  # onnx2torch wraps asymmetric padding as Sequential(pad, conv)
     return f"{name}.{len(module) - 1}" if isinstance(module, nn.Sequential) else name
 
 
@@ -275,19 +268,10 @@ class _Builder:
         return self.track(other, path[0], path[1], Layout(), "bias")
 
     # -- per-op rules --------------------------------------------------------------------------------
-    def prunable(
-        self,
-        node: onnx.NodeProto,
-        value: str,
-        weight: TrackedTensor,
-        *,
-        bias: TrackedTensor | None,
-        module_path: str,
-        out_axis_weight: int | None,
-        out_axis_act: int,
-        reduction_axes: tuple[int, ...],
-        bias_inside: bool = True,
-    ) -> None:
+    def prunable(self, node: onnx.NodeProto, value: str, weight: TrackedTensor, *, bias: TrackedTensor | None,
+                 bias_inside: bool = True, **placement) -> None:
+        """Record the layer unless it is excluded or unusable; ``placement``: PrunableLayer's module_path,
+        out_axis_weight, out_axis_act and reduction_axes."""
         original = self.original(node)
         pattern = _matches(self.exclude, original, node.op_type, value)
         if pattern is not None:
@@ -309,11 +293,8 @@ class _Builder:
                 weight=weight,
                 bias=bias,
                 bias_inside=bias_inside,
-                module_path=module_path,
-                out_axis_weight=out_axis_weight,
-                out_axis_act=out_axis_act,
                 feeds_batchnorm=self.feeds_batchnorm(node),
-                reduction_axes=reduction_axes,
+                **placement,
             )
         )
 
