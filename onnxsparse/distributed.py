@@ -140,10 +140,6 @@ class DistContext:
             else:
                 torch.distributed.broadcast(value, src=0)
 
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
     def _object_device(self) -> torch.device | None:
         return self.device if self.backend == "nccl" else None
 

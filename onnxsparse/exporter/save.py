@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.importer.load import external_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -169,15 +170,8 @@ def model_files(path: str | os.PathLike) -> list[Path]:
         model = onnx.load(str(p), load_external_data=False)
     except Exception:  # noqa: BLE001 - sizes are informational; an unreadable file counts alone
         return files
-    seen = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):  # noqa: SLF001
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                data = p.parent / entry.value
-                if data.is_file():
-                    files.append(data)
-    return files
+    locations = dict.fromkeys(info["location"] for _, info in external_tensors(model) if "location" in info)
+    return files + [p.parent / loc for loc in locations if (p.parent / loc).is_file()]
 
 
 def files_size(path: str | os.PathLike) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel, TensorSource, TrackedTensor
+from onnxsparse.importer.load import external_info, external_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: 
 
 
 def _copy_external(out, tensor: onnx.TensorProto, base_dir: Path) -> None:
-    info = {entry.key: entry.value for entry in tensor.external_data}
+    info = external_info(tensor)
     source = base_dir / info["location"]
     with open(source, "rb") as src:
         src.seek(int(info.get("offset", 0)))
@@ -106,10 +107,8 @@ def _stream_external(model: onnx.ModelProto, base_dir: Path, data_file: Path,
             if external_data_helper.uses_external_data(tensor):
                 place(out, tensor, streamed.get(source))
         # external tensors outside initializers and Constant nodes (other attributes) are copied as they are
-        for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001
-            if not external_data_helper.uses_external_data(tensor):
-                continue
-            if {entry.key: entry.value for entry in tensor.external_data}.get("location") != data_file.name:
+        for tensor, info in external_tensors(model):
+            if info.get("location") != data_file.name:
                 place(out, tensor, None)
 
 
@@ -176,7 +175,7 @@ class _LazyArrays(Mapping):
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
         if external_data_helper.uses_external_data(tensor) and sys.byteorder == "little" and dtype in _PLAIN:
             # read straight into the array: numpy_helper holds the file's bytes and the array at once
-            info = {entry.key: entry.value for entry in tensor.external_data}
+            info = external_info(tensor)
             count = int(np.prod(tensor.dims, dtype=np.int64))
             with open(Path(self._base_dir) / info["location"], "rb") as fh:
                 fh.seek(int(info.get("offset", 0)))
@@ -203,12 +202,7 @@ def tensor_arrays(model: onnx.ModelProto, names: list[TensorSource], base_dir: P
 
 def external_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the tensors ``model`` keeps as external data."""
-    total = 0
-    for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001
-        if external_data_helper.uses_external_data(tensor):
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            total += int(info.get("length", 0))
-    return total
+    return sum(int(info.get("length", 0)) for _, info in external_tensors(model))
 
 
 # -- sparse initializers (``--save-format sparse-initializer``) --------------------------------------------

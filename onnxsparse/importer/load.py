@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -15,17 +16,22 @@ from onnxsparse.errors import OnnxSparseError
 logger = logging.getLogger(__name__)
 
 
-def _external_tensors(model: onnx.ModelProto):
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """A tensor's external-data entries (location, offset, length, ...) as a dict."""
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, dict[str, str]]]:
+    """The tensors ``model`` keeps as external data (initializers and attributes), with their entries."""
     for tensor in external_data_helper._get_all_tensors(model):  # noqa: SLF001 - stable helper used by onnx itself
         if external_data_helper.uses_external_data(tensor):
-            yield tensor
+            yield tensor, external_info(tensor)
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Refuse external-data locations that escape ``base_dir`` or point past the end of their file."""
     base = base_dir.resolve()
-    for tensor in _external_tensors(model):
-        info = {entry.key: entry.value for entry in tensor.external_data}
+    for tensor, info in external_tensors(model):
         location = info.get("location", "")
         if not location:
             raise OnnxSparseError(f"tensor {tensor.name!r} uses external data without a location")
@@ -74,8 +80,7 @@ def physical_memory() -> int | None:
 def tensor_bytes(path: Path, model: onnx.ModelProto) -> tuple[int, int]:
     """Bytes of the external data ``model`` references, and of the model file itself."""
     outside = 0
-    for tensor in _external_tensors(model):
-        info = {entry.key: entry.value for entry in tensor.external_data}
+    for _, info in external_tensors(model):
         if "length" in info:
             outside += int(info["length"])
         else:
@@ -100,7 +105,7 @@ def check_fits_in_memory(path: Path, model: onnx.ModelProto, factors: tuple[floa
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    return any(True for _ in _external_tensors(model))
+    return any(True for _ in external_tensors(model))
 
 
 def load_model(path: str | os.PathLike, *, external_data: bool = True,
