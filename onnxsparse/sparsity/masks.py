@@ -173,24 +173,26 @@ def attach_masks(
         )
 
 
-def current_masks(module: nn.Module, layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
-    result = {}
+def _attached(module: nn.Module, layers: list[PrunableLayer]) -> list[tuple[PrunableLayer, nn.Module, torch.Tensor]]:
+    """(layer, module owning its weight, mask) of every layer with a :class:`SparseMask` attached."""
+    found = []
     for layer in layers:
         owner = layer.weight.owner(module)
         if parametrize.is_parametrized(owner, layer.weight.attr):
-            result[layer.name] = owner.parametrizations[layer.weight.attr][0].mask.clone()
-    return result
+            found.append((layer, owner, owner.parametrizations[layer.weight.attr][0].mask))
+    return found
+
+
+def current_masks(module: nn.Module, layers: list[PrunableLayer]) -> dict[str, torch.Tensor]:
+    return {layer.name: mask.clone() for layer, _, mask in _attached(module, layers)}
 
 
 @torch.no_grad()
 def bake_masks(module: nn.Module, layers: list[PrunableLayer]) -> None:
     """Remove the parametrizations, leaving ``weight * mask`` in the plain parameter for good."""
-    for layer in layers:
-        owner = layer.weight.owner(module)
-        if parametrize.is_parametrized(owner, layer.weight.attr):
-            mask = owner.parametrizations[layer.weight.attr][0].mask
-            parametrize.remove_parametrizations(owner, layer.weight.attr, leave_parametrized=False)
-            getattr(owner, layer.weight.attr).mul_(mask.to(getattr(owner, layer.weight.attr).dtype))
+    for layer, owner, mask in _attached(module, layers):
+        parametrize.remove_parametrizations(owner, layer.weight.attr, leave_parametrized=False)
+        getattr(owner, layer.weight.attr).mul_(mask.to(getattr(owner, layer.weight.attr).dtype))
 
 
 @torch.no_grad()

@@ -100,10 +100,14 @@ def check_nm(array: np.ndarray | torch.Tensor, n: int, m: int, axis: int) -> boo
     False when ``array.shape[axis]`` is not a multiple of ``m`` (the pattern cannot be laid out).
     """
     _check_nm_args(n, m)
-    a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    a = _numpy(array)
     if a.ndim == 0 or not -a.ndim <= axis < a.ndim or a.shape[axis] % m:
         return False
     return _groups_within(a != 0, n, m, axis % a.ndim)
+
+
+def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
 def _groups_within(nonzero: np.ndarray, n: int, m: int, axis: int) -> bool:
@@ -120,7 +124,7 @@ def tightest_pattern(array: np.ndarray | torch.Tensor, axis: int | None,
     """The first of ``candidates`` (tightest first) that ``array`` satisfies along ``axis``; None if none."""
     if axis is None:
         return None
-    a = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    a = _numpy(array)
     if a.ndim == 0 or not -a.ndim <= axis < a.ndim:
         return None
     nonzero = a != 0
@@ -170,8 +174,7 @@ def dense_reason(layer: PrunableLayer, m: int) -> str | None:
     axis = torch_group_axis(layer)
     size = layer.shape[axis]
     if size % m:
-        onnx_axis = layer_onnx_axis(layer)
-        return (f"{layer.op_type} input-channel dimension (ONNX axis {onnx_axis}) has {size} entries, "
+        return (f"{layer.op_type} input-channel dimension (ONNX axis {layer_onnx_axis(layer)}) has {size} entries, "
                 f"not a multiple of M={m}")
     return None
 
@@ -194,12 +197,9 @@ class NMMaskFn:
         return nm_mask(weight, self.n, self.m, self.axis)
 
 
-@dataclass(frozen=True)
-class DenseMaskFn:
-    """``(weight, sparsity) -> all-True mask``: a layer the N:M pattern leaves dense."""
-
-    def __call__(self, weight: torch.Tensor, sparsity: float = 0.0) -> torch.Tensor:
-        return torch.ones_like(weight, dtype=torch.bool)
+def _keep_all(weight: torch.Tensor, sparsity: float = 0.0) -> torch.Tensor:
+    """The mask of a layer the N:M pattern leaves dense."""
+    return torch.ones_like(weight, dtype=torch.bool)
 
 
 def mask_fn_for(layer: PrunableLayer, pattern: str | tuple[int, int] | None) -> MaskFn:
@@ -213,7 +213,7 @@ def mask_fn_for(layer: PrunableLayer, pattern: str | tuple[int, int] | None) -> 
         return magnitude_mask
     n, m = nm
     axis = nm_group_axis(layer, m)
-    return DenseMaskFn() if axis is None else NMMaskFn(n, m, axis)
+    return _keep_all if axis is None else NMMaskFn(n, m, axis)
 
 
 def nm_sparsities(layers: Iterable[PrunableLayer], pattern: str | tuple[int, int]) -> dict[str, float]:
@@ -230,12 +230,8 @@ def dense_layers(layers: Iterable[PrunableLayer], pattern: str | tuple[int, int]
     nm = parse_pattern(pattern)
     if nm is None:
         return {}
-    out = {}
-    for layer in layers:
-        reason = dense_reason(layer, nm[1])
-        if reason is not None:
-            out[layer.name] = reason
-    return out
+    reasons = {layer.name: dense_reason(layer, nm[1]) for layer in layers}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
 
 
 def pattern_masks(module: torch.nn.Module, layers: Iterable[PrunableLayer], pattern: str | tuple[int, int] | None,
