@@ -89,14 +89,19 @@ def _layer_panel(ax, report: dict) -> None:
     ax.legend(loc="lower right", fontsize=7)
 
 
+def _series(xs: list, rows: list[dict], column: str) -> tuple[list, list]:
+    """(x, y) of the rows where ``column`` holds a number."""
+    pts = [(x, r[column]) for x, r in zip(xs, rows) if _number(r.get(column))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def _curve_panel(ax, where: str, x_key: str, rows: list[dict], title: str) -> None:
     xs = [r[x_key] for r in rows]
     cols = _numeric_columns(rows, x_key)
     left = [c for c in cols if "loss" in c or "kl" in c or c in ("best", "mean", "best_so_far")] or cols[:1]
     right = [c for c in cols if c not in left]
     for c in left:
-        pts = [(x, r[c]) for x, r in zip(xs, rows) if _number(r.get(c))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=c)
+        ax.plot(*_series(xs, rows, c), marker="o", markersize=3, label=c)
     ax.set_xlabel(x_key)
     ax.set_ylabel(", ".join(left)[:40])
     ax.set_title(f"{title} ({where})", fontsize=9)
@@ -104,8 +109,7 @@ def _curve_panel(ax, where: str, x_key: str, rows: list[dict], title: str) -> No
     if right:
         ax2 = ax.twinx()
         for i, c in enumerate(right[:4]):
-            pts = [(x, r[c]) for x, r in zip(xs, rows) if _number(r.get(c))]
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", color=f"C{i + len(left)}", label=c)
+            ax2.plot(*_series(xs, rows, c), linestyle="--", color=f"C{i + len(left)}", label=c)
         ax2.set_ylabel(", ".join(right[:4])[:40])
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
@@ -121,19 +125,16 @@ def write_report_plot(report: dict, path: str | os.PathLike) -> Path | None:
         logger.warning("matplotlib is not installed (pip install 'onnxsparse[plot]'): no plot written for the report")
         return None
     info = report.get("method_info")
-    curve = find_curve(info)
-    search = find_curve(info, ("generation",))
-    panels = 1 + (curve is not None) + (search is not None)
+    curves = [(found, title) for found, title in ((find_curve(info), "training curve"),
+                                                 (find_curve(info, ("generation",)), "allocation search"))
+              if found is not None]
+    panels = 1 + len(curves)
     fig = Figure(figsize=(max(8.0, min(20.0, 0.18 * len(report.get("layers", [])) + 4)), 3.6 * panels), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(panels, 1, squeeze=False)[:, 0]
     _layer_panel(axes[0], report)
-    i = 1
-    if curve is not None:
-        _curve_panel(axes[i], *curve, title="training curve")
-        i += 1
-    if search is not None:
-        _curve_panel(axes[i], *search, title="allocation search")
+    for ax, (found, title) in zip(axes[1:], curves):
+        _curve_panel(ax, *found, title=title)
     fig.tight_layout()
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp")
