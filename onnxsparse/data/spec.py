@@ -14,6 +14,7 @@ from onnxsparse.errors import OnnxSparseError
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("nchw", "nhwc", "other")
+_IMAGE_AXES = {"nchw": (1, 2, 3), "nhwc": (3, 1, 2)}  # (channel, height, width)
 
 # Element types a calibration tensor may have; everything else is rejected by load_calibration.
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -74,23 +75,20 @@ class InputSpec:
         """Integer or boolean input (ids, masks): fed as given, in the declared dtype."""
         return self.dtype in INTEGER_DTYPES
 
-    def channel_axis(self, layout: str | None = None) -> int:
-        """Axis of the channel dimension in a batched tensor for ``layout`` (default: the detected one)."""
+    def _image_axes(self, layout: str | None) -> tuple[int, int, int]:
+        """(channel, height, width) axes of a batched tensor in ``layout`` (default: the detected one)."""
         layout = layout or self.layout
-        if layout == "nchw":
-            return 1
-        if layout == "nhwc":
-            return 3
-        raise OnnxSparseError(f"input {self.name!r} is not an image input (layout {layout})")
+        if layout not in _IMAGE_AXES:
+            raise OnnxSparseError(f"input {self.name!r} is not an image input (layout {layout})")
+        return _IMAGE_AXES[layout]
+
+    def channel_axis(self, layout: str | None = None) -> int:
+        return self._image_axes(layout)[0]
 
     def spatial_dims(self, layout: str | None = None) -> tuple[int | None, int | None]:
         """Declared (height, width) for ``layout``; None where dynamic."""
-        layout = layout or self.layout
-        if layout == "nchw":
-            return self.shape[2], self.shape[3]
-        if layout == "nhwc":
-            return self.shape[1], self.shape[2]
-        raise OnnxSparseError(f"input {self.name!r} is not an image input (layout {layout})")
+        _, height, width = self._image_axes(layout)
+        return self.shape[height], self.shape[width]
 
     def describe_shape(self) -> str:
         if not self.has_shape:
