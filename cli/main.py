@@ -121,19 +121,14 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @preprocessing
 @verbosity
-def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
-          max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
-          time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement, run_dir, resume_dir,
-          checkpoint_every, report_path, force, preprocess, quiet) -> None:
+def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_path, force, preprocess, quiet,
+          **options) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
     from onnxsparse.distributed import context_from_env
 
     dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
     try:
-        config = _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude,
-                               no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations,
-                               search_generations, population, no_search, lr, time_budget, correction_samples,
-                               verify_samples, verify_tolerance, min_agreement, checkpoint_every, preprocess)
+        config = _prune_config(output, dry_run, device, preprocess, **options)
     except OnnxSparseError:
         if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
             raise SystemExit(2) from None
@@ -142,10 +137,10 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
                run_dir, resume_dir)
 
 
-def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude, no_correction,
-                  batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations, population,
-                  no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement,
-                  checkpoint_every, preprocess):
+def _prune_config(output, dry_run, device, preprocess, *, sparsity, method, pattern, save_format, seed, exclude,
+                  no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations,
+                  population, no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance,
+                  min_agreement, checkpoint_every):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -160,14 +155,13 @@ def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed,
     if no_search:
         overrides["search"] = False
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)
-    config = PruneConfig(
+    return PruneConfig(
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
         save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
         verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
         unipts=unipts,
     )
-    return config
 
 
 def _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,

@@ -159,8 +159,7 @@ def _matches(patterns: Sequence[str], *candidates: str) -> str | None:
 
 
 class _Builder:
-    def __init__(self, proto: onnx.ModelProto, norm: NormalizedGraph, gm: fx.GraphModule, exclude: Sequence[str]):
-        self.proto = proto
+    def __init__(self, norm: NormalizedGraph, gm: fx.GraphModule, exclude: Sequence[str]):
         self.norm = norm
         self.gm = gm
         self.exclude = exclude
@@ -182,9 +181,6 @@ class _Builder:
     def source(self, value: str) -> TensorSource | None:
         return self.norm.sources.get(value)
 
-    def shared(self, source: TensorSource) -> bool:
-        return self.norm.consumers[source] > 1
-
     def rank(self, value: str) -> int | None:
         init = self.initializers.get(value)
         return None if init is None else len(init.dims)
@@ -203,7 +199,7 @@ class _Builder:
             layout=layout if stored is None else stored.then(transpose=layout.transpose, scale=layout.scale),
             role=role,
             original=_snapshot(tensor),
-            shared=self.shared(source),
+            shared=self.norm.consumers[source] > 1,
         )
         if tracked.shared and isinstance(tensor, nn.Parameter):
             tensor.requires_grad_(False)
@@ -459,7 +455,7 @@ def import_model(
     norm = normalize_for_torch(proto)
     gm = _convert(norm, base_dir)
     gm.eval()
-    builder = _Builder(proto, norm, gm, tuple(exclude))
+    builder = _Builder(norm, gm, tuple(exclude))
     has_bn = builder.build()
     for param in gm.parameters():
         if not param.is_floating_point():
