@@ -54,12 +54,6 @@ class ImageFolder:
     labels: tuple[int, ...]
     classes: tuple[str, ...]  # class names by index; () when unlabelled
 
-    def __post_init__(self) -> None:
-        if len(self.files) != len(self.labels):
-            raise OnnxSparseError(f"{len(self.files)} files but {len(self.labels)} labels")
-        if any(not (lab == UNLABELLED or 0 <= lab < len(self.classes)) for lab in self.labels):
-            raise OnnxSparseError(f"labels must be in 0..{len(self.classes) - 1} or {UNLABELLED}")
-
     @property
     def labelled(self) -> bool:
         return bool(self.classes)

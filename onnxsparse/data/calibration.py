@@ -174,15 +174,10 @@ class CalibrationSet:
             for name in self.input_names:
                 if resident is not None:
                     tensor = resident[name][torch.from_numpy(index).to(resident[name].device)]
-                    if generator is not None:
-                        tensor = augment_batch(tensor, generator, self.layouts[name])
-                    tensors.append(tensor)
-                    continue
-                tensor = torch.from_numpy(arrays[name][index])
-                if pin:
-                    tensor = tensor.pin_memory().to(device, non_blocking=True)
+                elif pin:
+                    tensor = torch.from_numpy(arrays[name][index]).pin_memory().to(device, non_blocking=True)
                 else:
-                    tensor = tensor.to(device)
+                    tensor = torch.from_numpy(arrays[name][index]).to(device)
                 if generator is not None:
                     tensor = augment_batch(tensor, generator, self.layouts[name])
                 tensors.append(tensor)
