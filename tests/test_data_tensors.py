@@ -147,6 +147,13 @@ def test_pickled_and_corrupt_files(tmp_path):
         load_calibration(tmp_path / "broken.npy", IMAGE)
 
 
+def test_npy_file_named_npz_is_a_user_error(tmp_path):
+    np.save(tmp_path / "a.npy", samples(3))
+    (tmp_path / "a.npy").rename(tmp_path / "a.npz")
+    with pytest.raises(OnnxSparseError, match="a.npz is a .npy array, not a .npz archive; rename it to .npy"):
+        load_calibration(tmp_path / "a.npz", IMAGE)
+
+
 def test_samples_with_different_dynamic_shapes(tmp_path):
     model = make_model({"x": ["N", 3, "H", "W"]})
     np.save(tmp_path / "a.npy", np.zeros((2, 3, 4, 4), np.float32))

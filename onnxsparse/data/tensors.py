@@ -211,36 +211,27 @@ def _exact_integers(spec: InputSpec, batch: np.ndarray, where: str) -> np.ndarra
     return batch.astype(spec.dtype)
 
 
-def _load_error(path: Path, what: str, exc: ValueError) -> OnnxSparseError:
-    text = str(exc)
-    if "Object arrays" in text:
-        return OnnxSparseError(f"{path} holds Python objects; only numeric arrays are supported")
-    if "pickled data" in text:
-        return OnnxSparseError(
-            f"cannot read {path} as a {what}: it is neither .npy nor .npz (pickled files are not loaded)"
-        )
-    return OnnxSparseError(f"cannot read {path} as a {what}: {text}")
-
-
-def _load_npy(path: Path) -> np.ndarray:
+def _load(path: Path, archive: bool) -> np.ndarray | dict[str, np.ndarray]:
+    """``path`` as a .npy array or, with ``archive``, a .npz archive's arrays; pickled data is never loaded."""
+    what = ".npz archive" if archive else ".npy array"
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
+        if not archive:
+            return loaded
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise OnnxSparseError(f"{path} is a .npy array, not a .npz archive; rename it to .npy")
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
     except ValueError as exc:
-        raise _load_error(path, ".npy array", exc) from None
-    except (OSError, EOFError) as exc:
-        raise OnnxSparseError(f"cannot read {path} as a .npy array: {exc}") from None
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise OnnxSparseError(f"{path} is a .npy array, not a .npz archive; rename it to .npy")
-            return {key: npz[key] for key in npz.files}
-    except ValueError as exc:
-        raise _load_error(path, ".npz archive", exc) from None
+        if "Object arrays" in str(exc):
+            raise OnnxSparseError(f"{path} holds Python objects; only numeric arrays are supported") from None
+        if "pickled data" in str(exc):
+            raise OnnxSparseError(
+                f"cannot read {path} as a {what}: it is neither .npy nor .npz (pickled files are not loaded)"
+            ) from None
+        raise OnnxSparseError(f"cannot read {path} as a {what}: {exc}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise OnnxSparseError(f"cannot read {path} as a .npz archive: {exc}") from None
+        raise OnnxSparseError(f"cannot read {path} as a {what}: {exc}") from None
 
 
 def collect_files(paths: list[Path], specs: list[InputSpec], root: Path) -> FeedCollector:
@@ -255,9 +246,9 @@ def collect_files(paths: list[Path], specs: list[InputSpec], root: Path) -> Feed
                     f"{where}: a .npy file feeds one input, but the model has {len(specs)} inputs "
                     f"({', '.join(map(repr, names))}); use .npz files keyed by input name"
                 )
-            collector.add({names[0]: _load_npy(path)}, where)
+            collector.add({names[0]: _load(path, archive=False)}, where)
         else:
-            arrays = _load_npz(path)
+            arrays = _load(path, archive=True)
             if not arrays:
                 raise OnnxSparseError(f"{where} is an empty .npz archive")
             collector.add(collector.to_feed(arrays, where), where)
