@@ -18,7 +18,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -263,15 +263,9 @@ def read_model_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
     return None
 
 
-def sidecar_path(model_path: str | os.PathLike | None) -> Path | None:
-    if model_path is None:
-        return None
-    return Path(model_path).parent / SIDECAR_NAME
-
-
 def read_sidecar(model_path: str | os.PathLike | None) -> tuple[dict[str, Any] | None, Path | None]:
     """The preprocessing documented in ``preprocess.json`` next to the model file, and its path."""
-    path = sidecar_path(model_path)
+    path = Path(model_path).parent / SIDECAR_NAME if model_path is not None else None
     if path is None or not path.is_file():
         return None, None
     try:
@@ -400,17 +394,9 @@ class ResolvedPreprocess:
         return steps
 
     def settings(self) -> dict[str, Setting]:
-        return {
-            "layout": self.layout,
-            "channels": self.channels,
-            "channel_order": self.channel_order,
-            "input_size": self.input_size,
-            "resize": self.resize,
-            "crop": self.crop,
-            "scale": self.scale,
-            "mean": self.mean,
-            "std": self.std,
-        }
+        """Every setting by name, in field order (layout, channels, ..., std)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: value for name, value in values.items() if isinstance(value, Setting)}
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable description for the report."""

@@ -107,9 +107,8 @@ class FeedCollector:
         )
 
     def add(self, feed: Mapping[str, Any], where: str) -> int:
-        batch: dict[str, np.ndarray] = {}
-        for spec in self.specs:
-            batch[spec.name] = self._check(spec, _to_numpy(feed[spec.name], where, spec.name), where)
+        batch = {spec.name: self._check(spec, _to_numpy(feed[spec.name], where, spec.name), where)
+                 for spec in self.specs}
         counts = {name: len(a) for name, a in batch.items()}
         if len(set(counts.values())) > 1:
             raise OnnxSparseError(
