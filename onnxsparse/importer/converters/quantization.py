@@ -27,13 +27,14 @@ class DequantizeLinear(nn.Module):
     def forward(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
         centred = x.to(scale.dtype)
         if zero_point is not None:
-            zp = zero_point.to(scale.dtype)
-            if zp.dim() == 1 and x.dim() > 1:
-                zp = zp.reshape([-1 if i == self.axis % x.dim() else 1 for i in range(x.dim())])
-            centred = centred - zp
-        if scale.dim() == 1 and x.dim() > 1:
-            scale = scale.reshape([-1 if i == self.axis % x.dim() else 1 for i in range(x.dim())])
-        return centred * scale
+            centred = centred - self._along_axis(zero_point.to(scale.dtype), x)
+        return centred * self._along_axis(scale, x)
+
+    def _along_axis(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-axis (1-D) ``t`` shaped to broadcast along ``axis`` of ``x``; a per-tensor one as it is."""
+        if t.dim() == 1 and x.dim() > 1:
+            return t.reshape([-1 if i == self.axis % x.dim() else 1 for i in range(x.dim())])
+        return t
 
 
 @REGISTRY.add("DequantizeLinear", 10, onnx.defs.onnx_opset_version())
