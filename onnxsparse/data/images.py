@@ -129,13 +129,11 @@ def transform_image(img: Image.Image, plan: DecodePlan) -> np.ndarray:
         new_w, new_h = _shorter_side_size(img.width, img.height, plan.resize)
         if (new_w, new_h) != img.size:
             img = img.resize((new_w, new_h), Image.BILINEAR)
-        if img.size != (width, height):
+    if img.size != (width, height):
+        if plan.resize is not None or plan.crop is not None:
             img = img.crop(_center_crop_box(img.width, img.height, height, width))
-    elif plan.crop is not None:
-        if img.size != (width, height):
-            img = img.crop(_center_crop_box(img.width, img.height, height, width))
-    elif img.size != (width, height):
-        img = img.resize((width, height), Image.BILINEAR)
+        else:
+            img = img.resize((width, height), Image.BILINEAR)
     array = np.asarray(img)
     if array.ndim == 2 and not plan.gray:
         # 16-bit grayscale feeding an RGB input: same value in every channel.
