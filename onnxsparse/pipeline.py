@@ -279,15 +279,11 @@ class _Run:
 
     def verify_feeds(self):
         """Up to ``verify_samples`` holdout feeds (training feeds when there is no holdout split)."""
-        split = "holdout" if self.calib.n_holdout else "train"
-        n_verify = min(self.config.verify_samples, self.calib.n_holdout if self.calib.n_holdout else self.calib.n_train)
-        seen = 0
-        for feed in self.calib.feeds(split, self.config.batch_size):
-            if seen >= n_verify:
-                return
-            take = min(n_verify - seen, next(iter(feed.values())).shape[0])
-            seen += take
-            yield {k: v[:take] for k, v in feed.items()}
+        from onnxsparse.data.calibration import feed_batches
+
+        arrays = self.calib.holdout if self.calib.n_holdout else self.calib.train
+        n = self.config.verify_samples
+        return feed_batches({name: a[:n] for name, a in arrays.items()}, self.calib.dtypes, self.config.batch_size)
 
 
 class _Gate:
