@@ -1,15 +1,10 @@
-"""Evaluation with onnxruntime: accuracy on a labelled image folder, and dense-vs-sparse comparison.
+"""Evaluation with onnxruntime: :func:`evaluate` (top-1/top-5 on a labelled image folder) and :func:`compare`
+(dense vs sparse on the same inputs). Labelled folders have torchvision's ImageFolder layout: one sub-folder
+per class, class index = sorted folder order or the line number in a ``--labels`` file.
 
-* :func:`evaluate` - top-1 / top-5 accuracy of one model on a torchvision ``ImageFolder`` layout (one
-  sub-folder per class; class index = sorted folder order, or the line number in a ``--labels`` file).
-* :func:`compare` - two models (dense and sparse) on the same inputs: top-1 agreement, per-output cosine
-  similarity and absolute differences, per-layer sparsity of both, and both accuracies when labelled.
-
-Images take the path ``prune``'s calibration images take: the same folder scan, the preprocessing resolved by
-:func:`onnxsparse.data.resolve_preprocess` (user flags > ``preprocess.json`` next to the model > model metadata >
-preset > input shape), decoded by :class:`onnxsparse.data.images.DecoderPool` and turned into model input by
-``ResolvedPreprocess.to_input``; they are streamed in batches so that folders larger than memory work.
-``compare`` also takes the .npy/.npz tensors ``prune --calib`` takes.
+Images take the path ``prune``'s calibration images take: the same folder scan, :func:`resolve_preprocess`,
+:class:`DecoderPool` and ``ResolvedPreprocess.to_input``, streamed in batches so that folders larger than
+memory work.
 """
 
 from __future__ import annotations
