@@ -32,9 +32,8 @@ def check_output_path(output: str | os.PathLike, *, inputs: tuple[str | os.PathL
     """Refuse to overwrite the input or an existing file (unless ``force``); probe that the folder is writable."""
     out = Path(output)
     for src in inputs:
-        if src is not None and Path(src).exists() and out.exists() and os.path.samefile(src, out):
-            raise OnnxSparseError(f"output {str(out)!r} is the input model; choose another -o path")
-        if src is not None and Path(src).resolve() == out.resolve():
+        if src is not None and (Path(src).resolve() == out.resolve()
+                                or Path(src).exists() and out.exists() and os.path.samefile(src, out)):
             raise OnnxSparseError(f"output {str(out)!r} is the input model; choose another -o path")
     if out.exists() and not force:
         raise OnnxSparseError(f"output {str(out)!r} already exists; pass --force to overwrite it")

@@ -97,19 +97,17 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, device: torch.device
         options.add_session_config_entry("session.disable_prepacking", "1")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     providers = ort_providers(device)
+    if providers != ["CPUExecutionProvider"]:
+        try:
+            session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
+            logger.info("onnxruntime's CUDA provider failed (%s): verifying on the CPU", exc)
+        else:
+            if "CUDAExecutionProvider" not in session.get_providers():
+                logger.info("onnxruntime could not start its CUDA provider: running on the CPU")
+            return session
     try:
-        session = ort.InferenceSession(source, options, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-        if providers == ["CPUExecutionProvider"]:
-            raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
-        logger.info("onnxruntime's CUDA provider failed (%s): verifying on the CPU", exc)
-        providers = ["CPUExecutionProvider"]
-    else:
-        if providers != ["CPUExecutionProvider"] and "CUDAExecutionProvider" not in session.get_providers():
-            logger.info("onnxruntime could not start its CUDA provider: running on the CPU")
-        return session
-    try:
-        return ort.InferenceSession(source, options, providers=providers)
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
         raise OnnxSparseError(f"onnxruntime cannot load the model: {exc}") from None
 
