@@ -9,7 +9,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsparse.importer.converters.registry import REGISTRY
+from onnxsparse.importer.converters.registry import REGISTRY, module_result
 
 if TYPE_CHECKING:
     from onnx2torch.onnx_graph import OnnxGraph
@@ -27,9 +27,7 @@ class Compare(nn.Module):
 
 
 def _convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
-    return OperationConverterResult(torch_module=Compare(node.operation_type), onnx_mapping=onnx_mapping_from_node(node))
+    return module_result(node, Compare(node.operation_type))
 
 
 REGISTRY.add("GreaterOrEqual", 16, onnx.defs.onnx_opset_version())(_convert)

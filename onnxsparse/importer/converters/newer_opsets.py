@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsparse.importer.converters.registry import REGISTRY, Converter, ConverterError
+from onnxsparse.importer.converters.registry import REGISTRY, Converter, ConverterError, module_result
 
 if TYPE_CHECKING:
     from onnx2torch.onnx_graph import OnnxGraph
@@ -67,11 +67,9 @@ class Gelu(nn.Module):
 
 @REGISTRY.add("Gelu", 20, onnx.defs.onnx_opset_version())
 def convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
     approximate = node.attributes.get("approximate", "none")
     if isinstance(approximate, bytes):
         approximate = approximate.decode()
     if approximate not in ("none", "tanh"):
         raise ConverterError(f"approximate={approximate!r}; ONNX allows 'none' or 'tanh'")
-    return OperationConverterResult(torch_module=Gelu(approximate), onnx_mapping=onnx_mapping_from_node(node))
+    return module_result(node, Gelu(approximate))

@@ -9,7 +9,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsparse.importer.converters.registry import REGISTRY, ConverterError
+from onnxsparse.importer.converters.registry import REGISTRY, ConverterError, module_result
 
 if TYPE_CHECKING:
     from onnx2torch.onnx_graph import OnnxGraph
@@ -39,11 +39,6 @@ class DequantizeLinear(nn.Module):
 
 @REGISTRY.add("DequantizeLinear", 10, onnx.defs.onnx_opset_version())
 def convert_dequantize_linear(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
-    attrs = node.attributes
-    if attrs.get("block_size", 0):
+    if node.attributes.get("block_size", 0):
         raise ConverterError("blocked quantization (block_size) is not supported")
-    return OperationConverterResult(
-        torch_module=DequantizeLinear(int(attrs.get("axis", 1))), onnx_mapping=onnx_mapping_from_node(node)
-    )
+    return module_result(node, DequantizeLinear(int(node.attributes.get("axis", 1))))

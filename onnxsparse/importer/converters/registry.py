@@ -75,6 +75,13 @@ class Registry:
         return [key for key, _ in self._entries]
 
 
+def module_result(node: Any, module: Any) -> Any:
+    """onnx2torch's conversion result for ``module`` called with the node's own inputs and outputs."""
+    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
 REGISTRY = Registry()
 _LOCK = threading.Lock()
 

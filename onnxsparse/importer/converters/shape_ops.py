@@ -11,7 +11,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsparse.importer.converters.registry import REGISTRY
+from onnxsparse.importer.converters.registry import REGISTRY, module_result
 
 if TYPE_CHECKING:
     from onnx2torch.onnx_graph import OnnxGraph
@@ -33,8 +33,4 @@ class Flatten(nn.Module):
 
 @REGISTRY.add("Flatten", 1, onnx.defs.onnx_opset_version())
 def convert_flatten(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult | None:
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
-    return OperationConverterResult(
-        torch_module=Flatten(int(node.attributes.get("axis", 1))), onnx_mapping=onnx_mapping_from_node(node)
-    )
+    return module_result(node, Flatten(int(node.attributes.get("axis", 1))))
