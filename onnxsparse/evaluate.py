@@ -14,7 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ UNLABELLED = -1
 class ImageFolder:
     """Image files of a folder and, for an ImageFolder layout, their class index (else ``UNLABELLED``)."""
 
-    root: Path
     files: tuple[Path, ...]
     labels: tuple[int, ...]
     classes: tuple[str, ...]  # class names by index; () when unlabelled
@@ -58,7 +57,7 @@ class ImageFolder:
         if limit is None or limit >= len(self.files):
             return self
         if not self.labelled:
-            return ImageFolder(self.root, self.files[:limit], self.labels[:limit], self.classes)
+            return ImageFolder(self.files[:limit], self.labels[:limit], self.classes)
         # Round robin: each class's first file, then each class's second, ...; kept in file order.
         seen: Counter = Counter()
         rank = []
@@ -66,8 +65,7 @@ class ImageFolder:
             rank.append(seen[label])
             seen[label] += 1
         picked = sorted(sorted(range(len(self.files)), key=lambda i: (rank[i], self.labels[i]))[:limit])
-        return ImageFolder(self.root, tuple(self.files[i] for i in picked), tuple(self.labels[i] for i in picked),
-                           self.classes)
+        return ImageFolder(tuple(self.files[i] for i in picked), tuple(self.labels[i] for i in picked), self.classes)
 
 
 def read_labels_file(path: str | os.PathLike) -> tuple[str, ...]:
@@ -114,7 +112,7 @@ def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | Non
         files = _images_under(path)
         if not files:
             raise OnnxSparseError(f"--data {path} holds no image files")
-        return ImageFolder(path, tuple(files), (UNLABELLED,) * len(files), ())
+        return ImageFolder(tuple(files), (UNLABELLED,) * len(files), ())
     if labels_file is not None:
         classes = read_labels_file(labels_file)
         unknown = [d.name for d in subdirs if d.name not in classes]
@@ -134,7 +132,7 @@ def scan_folder(root: str | os.PathLike, *, labels_file: str | os.PathLike | Non
         labels.extend([index[d.name]] * len(found))
     if not files:
         raise OnnxSparseError(f"--data {path}: the class folders hold no image files")
-    return ImageFolder(path, tuple(files), tuple(labels), classes)
+    return ImageFolder(tuple(files), tuple(labels), classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,9 +195,8 @@ class ImageData:
     inputs: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
-    input_name: str
     preprocess: dict
-    skipped: dict = field(default_factory=dict)
+    skipped: dict
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -221,8 +218,8 @@ def load_images(model: str | os.PathLike | onnx.ModelProto, data: str | os.PathL
         ys.append(y)
     if not xs:
         raise OnnxSparseError(f"none of the {len(folder.files)} image files in {data} could be decoded")
-    return ImageData(np.concatenate(xs), np.concatenate(ys), folder.classes, pipeline.spec.name,
-                     pipeline.resolved.as_dict(), dict(skipped))
+    return ImageData(np.concatenate(xs), np.concatenate(ys), folder.classes, pipeline.resolved.as_dict(),
+                     dict(skipped))
 
 
 def _proto(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
