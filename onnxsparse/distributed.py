@@ -44,7 +44,6 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device | None = None  # the rank's device; None: the pipeline resolves --device itself
     backend: str | None = None  # "nccl" on CUDA, "gloo" on CPU; None in a single-process run
 
@@ -178,8 +177,8 @@ def context_from_env(env: Mapping[str, str], device_spec: str = "auto") -> DistC
                 f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible: start at most "
                 f"{torch.cuda.device_count()} processes per node"
             )
-        return DistContext(rank, world, local, torch.device("cuda", local), "nccl")
-    return DistContext(rank, world, local, torch.device("cpu"), "gloo")
+        return DistContext(rank, world, torch.device("cuda", local), "nccl")
+    return DistContext(rank, world, torch.device("cpu"), "gloo")
 
 
 def _first_failure(store, rank: int) -> bool:

@@ -38,7 +38,7 @@ def _calib() -> list[dict[str, np.ndarray]]:
 
 def _rank_main(rank: int, world: int, store_path: str, model_path: str, out_dir: str, fail_rank: int) -> None:
     torch.set_num_threads(1)
-    ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+    ctx = DistContext(rank, world, torch.device("cpu"), "gloo")
     store = torch.distributed.FileStore(store_path, world)
     out = Path(out_dir)
     try:
