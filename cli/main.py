@@ -77,7 +77,9 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--holdout-size", type=int, default=None, help="Calibration samples kept aside for verification.")
-@click.option("--no-augment", "no_augment", is_flag=True, help="No random-resized-crop/flip during distillation.")
+@click.option("--augment/--no-augment", "augment", default=None,
+              help="Random crops (and flips, where the dense model is mirror-invariant) in UniPTS distillation "
+                   "[default: off; on with --recipe paper].")
 @click.option("--recipe", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="UniPTS budget preset: quick, or the paper's 25x25 search and 100 epochs.")
 @click.option("--epochs", type=float, default=None, help="UniPTS: distillation epochs over the calibration set.")
@@ -111,7 +113,7 @@ def main() -> None:
 def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format, seed, device, exclude, no_correction, batch_size,
           max_samples, holdout_size, recipe, epochs, iterations, search_generations, population, no_search, lr,
           time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement, run_dir, resume_dir,
-          checkpoint_every, report_path, force, preprocess, quiet) -> None:
+          checkpoint_every, augment, report_path, force, preprocess, quiet) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""
     from onnxsparse.distributed import context_from_env
 
@@ -120,7 +122,7 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
         config = _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude,
                                no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations,
                                search_generations, population, no_search, lr, time_budget, correction_samples,
-                               verify_samples, verify_tolerance, min_agreement, checkpoint_every, preprocess)
+                               verify_samples, verify_tolerance, min_agreement, checkpoint_every, augment)
     except OnnxSparseError:
         if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
             raise SystemExit(2) from None
@@ -132,7 +134,7 @@ def prune(model, sparsity, calib, output, dry_run, method, pattern, save_format,
 def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed, device, exclude, no_correction,
                   batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations, population,
                   no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance, min_agreement,
-                  checkpoint_every, preprocess):
+                  checkpoint_every, augment):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -143,7 +145,8 @@ def _prune_config(output, dry_run, sparsity, method, pattern, save_format, seed,
     }.items() if v is not None}
     if time_budget == 0:
         overrides["time_budget"] = None
-    overrides["augment"] = preprocess.augment
+    if augment is not None:
+        overrides["augment"] = augment
     if no_search:
         overrides["search"] = False
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)

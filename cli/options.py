@@ -73,15 +73,14 @@ def preprocessing(func):
     @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
     @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
     @functools.wraps(func)
-    def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers,
-                no_augment: bool = False, **kwargs):
+    def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers, **kwargs):
         from onnxsparse.data import PreprocessConfig
 
         crop_size = _size(crop, "--crop")
         pre = PreprocessConfig(
             preset=preset, resize=resize, crop=crop_size, input_size=_size(input_size, "--input-size"),
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), scale=_scale(scale),
-            channel_order=channel_order, layout=layout, augment=not no_augment, workers=workers,
+            channel_order=channel_order, layout=layout, workers=workers,
         )
         return func(*args, preprocess=pre, **kwargs)
 
