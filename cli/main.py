@@ -90,7 +90,9 @@ def main() -> None:
 @_BATCH_SIZE
 @click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
 @click.option("--holdout-size", type=int, default=None, help="Calibration samples kept aside for verification.")
-@click.option("--no-augment", "no_augment", is_flag=True, help="No random-resized-crop/flip during distillation.")
+@click.option("--augment/--no-augment", "augment", default=None,
+              help="Random crops (and flips, where the dense model is mirror-invariant) in UniPTS distillation "
+                   "[default: off; on with --recipe paper].")
 @click.option("--recipe", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="UniPTS budget preset: quick, or the paper's 25x25 search and 100 epochs.")
 @click.option("--epochs", type=float, default=None, help="UniPTS: distillation epochs over the calibration set.")
@@ -128,7 +130,7 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
 
     dist = context_from_env(os.environ, device)  # torchrun's variables; one process without them
     try:
-        config = _prune_config(output, dry_run, device, preprocess, **options)
+        config = _prune_config(output, dry_run, device, **options)
     except OnnxSparseError:
         if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
             raise SystemExit(2) from None
@@ -137,21 +139,20 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
                run_dir, resume_dir)
 
 
-def _prune_config(output, dry_run, device, preprocess, *, sparsity, method, pattern, save_format, seed, exclude,
+def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, exclude,
                   no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations,
                   population, no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance,
-                  min_agreement, checkpoint_every):
+                  min_agreement, checkpoint_every, augment):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
         raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
     overrides = {k: v for k, v in {
         "epochs": epochs, "iterations": iterations, "generations": search_generations, "population": population,
-        "lr": lr, "time_budget": time_budget, "batch_size": batch_size,
+        "lr": lr, "time_budget": time_budget, "batch_size": batch_size, "augment": augment,
     }.items() if v is not None}
     if time_budget == 0:
         overrides["time_budget"] = None
-    overrides["augment"] = preprocess.augment
     if no_search:
         overrides["search"] = False
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)

@@ -35,14 +35,13 @@ def preprocessing(func):
     @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
     @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
     @functools.wraps(func)
-    def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers,
-                no_augment: bool = False, **kwargs):
+    def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers, **kwargs):
         from onnxsparse.data import PreprocessConfig
 
         # The strings are parsed and checked by PreprocessConfig, with the option's name in the message.
         pre = PreprocessConfig(
             preset=preset, resize=resize, crop=crop, input_size=input_size, mean=mean, std=std, scale=scale,
-            channel_order=channel_order, layout=layout, augment=not no_augment, workers=workers,
+            channel_order=channel_order, layout=layout, workers=workers,
         )
         return func(*args, preprocess=pre, **kwargs)
 

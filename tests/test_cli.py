@@ -146,3 +146,21 @@ def test_skipped_weights_are_listed(tmp_path):
     data = json.loads(report.read_text())
     assert [s["tensor"] for s in data["skipped_layers"]] == ["embed", "E"]
     assert [row["name"] for row in data["layers"]] == ["fc.w"] and data["layers"][0]["zeros"] == 3
+
+
+@pytest.mark.parametrize("args, recipe, expected", [
+    ([], "quick", False), (["--augment"], "quick", True), ([], "paper", True), (["--no-augment"], "paper", False),
+])
+def test_augment_option_reaches_the_config(workspace, monkeypatch, args, recipe, expected):
+    tmp_path, model, calib = workspace
+    seen = {}
+
+    def fake_prune(model, output, calib, config, **kwargs):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr("onnxsparse.pipeline.prune", fake_prune)
+    result = _run("prune", model, "--sparsity", "0.5", "--calib", calib, "-o", tmp_path / "o.onnx",
+                  "--recipe", recipe, *args)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].unipts.augment is expected

@@ -54,7 +54,7 @@ def test_matches_crop_then_bilinear_resize_in_the_interior():
     torch.manual_seed(0)
     x = torch.randn(8, 2, 24, 32, dtype=torch.float64)
     out = augment_batch(x, gen(5))
-    top, left, h, w, flip = crop_params(8, 24, 32, gen(5))
+    top, left, h, w, flip = crop_params(8, 24, 32, gen(5), ratio=(CROP_RATIO[0] * 32 / 24, CROP_RATIO[1] * 32 / 24))
     for i in range(8):
         crop = x[i : i + 1, :, top[i] : top[i] + h[i], left[i] : left[i] + w[i]]
         ref = F.interpolate(crop, size=(24, 32), mode="bilinear", align_corners=False)[0]
@@ -119,3 +119,25 @@ def test_runs_on_cuda():
     out = augment_batch(x.cuda(), gen(2))
     assert out.is_cuda
     torch.testing.assert_close(out.cpu(), augment_batch(x, gen(2)), atol=1e-5, rtol=0)
+
+
+def test_crops_keep_the_input_aspect_ratio_range():
+    """A wide text line (48x192) gets crops of aspect 3/4..4/3 times its own (3..5.33), not squashed squares."""
+    x = torch.arange(48 * 192, dtype=torch.float32).reshape(1, 1, 48, 192).repeat(64, 1, 1, 1)
+    g = gen(4)
+    state = g.get_state()
+    augment_batch(x, g)
+    g.set_state(state)
+    _, _, h, w, _ = crop_params(64, 48, 192, g, ratio=(CROP_RATIO[0] * 4, CROP_RATIO[1] * 4))
+    aspect = w.double() / h.double()
+    assert (aspect > 2.9).all() and (aspect < 5.5).all(), aspect
+
+
+def test_flip_off_changes_only_the_flip():
+    x = torch.randn(32, 3, 16, 16)
+    flipped_or_not = augment_batch(x, gen(7))
+    plain = augment_batch(x, gen(7), flip=False)
+    _, _, _, _, flip = crop_params(32, 16, 16, gen(7))
+    assert flip.any() and (~flip).any()
+    torch.testing.assert_close(plain[~flip], flipped_or_not[~flip], atol=0, rtol=0)
+    torch.testing.assert_close(plain[flip], flipped_or_not[flip].flip(-1), atol=1e-5, rtol=0)

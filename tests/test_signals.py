@@ -123,3 +123,50 @@ def test_first_last_and_small_layers_are_capped_at_the_target():
 def test_caps_too_tight_for_the_target_are_raised_to_it():
     s = fit_to_target(np.array([0.0, 1.0]), [100, 100], 0.9, [0.5, 0.99])
     assert s.sum() * 100 == pytest.approx(180) and s.max() <= 0.99 + 1e-12
+
+
+class _Head(torch.nn.Module):
+    """Class logits from the left and right halves of the image: a mirror swaps them."""
+
+    def forward(self, x):
+        half = x.shape[3] // 2
+        return torch.stack([x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3))], 1)
+
+
+class _Pooled(torch.nn.Module):
+    def forward(self, x):
+        return torch.stack([x.mean((1, 2, 3)), x.amax((1, 2, 3))], 1)
+
+
+class _Columns(torch.nn.Module):
+    """A sequence read along the width, (N, W, C): a mirror reverses it."""
+
+    def forward(self, x):
+        return x.mean(2).permute(0, 2, 1)
+
+
+class _Nhwc(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 3, 1, 2))
+
+
+def test_flip_agreement_tells_mirror_sensitive_outputs_apart():
+    from onnxsparse.methods.signals import OutputSignal, Signals
+    from onnxsparse.methods.unipts.dst import FLIP_AGREEMENT, flip_agreement
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(16, 3, 8, 12, generator=g),) for _ in range(4)]
+    cls = Signals([OutputSignal("y", 0, "class", "test", None, 1)])
+    seq = Signals([OutputSignal("y", 0, "sequence", "test", None, 2)])
+    assert flip_agreement(_Pooled(), cls, batches, "nchw") == 1.0  # invariant
+    # the left/right head changes its mind whenever the halves differ, i.e. on every sample
+    assert flip_agreement(_Head(), cls, batches, "nchw") < 0.05
+    assert flip_agreement(_Columns(), seq, batches, "nchw") == 1.0  # equivariant: compared mirrored
+    nhwc = [(b[0].permute(0, 2, 3, 1),) for b in batches]
+    assert flip_agreement(_Nhwc(_Head()), cls, nhwc, "nhwc") < FLIP_AGREEMENT
+    dense = Signals([])
+    assert flip_agreement(_Pooled(), dense, batches, "nchw") == pytest.approx(1.0)

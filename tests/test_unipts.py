@@ -346,8 +346,10 @@ def test_paper_preset_is_the_official_recipe():
     paper = UniPTSConfig.paper()
     assert (paper.population, paper.generations, paper.parents, paper.crossover, paper.mutation) == (25, 25, 10, 12, 12)
     assert (paper.epochs, paper.lr, paper.temperature, paper.tau0, paper.pruned_decay) == (100.0, 0.01, 4.0, 8.0, 5e-5)
+    assert paper.augment and paper.batchnorm == "train"
     quick = UniPTSConfig()
     assert quick.crossover + quick.mutation < quick.population  # every generation has random children too
+    assert not quick.augment
 
 
 def test_end_to_end_2_4_pattern(tmp_path):

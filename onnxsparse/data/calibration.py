@@ -137,6 +137,7 @@ class CalibrationSet:
         shuffle: bool,
         seed: int,
         augment: bool = False,
+        flip: bool = True,
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         rank: int = 0,
@@ -146,7 +147,8 @@ class CalibrationSet:
         """Batches of torch tensors in ``input_names`` order, on ``device``.
 
         ``shuffle`` permutes the order with ``seed``; augmentation applies when ``augment`` is True,
-        the set allows it (``self.augment``) and the split is "train" (never the holdout). With
+        the set allows it (``self.augment``) and the split is "train" (never the holdout); ``flip`` adds the
+        horizontal flip to the crop (off for models whose outputs a mirrored input changes). With
         ``world_size`` > 1 the (shuffled) order is padded by wrapping around to a multiple of
         ``world_size`` and rank ``rank`` takes every ``world_size``-th sample, so all ranks get the
         same number of batches. ``resident`` (from :meth:`resident`) serves the same batches by indexing
@@ -179,7 +181,7 @@ class CalibrationSet:
                 else:
                     tensor = torch.from_numpy(arrays[name][index]).to(device)
                 if generator is not None:
-                    tensor = augment_batch(tensor, generator, self.layouts[name])
+                    tensor = augment_batch(tensor, generator, self.layouts[name], flip=flip)
                 tensors.append(tensor)
             yield tuple(tensors)
 

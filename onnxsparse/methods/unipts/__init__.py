@@ -38,7 +38,14 @@ from onnxsparse.config import UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.methods.scoring import FixedBatches
-from onnxsparse.methods.unipts.dst import TrainPlan, train, training_batches
+from onnxsparse.methods.unipts.dst import (
+    FLIP_AGREEMENT,
+    FLIP_SAMPLES,
+    TrainPlan,
+    flip_agreement,
+    train,
+    training_batches,
+)
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
@@ -295,7 +302,8 @@ class UniPTS:
         loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature)
         train_bs = min(cfg.batch_size, ctx.calib.n_train)
         augment = bool(cfg.augment and ctx.calib.augment)
-        epoch_batches = training_batches(ctx, train_bs, augment)
+        flip, flip_measured = self._flip(ctx, signals) if augment else (False, None)
+        epoch_batches = training_batches(ctx, train_bs, augment, flip)
 
         before = holdout(ctx.student)
         resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
@@ -311,9 +319,21 @@ class UniPTS:
             "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
             "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
             "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
-            "augment": augment, "batchnorm": cfg.batchnorm, "max_grad_norm": cfg.max_grad_norm, "holdout_before": before.as_dict(), **trained.as_dict(),
+            "augment": augment, "flip": flip, "flip_agreement": flip_measured, "batchnorm": cfg.batchnorm,
+            "max_grad_norm": cfg.max_grad_norm, "holdout_before": before.as_dict(), **trained.as_dict(),
         }
         return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
+
+    @staticmethod
+    def _flip(ctx: PruneContext, signals) -> tuple[bool, float]:
+        """Whether the augmentation flips: only when the teacher's outputs survive a mirrored input."""
+        batches = FixedBatches(ctx, "train", min(FLIP_SAMPLES, ctx.calib.n_train), ctx.config.batch_size)()
+        measured = flip_agreement(ctx.teacher, signals, batches, ctx.calib.layouts[ctx.calib.input_names[0]])
+        flip = bool(ctx.dist.broadcast_object(measured >= FLIP_AGREEMENT))
+        if not flip:
+            _announce(ctx, f"UniPTS augmentation without flips: the dense model agrees with itself on "
+                           f"{measured:.0%} of mirrored calibration samples (flips need {FLIP_AGREEMENT:.0%})")
+        return flip, measured
 
     @staticmethod
     def _plan(ctx: PruneContext, cfg: UniPTSConfig, started: float) -> TrainPlan:
