@@ -366,3 +366,28 @@ def test_end_to_end_2_4_pattern(tmp_path):
     for row in result.layers:
         assert row["zeros"] == (0 if row["name"] in info["dense_layers"] else row["params"] // 2)
     assert result.report["verification"]["export_max_rel_error"] < 1e-3
+
+
+@pytest.mark.slow
+def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
+    from PIL import Image
+
+    from onnxsparse.methods.unipts.dst import FLIP_AGREEMENT
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    seen = {}
+    for augment in (False, True):
+        config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
+        result = prune(path, tmp_path / f"{augment}.onnx", folder, config, progress=False)
+        seen[augment] = result.report["method_info"]["training"]
+    assert seen[False]["augment"] is False and seen[False]["flip"] is False and seen[False]["flip_agreement"] is None
+    on = seen[True]
+    assert on["augment"] is True and 0.0 <= on["flip_agreement"] <= 1.0
+    assert on["flip"] == (on["flip_agreement"] >= FLIP_AGREEMENT)

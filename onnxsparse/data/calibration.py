@@ -559,8 +559,8 @@ def _load_images(
         "skipped": dict(stats.skipped),
     }
     log.info(
-        "calibration data: %d images from %s -> %d train, %d holdout (seed %d), augmentation %s",
-        stats.decoded, folder.root, train, holdout, seed, "on" if preprocess.augment else "off",
+        "calibration data: %d images from %s -> %d train, %d holdout (seed %d)",
+        stats.decoded, folder.root, train, holdout, seed,
     )
     return CalibrationSet(
         train={spec.name: buffer[holdout : holdout + train]},
