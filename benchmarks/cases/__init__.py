@@ -246,13 +246,12 @@ def _write_lines(root: Path, count: int, seed0: int) -> list[tuple[str, str]]:
 REC_PREPROCESS = PreprocessConfig(input_size=(48, 320), scale=1 / 255, channel_order="bgr", mean=(0.5,), std=(0.5,))
 
 
-# The detector's calibration set is small so that one magnitude run (import, calibration, the statistics-correction
-# choice on the holdout, verification) and its evaluation take about a minute on one core: the correction passes
-# cost one torch forward per calibration image per candidate (measured on the detector at 256x256: 44 s of CPU
-# for 64 pages). The recogniser's lines are cheaper; with 64 of them the holdout was 32 lines and the training
-# split 32, too few to choose between starting points (the holdout preferred the start that read 8 fewer test
-# lines exactly), so it gets 256.
-def _recognition(calib: int = 256, test: int = 200) -> Case:
+# Calibration sets of the PP-OCRv4 cases are small so that one magnitude run (import, calibration, the
+# statistics-correction choice on the holdout, verification) and its evaluation take about a minute on one
+# core: the correction passes cost one torch forward per calibration image per candidate (measured on the
+# detector at 256x256: 44 s of CPU for 64 pages). The recogniser with 256 lines instead of 64 spent 197 s per
+# UniPTS fitness candidate (224 training lines through the torch model), 20 minutes before its search.
+def _recognition(calib: int = 64, test: int = 200) -> Case:
     model = wheel_member("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
                          "models/ch_PP-OCRv4_rec_infer.onnx")
 
