@@ -391,3 +391,23 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
     on = seen[True]
     assert on["augment"] is True and 0.0 <= on["flip_agreement"] <= 1.0
     assert on["flip"] == (on["flip_agreement"] >= FLIP_AGREEMENT)
+
+
+def test_fitness_samples_shrink_to_fit_the_budget(tmp_path):
+    """When the candidates scored before the search would overrun the search's share of the time budget, the
+    fitness uses fewer samples (never fewer than MIN_FITNESS_SAMPLES); without a budget it keeps them all."""
+    from onnxsparse.methods.unipts import MIN_FITNESS_SAMPLES
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
+    x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
+    infos = {}
+    for budget in (None, 0.01):
+        unipts = UniPTSConfig(**{**TINY, "fitness_samples": 80, "epochs": 1.0, "time_budget": budget})
+        config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=unipts)
+        infos[budget] = prune(path, tmp_path / f"{budget}.onnx", {"input": x}, config,
+                              progress=False).report["method_info"]["allocation"]
+    assert infos[None]["fitness_samples"] == 80 and "fitness_samples_cut" not in infos[None]
+    assert infos[0.01]["fitness_samples"] == MIN_FITNESS_SAMPLES
+    assert "fitness on 32 samples" in infos[0.01]["fitness_samples_cut"]

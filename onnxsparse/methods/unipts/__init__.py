@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
 SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
+MIN_FITNESS_SAMPLES = 32  # fewer make the fitness a coin toss between close allocations
 
 
 def autocast_for(device: torch.device):
@@ -163,9 +164,11 @@ class UniPTS:
         numels = [layer.numel for layer in layers]
         caps, protected = allocation.layer_caps(ctx.imported.proto, layers, target, cfg.max_layer_sparsity)
         fitness: dict[str, dict] = {}
+        sizing = None
         if nm is None:
             uniform = sparsities_to_zeros(allocation.uniform(layers, target), layers)
-            evaluator.mode = self._fitness_correction(ctx, evaluator, uniform)
+            known, sizing = self._size_fitness(ctx, cfg, evaluator, uniform, started)
+            evaluator.mode = self._fitness_correction(ctx, evaluator, uniform, known=known)
             magnitude = allocation.global_magnitude(ctx.student, layers, target)
             s = fit_to_target(np.array([magnitude[l.name] for l in layers]), numels, target, caps)
             candidates: dict[str, np.ndarray] = {
@@ -193,6 +196,7 @@ class UniPTS:
                                 "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
         n_fitness = sum(b[0].shape[0] for b in evaluator.batches)
         search_info.update({
+            **(sizing or {}),
             "fitness_samples": n_fitness,
             "fitness_measure": "negative mean distance to the dense model per output (KL for class/sequence "
                                "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
@@ -208,14 +212,43 @@ class UniPTS:
         return zeros, pattern_masks, search_info, False
 
     @staticmethod
-    def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, masks=None) -> str:
-        """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation."""
+    def _size_fitness(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, uniform,
+                      started: float) -> tuple[dict[str, float], dict | None]:
+        """Time one candidate (the uniform allocation, no correction); when the candidates scored before the
+        search (each correction mode, then uniform and global magnitude) would take more than the search's share
+        of the budget, score on fewer samples (at least MIN_FITNESS_SAMPLES). Returns the measured score (to
+        reuse) and the report of the cut, if any."""
+        evaluator.mode = "none"
+        score = evaluator(uniform).score
+        if cfg.time_budget is None:
+            return {"none": score}, None
+        count = 2 + (len(correction_modes(ctx.imported.has_batchnorm, ctx.layers)) if ctx.config.correction else 1)
+        share = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
+        projected = count * evaluator.seconds_per_candidate
+        n = evaluator.n_samples
+        if projected <= share or n <= MIN_FITNESS_SAMPLES:
+            return {"none": score}, None
+        keep = max(MIN_FITNESS_SAMPLES, int(n * share / projected))
+        reason = (f"{count} candidates at {evaluator.seconds_per_candidate:.1f} s on {n} samples would exceed "
+                  f"the search's share of --time-budget ({share:.0f} s left): fitness on {keep} samples")
+        _announce(ctx, f"UniPTS {reason}")
+        evaluator.keep_samples(keep)
+        return {}, {"fitness_samples_cut": reason}
+
+    @staticmethod
+    def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, masks=None,
+                            known: dict[str, float] | None = None) -> str:
+        """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation; ``known``:
+        scores already measured, by mode."""
         if not ctx.config.correction:
             return "none"
         best, best_score = "none", -math.inf
         for mode in correction_modes(ctx.imported.has_batchnorm, ctx.layers):
             evaluator.mode = mode
-            score = (evaluator.score_masks(masks) if masks is not None else evaluator(zeros)).score
+            if known and mode in known:
+                score = known[mode]
+            else:
+                score = (evaluator.score_masks(masks) if masks is not None else evaluator(zeros)).score
             if score > best_score:
                 best, best_score = mode, score
         return best

@@ -27,7 +27,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.signals import Signals
 from onnxsparse.methods.unipts.objective import Agreement
-from onnxsparse.methods.scoring import HoldoutScorer
+from onnxsparse.methods.scoring import HoldoutScorer, take_samples
 from onnxsparse.sparsity.correction import apply_correction
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
@@ -201,6 +201,16 @@ class FitnessEvaluator:
 
     def restore(self) -> None:
         load_state(self.student, self.snapshot)
+
+    def keep_samples(self, n: int) -> None:
+        """Score on the first ``n`` fitness samples only (teacher outputs recomputed for them)."""
+        self.batches = take_samples(self.batches, n)
+        self.scorer = HoldoutScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
+        self.evaluations, self.seconds = 0, 0.0
+
+    @property
+    def n_samples(self) -> int:
+        return sum(b[0].shape[0] for b in self.batches)
 
     @torch.no_grad()
     def prune(self, zeros: Sequence[int]) -> dict[str, torch.Tensor]:
