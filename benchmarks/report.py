@@ -72,7 +72,8 @@ def _targets(name: str, case: dict) -> list[str]:
     if others:
         best = max(others, key=others.get)
         gap = u - others[best]
-        verdict = "met" if gap > 0 else f"missed by {_diff(-gap, metric).lstrip('+')}"
+        verdict = "met" if gap > 0 else "missed: level with it" if gap == 0 else \
+            f"missed by {_diff(-gap, metric).lstrip('+')}"
         lines.append(f"- unipts beats every other method at 0.9: {_value(u, metric)} vs best other {best} "
                      f"{_value(others[best], metric)} ({_diff(gap, metric)}): **{verdict}**")
     if name in FASHION:
