@@ -194,10 +194,9 @@ class UniPTS:
         if nm is not None:
             search_info.update({"pattern": ctx.config.pattern,
                                 "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
-        n_fitness = sum(b[0].shape[0] for b in evaluator.batches)
         search_info.update({
             **(sizing or {}),
-            "fitness_samples": n_fitness,
+            "fitness_samples": evaluator.n_samples,
             "fitness_measure": "negative mean distance to the dense model per output (KL for class/sequence "
                                "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
             "correction_mode": evaluator.mode,

@@ -33,7 +33,7 @@ from torch import nn
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import HoldoutScorer
-from onnxsparse.methods.unipts.objective import Distillation
+from onnxsparse.methods.unipts.objective import Distillation, normalised_mse
 from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ def flip_agreement(teacher: nn.Module, signals, batches: Iterable[tuple[torch.Te
     position axis mirrored (a sequence read along the width, a map), whichever is higher; the lowest over the
     outputs. ``layout`` is the input's ("nchw" or "nhwc")."""
     width_axis = 3 if layout == "nchw" else 2
-    sums: dict[tuple[int, bool], float] = {}
-    counts: dict[int, int] = {}
+    totals: dict[int, list[float]] = {}  # per output: summed agreement as is [, mirrored]
+    n = 0
     teacher.eval()
     for batch in batches:
         original = signals.forward(teacher, batch)
@@ -147,13 +147,12 @@ def flip_agreement(teacher: nn.Module, signals, batches: Iterable[tuple[torch.Te
             a, b = a.float(), b.float()
             kind, axis = signals.kind(i), signals.axis(i) % max(a.dim(), 1)
             positions = [d for d in range(1, a.dim()) if kind not in ("class", "sequence") or d != axis]
-            for mirrored in (False, True) if positions else (False,):
-                target = a.flip(positions[-1]) if mirrored else a
-                sums[i, mirrored] = sums.get((i, mirrored), 0.0) + _agreement(target, b, kind, axis) * a.shape[0]
-            counts[i] = counts.get(i, 0) + a.shape[0]
-    if not counts:
-        return 1.0
-    return min(max(v for (j, _), v in sums.items() if j == i) / n for i, n in counts.items())
+            targets = (a, a.flip(positions[-1])) if positions else (a,)
+            sums = totals.setdefault(i, [0.0] * len(targets))
+            for k, target in enumerate(targets):
+                sums[k] += _agreement(target, b, kind, axis) * a.shape[0]
+        n += batch[0].shape[0]
+    return min(max(sums) / n for sums in totals.values()) if totals else 1.0
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor, kind: str, axis: int) -> float:
@@ -161,7 +160,7 @@ def _agreement(a: torch.Tensor, b: torch.Tensor, kind: str, axis: int) -> float:
         return float((a.argmax(axis) == b.argmax(axis)).float().mean())
     if kind == "binary":
         return float(((a > 0) == (b > 0)).float().mean())
-    return max(1.0 - float(((a - b) ** 2).mean() / (a.var(unbiased=False) + 1e-12)), 0.0)
+    return max(1.0 - float(normalised_mse([b], [a])), 0.0)  # R^2 of b against a
 
 
 def _resident_budget(device: torch.device) -> int:
