@@ -265,9 +265,9 @@ class _Builder:
 
     # -- per-op rules --------------------------------------------------------------------------------
     def prunable(self, node: onnx.NodeProto, value: str, weight: TrackedTensor, *, bias: TrackedTensor | None,
-                 bias_inside: bool = True, **placement) -> None:
-        """Record the layer unless it is excluded or unusable; ``placement``: PrunableLayer's module_path,
-        out_axis_weight, out_axis_act and reduction_axes."""
+                 module_path: str, out_axis_weight: int | None, out_axis_act: int, reduction_axes: tuple[int, ...],
+                 bias_inside: bool = True) -> None:
+        """Record the layer unless it is excluded or unusable."""
         original = self.original(node)
         pattern = _matches(self.exclude, original, node.op_type, value)
         if pattern is not None:
@@ -290,7 +290,10 @@ class _Builder:
                 bias=bias,
                 bias_inside=bias_inside,
                 feeds_batchnorm=self.feeds_batchnorm(node),
-                **placement,
+                module_path=module_path,
+                out_axis_weight=out_axis_weight,
+                out_axis_act=out_axis_act,
+                reduction_axes=reduction_axes,
             )
         )
 
