@@ -354,14 +354,14 @@ def load_calibration(
     _validate_args(preprocess, max_samples, holdout_size, seed)
     specs = input_specs(model)
     _check_inputs(specs)
-    split = (preprocess, max_samples, holdout_size, seed)
+    options = (preprocess, max_samples, holdout_size, seed)
     if isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source), specs, model, model_path, split)
+        return _load_path(Path(source), specs, model, model_path, options)
     if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
         collector = FeedCollector(specs)
         collector.add_item(source, "feed")
         kind = "feed dict" if isinstance(source, Mapping) else "array"
-        return _from_collector(collector, specs, {"kind": kind}, *split)
+        return _from_collector(collector, specs, {"kind": kind}, *options)
     if callable(getattr(source, "get_next", None)):
         collector = collect_stream(reader_items(source), specs, "reader", max_samples)
         rewind = getattr(source, "rewind", None)
@@ -370,21 +370,21 @@ def load_calibration(
                 rewind()
             except Exception as exc:  # noqa: BLE001 - a reader's rewind is optional; we hold a copy
                 log.debug("reader rewind failed (%s); its data is cached", exc)
-        return _from_collector(collector, specs, {"kind": "reader", "type": type(source).__name__}, *split)
+        return _from_collector(collector, specs, {"kind": "reader", "type": type(source).__name__}, *options)
     if isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset):
         if hasattr(source, "__len__"):
-            return _load_dataset(source, specs, *split)
+            return _load_dataset(source, specs, *options)
     if isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
         what = "DataLoader" if isinstance(source, torch.utils.data.DataLoader) else type(source).__name__
         collector = collect_stream(iter(source), specs, what, max_samples)
-        return _from_collector(collector, specs, {"kind": "iterable", "type": what}, *split)
+        return _from_collector(collector, specs, {"kind": "iterable", "type": what}, *options)
     raise OnnxSparseError(
         f"unsupported calibration source of type {type(source).__name__}; expected a folder or .npy/.npz path, "
         "a feed dict, a CalibrationDataReader, an iterable of feed dicts, or a torch Dataset/DataLoader"
     )
 
-def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, split: tuple) -> CalibrationSet:
-    """A folder of images or of .npy/.npz files, or one .npy/.npz file; ``split``: (preprocess, max_samples,
+def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, options: tuple) -> CalibrationSet:
+    """A folder of images or of .npy/.npz files, or one .npy/.npz file; ``options``: (preprocess, max_samples,
     holdout_size, seed)."""
     if not path.exists():
         raise OnnxSparseError(f"calibration source {path} does not exist")
@@ -392,11 +392,11 @@ def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, split: tup
         folder = scan_calibration_folder(path)
         folder.check_one_kind("calibration folder", "--calib")
         if folder.images:
-            return _load_images(folder, specs, model, model_path, *split)
+            return _load_images(folder, specs, model, model_path, *options)
         if folder.tensors:
             collector = collect_files(list(folder.tensors), specs, path)
             return _from_collector(
-                collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)}, *split
+                collector, specs, {"kind": "tensor folder", "path": str(path), "files": len(folder.tensors)}, *options
             )
         examples = ", ".join(p.name for p in folder.others[:3])
         raise OnnxSparseError(
@@ -407,7 +407,7 @@ def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, split: tup
         if is_tensor_file(path.name):
             collector = collect_files([path], specs, path)
             return _from_collector(
-                collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)}, *split
+                collector, specs, {"kind": path.suffix.lower().lstrip(".") + " file", "path": str(path)}, *options
             )
         if is_image_file(path.name):
             raise OnnxSparseError(
