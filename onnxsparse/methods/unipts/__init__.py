@@ -46,7 +46,7 @@ from onnxsparse.methods.unipts.dst import (
     train,
     training_batches,
 )
-from onnxsparse.methods.unipts.objective import Distillation, default_gamma
+from onnxsparse.methods.unipts.objective import Agreement, Distillation, default_gamma
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
@@ -168,7 +168,7 @@ class UniPTS:
         if nm is None:
             uniform = sparsities_to_zeros(allocation.uniform(layers, target), layers)
             known, sizing = self._size_fitness(ctx, cfg, evaluator, uniform, started)
-            evaluator.mode = self._fitness_correction(ctx, evaluator, uniform, known=known)
+            evaluator.mode, scored = self._fitness_correction(ctx, evaluator, uniform, known=known)
             magnitude = allocation.global_magnitude(ctx.student, layers, target)
             s = fit_to_target(np.array([magnitude[l.name] for l in layers]), numels, target, caps)
             candidates: dict[str, np.ndarray] = {
@@ -176,12 +176,13 @@ class UniPTS:
                 "global-magnitude": integer_zeros(s, numels, target, caps),
             }
             for name, zeros in candidates.items():
-                agreement = evaluator(zeros)
+                # the uniform allocation was scored under the chosen mode already
+                agreement = scored[evaluator.mode] if name == "uniform" else evaluator(zeros)
                 fitness[name] = {"fitness": agreement.score, **agreement.as_dict()}
         else:  # N:M: the pattern fixes every layer's sparsity; no allocation to search
             candidates = {"pattern": np.array([int((~pattern_masks[l.name]).sum()) for l in layers])}
-            evaluator.mode = self._fitness_correction(ctx, evaluator, None, pattern_masks)
-            agreement = evaluator.score_masks(pattern_masks)
+            evaluator.mode, scored = self._fitness_correction(ctx, evaluator, None, pattern_masks)
+            agreement = scored[evaluator.mode]
             fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
         search_info: dict = {"ran": False}
         if nm is None and cfg.search and len(layers) > 1:
@@ -212,21 +213,21 @@ class UniPTS:
 
     @staticmethod
     def _size_fitness(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, uniform,
-                      started: float) -> tuple[dict[str, float], dict | None]:
+                      started: float) -> tuple[dict[str, Agreement], dict | None]:
         """Time one candidate (the uniform allocation, no correction); when the candidates scored before the
-        search (each correction mode, then uniform and global magnitude) would take more than the search's share
-        of the budget, score on fewer samples (at least MIN_FITNESS_SAMPLES). Returns the measured score (to
-        reuse) and the report of the cut, if any."""
+        search (each correction mode, then global magnitude) would take more than the search's share of the
+        budget, score on fewer samples (at least MIN_FITNESS_SAMPLES). Returns the measured agreement by mode
+        (empty after a cut: it was on the other samples) and the report of the cut, if any."""
         evaluator.mode = "none"
-        score = evaluator(uniform).score
+        measured = {"none": evaluator(uniform)}
         if cfg.time_budget is None:
-            return {"none": score}, None
-        count = 2 + (len(correction_modes(ctx.imported.has_batchnorm, ctx.layers)) if ctx.config.correction else 1)
+            return measured, None
+        count = 1 + (len(correction_modes(ctx.imported.has_batchnorm, ctx.layers)) if ctx.config.correction else 1)
         share = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
         projected = count * evaluator.seconds_per_candidate
         n = evaluator.n_samples
         if projected <= share or n <= MIN_FITNESS_SAMPLES:
-            return {"none": score}, None
+            return measured, None
         keep = max(MIN_FITNESS_SAMPLES, int(n * share / projected))
         reason = (f"{count} candidates at {evaluator.seconds_per_candidate:.1f} s on {n} samples would exceed "
                   f"the search's share of --time-budget ({share:.0f} s left): fitness on {keep} samples")
@@ -236,21 +237,17 @@ class UniPTS:
 
     @staticmethod
     def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, masks=None,
-                            known: dict[str, float] | None = None) -> str:
-        """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation; ``known``:
-        scores already measured, by mode."""
-        if not ctx.config.correction:
-            return "none"
-        best, best_score = "none", -math.inf
-        for mode in correction_modes(ctx.imported.has_batchnorm, ctx.layers):
-            evaluator.mode = mode
-            if known and mode in known:
-                score = known[mode]
-            else:
-                score = (evaluator.score_masks(masks) if masks is not None else evaluator(zeros)).score
-            if score > best_score:
-                best, best_score = mode, score
-        return best
+                            known: dict[str, Agreement] | None = None) -> tuple[str, dict[str, Agreement]]:
+        """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation, and that
+        allocation's agreement under every mode scored; ``known``: agreements already measured, by mode."""
+        scored = dict(known or {})
+        modes = correction_modes(ctx.imported.has_batchnorm, ctx.layers) if ctx.config.correction else ("none",)
+        for mode in modes:
+            if mode not in scored:
+                evaluator.mode = mode
+                scored[mode] = evaluator.score_masks(masks) if masks is not None else evaluator(zeros)
+        best = max(modes, key=lambda mode: scored[mode].score)  # ties: the earlier, cheaper mode
+        return best, scored
 
     @staticmethod
     def _search(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, numels, caps, started):
