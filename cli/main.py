@@ -101,6 +101,9 @@ def main() -> None:
 @click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
 @click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (keeps the fitter of the uniform and global-magnitude allocations).")
 @click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.05; 0.01 with --recipe paper).")
+@click.option("--feature-weight", type=float, default=None,
+              help="UniPTS: weight of the layer-output distillation term beside the outputs' (default 1; 0 with "
+                   "--recipe paper, and 0 turns it off).")
 @click.option("--time-budget", type=float, default=None,
               help="UniPTS: seconds for search + training; the recipe shrinks to fit (quick recipe: 480; "
                    "0: no cap, the recipe's full search and epochs).")
@@ -142,7 +145,7 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
 def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, exclude,
                   no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations,
                   population, no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance,
-                  min_agreement, checkpoint_every, augment):
+                  min_agreement, checkpoint_every, augment, feature_weight):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -150,6 +153,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
     overrides = {k: v for k, v in {
         "epochs": epochs, "iterations": iterations, "generations": search_generations, "population": population,
         "lr": lr, "time_budget": time_budget, "batch_size": batch_size, "augment": augment,
+        "feature_weight": feature_weight,
     }.items() if v is not None}
     if time_budget == 0:
         overrides["time_budget"] = None

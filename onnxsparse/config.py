@@ -66,6 +66,9 @@ class UniPTSConfig:
     # student's T = 1 softmax toward the teacher's T = 4 one, which collapses label-smoothed teachers' logits
     temperature: float = 1.0
     pruned_decay: float = 5e-5  # lambda of the straight-through gradient
+    # weight of the layer-output term (normalised MSE of every prunable layer's output against the teacher's)
+    # beside the output distillation; 0: outputs only, as in the paper
+    feature_weight: float = 1.0
     # seconds for search + training; the recipe scales itself down to fit (None: no cap). 480 s keeps a
     # PP-LCNet-size model (224x224, 1.7 M prunable weights) under 10 minutes end to end on a 2-core CPU, at the
     # price of fewer search generations and training epochs than the recipe names (see benchmarks/RESULTS.md)
@@ -103,6 +106,7 @@ class UniPTSConfig:
             _number(self.gamma, "--gamma", 0, 1, lo_open=True)
         _number(self.temperature, "--temperature", 0, 1e3, lo_open=True)
         _number(self.pruned_decay, "--pruned-decay", 0, 1)
+        _number(self.feature_weight, "--feature-weight", 0, 1e3)
         if self.time_budget is not None:
             _number(self.time_budget, "--time-budget", 0, 1e7, lo_open=True)
         if self.max_grad_norm is not None:
@@ -115,7 +119,7 @@ class UniPTSConfig:
         """The official recipe: 25 x 25 search, 10 parents, 12 + 12 children, 100 epochs, lr 0.01, T = 4."""
         base = dict(population=25, generations=25, parents=10, crossover=12, mutation=12, epochs=100.0,
                     fitness_samples=10_240, lr=0.01, temperature=4.0, time_budget=None, batchnorm="train", max_grad_norm=None,
-                    augment=True)
+                    augment=True, feature_weight=0.0)
         base.update(overrides)
         return cls(**base)
 

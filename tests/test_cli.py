@@ -148,10 +148,13 @@ def test_skipped_weights_are_listed(tmp_path):
     assert [row["name"] for row in data["layers"]] == ["fc.w"] and data["layers"][0]["zeros"] == 3
 
 
-@pytest.mark.parametrize("args, recipe, expected", [
-    ([], "quick", False), (["--augment"], "quick", True), ([], "paper", True), (["--no-augment"], "paper", False),
+@pytest.mark.parametrize("args, recipe, field, expected", [
+    ([], "quick", "augment", False), (["--augment"], "quick", "augment", True), ([], "paper", "augment", True),
+    (["--no-augment"], "paper", "augment", False), ([], "quick", "feature_weight", 1.0),
+    ([], "paper", "feature_weight", 0.0), (["--feature-weight", "0"], "quick", "feature_weight", 0.0),
+    (["--feature-weight", "2.5"], "paper", "feature_weight", 2.5),
 ])
-def test_augment_option_reaches_the_config(workspace, monkeypatch, args, recipe, expected):
+def test_recipe_options_reach_the_config(workspace, monkeypatch, args, recipe, field, expected):
     tmp_path, model, calib = workspace
     seen = {}
 
@@ -163,4 +166,12 @@ def test_augment_option_reaches_the_config(workspace, monkeypatch, args, recipe,
     result = _run("prune", model, "--sparsity", "0.5", "--calib", calib, "-o", tmp_path / "o.onnx",
                   "--recipe", recipe, *args)
     assert result.exit_code == 0, result.output
-    assert seen["config"].unipts.augment is expected
+    assert getattr(seen["config"].unipts, field) == expected
+
+
+def test_negative_feature_weight_is_a_user_error(workspace):
+    tmp_path, model, calib = workspace
+    result = _run("prune", model, "--sparsity", "0.5", "--calib", calib, "-o", tmp_path / "o.onnx",
+                  "--feature-weight", "-1")
+    assert result.exit_code != 0 and "--feature-weight must be in [0, 1000], got -1" in result.output
+    assert "Traceback" not in result.output

@@ -197,6 +197,73 @@ def test_base_decayed_kl_equals_direct_computation():
     assert math.isclose(default_gamma(100), 0.99) and math.isclose(default_gamma(10) ** 10, 0.99 ** 100)
 
 
+def test_feature_term_adds_the_layer_outputs_distance():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+    student = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 4))
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        student[0].weight[:, :3] = 0.0  # the first layer's output moves, and so does the last one's
+    batch = (torch.randn(16, 6),)
+    plain = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0)
+    both = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5, feature_paths=["0", "2"])
+    outputs = plain.forward(student, student, teacher, batch, 0)
+    with torch.no_grad():
+        h_s, h_t = student[0](batch[0]), teacher[0](batch[0])
+        z_s, z_t = student(batch[0]), teacher(batch[0])
+    layer_term = (normalised_mse([h_s], [h_t]) + normalised_mse([z_s], [z_t])) / 2
+    torch.testing.assert_close(outputs, plain([z_s], [z_t], 0))
+    torch.testing.assert_close(both.forward(student, student, teacher, batch, 0), outputs + 0.5 * layer_term)
+    # the hooks are gone afterwards, and a zero weight taps nothing
+    assert not student[0]._forward_hooks and not teacher[0]._forward_hooks  # noqa: SLF001
+    assert Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_paths=["0"]).feature_paths == ()
+    # the layer term alone (its path only) sends a gradient to the first layer
+    student.zero_grad()
+    Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=1.0,
+                 feature_paths=["0"]).forward(student, student, teacher, batch, 0).backward()
+    assert student[0].weight.grad.abs().sum() > 0
+
+
+def test_per_sample_distances_average_to_the_score_and_pair_up():
+    from onnxsparse.methods.signals import OutputSignal, Signals
+    from onnxsparse.methods.unipts.objective import PairedComparison, paired_improvement
+
+    g = torch.Generator().manual_seed(0)
+    signals = Signals([OutputSignal("seq", 0, "sequence", "", axis=2), OutputSignal("map", 1, "dense", ""),
+                       OutputSignal("gate", 2, "binary", "")])
+    teacher = [[torch.randn(4, 6, 5, generator=g), torch.randn(4, 2, 3, generator=g), torch.randn(4, 3, generator=g)]
+               for _ in range(3)]
+    noisy = [[t + 0.3 * torch.randn(t.shape, generator=g) for t in batch] for batch in teacher]
+    measured = Agreement(signals)
+    for s, t in zip(noisy, teacher):
+        measured.add(s, t)
+    per_sample = measured.per_sample()
+    assert per_sample.shape == (12,) and float(per_sample.mean()) == pytest.approx(-measured.score)
+    # closer on every sample: a clear improvement; closer on one sample alone: within the noise
+    closer = Agreement(signals)
+    for s, t in zip(noisy, teacher):
+        closer.add([t + 0.5 * (x - t) for x, t in zip(s, t)], t)
+    paired = paired_improvement(closer, measured)
+    assert (paired.closer, paired.farther) == (12, 0) and paired.sign_p() == pytest.approx(0.5 ** 12)
+    assert paired.gain > 1.645 * paired.standard_error and paired.better(1.645, 0.05)
+    one_better = Agreement(signals)
+    for i, (s, t) in enumerate(zip(noisy, teacher)):
+        s = [x.clone() for x in s]
+        if i == 0:
+            s = [torch.where(torch.arange(4).view(-1, *[1] * (x.dim() - 1)) == 0, y, x) for x, y in zip(s, t)]
+        one_better.add(s, t)
+    paired = paired_improvement(one_better, measured)
+    assert paired.gain > 0 and paired.gain < 1.645 * paired.standard_error and (paired.closer, paired.farther) == (1, 0)
+    assert not paired.better(1.645, 0.05)
+    same = paired_improvement(measured, measured)
+    assert (same.gain, same.closer, same.farther, same.sign_p()) == (0.0, 0, 0, 1.0) and not same.better(1.645, 0.05)
+    # a mean carried by one sample's large distance, against a candidate closer on most samples: the sign test
+    # keeps what the standard error alone would not; a candidate farther on average is never better
+    heavy = PairedComparison(gain=0.1, standard_error=0.15, closer=40, farther=12)
+    assert heavy.sign_p() < 0.05 and heavy.better(1.645, 0.05)
+    assert not PairedComparison(gain=-0.01, standard_error=0.001, closer=40, farther=12).better(1.645, 0.05)
+
+
 def test_fallback_objective_for_non_logits():
     assert raw_output_kind(torch.zeros(2, 10)) == "class"
     assert raw_output_kind(torch.zeros(2, 1)) == "dense"
@@ -364,7 +431,10 @@ def test_end_to_end_2_4_pattern(tmp_path):
     assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
     assert len(info["dense_layers"]) == 1  # the stem conv has one input channel
     for row in result.layers:
-        assert row["zeros"] == (0 if row["name"] in info["dense_layers"] else row["params"] // 2)
+        if row["name"] in info["dense_layers"]:
+            assert row["zeros"] == 0
+        else:  # half allotted; a reconstructed start may zero a kept weight too (an input that is always 0)
+            assert row["target_zeros"] == row["params"] // 2 <= row["zeros"] and row["nm"] == "2:4"
     assert result.report["verification"]["export_max_rel_error"] < 1e-3
 
 

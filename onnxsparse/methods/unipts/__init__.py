@@ -12,10 +12,13 @@ Phases (``MethodResult.info`` reports each):
    (:func:`onnxsparse.methods.reconstruct.reconstruct_all`); the better one is trained;
 3. training: dynamic sparse training with the per-output objective (:mod:`.dst`, :mod:`.objective`), on the
    signal each output describes (:mod:`onnxsparse.methods.signals`: logits behind a Softmax, per position for
-   sequences, ...);
+   sequences, ...), plus the distance of every prunable layer's output to the teacher's (``feature_weight``;
+   the paper distils the outputs alone);
 4. finish: masks baked (exactly the allotted zeros per layer), the statistics correction chosen again on the
    holdout ("none" included), and the trained model kept only if it agrees with the dense model on the holdout
-   at least as well as the starting point: UniPTS never ends below its own start.
+   better than the starting point by a margin the holdout can resolve (``KEEP_TRAINED_Z`` standard errors of
+   the paired per-sample difference, or a sign test at ``KEEP_TRAINED_P``): UniPTS never ends below its own
+   start on the holdout.
 
 The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by default): the search takes at most
 ``SEARCH_SHARE`` of it, training shortens itself to what is left.
@@ -46,7 +49,7 @@ from onnxsparse.methods.unipts.dst import (
     train,
     training_batches,
 )
-from onnxsparse.methods.unipts.objective import Agreement, Distillation, default_gamma
+from onnxsparse.methods.unipts.objective import Agreement, Distillation, default_gamma, paired_improvement
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
@@ -67,6 +70,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
 SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
 MIN_FITNESS_SAMPLES = 32  # fewer make the fitness a coin toss between close allocations
+KEEP_TRAINED_Z = 1.645  # one-sided 95%: the trained model must beat its start by this many standard errors ...
+KEEP_TRAINED_P = 0.05  # ... or on more holdout samples than chance explains at this level (sign test)
 
 
 def autocast_for(device: torch.device):
@@ -328,7 +333,9 @@ class UniPTS:
         holdout = ctx.holdout_scorer()
         plan = self._plan(ctx, cfg, started)
         gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))
-        loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature)
+        loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature,
+                               feature_weight=cfg.feature_weight,
+                               feature_paths=[layer.module_path for layer in ctx.layers])
         train_bs = min(cfg.batch_size, ctx.calib.n_train)
         augment = bool(cfg.augment and ctx.calib.augment)
         flip, flip_measured = self._flip(ctx, signals) if augment else (False, None)
@@ -345,7 +352,8 @@ class UniPTS:
                             dist=ctx.dist)
         report = {
             "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": gamma,
-            "temperature": cfg.temperature, "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
+            "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
+            "feature_layers": len(loss_fn.feature_paths), "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
             "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
             "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
             "augment": augment, "flip": flip, "flip_agreement": flip_measured, "batchnorm": cfg.batchnorm,
@@ -380,23 +388,30 @@ class UniPTS:
     @staticmethod
     def _finish(ctx: PruneContext, start_state: dict[str, torch.Tensor], start_report: dict) -> tuple[dict, str]:
         """Statistics correction of the trained model chosen on the holdout, then the trained model against the
-        starting point: the one that agrees better with the dense model is kept."""
+        starting point: the trained one is kept only if the holdout resolves it as closer to the dense model
+        (:meth:`PairedComparison.better`: a holdout of a few dozen samples cannot tell a small gain from noise,
+        and the start is the safer of two indistinguishable models)."""
         holdout = ctx.holdout_scorer()
         choice = ctx.correct()
         trained = holdout(ctx.student)
         start = start_report["candidates"][start_report["chosen"]]
-        start_score = -math.inf
+        decision: dict = {"rule": f"trained kept if closer on average by more than {KEEP_TRAINED_Z} standard "
+                                  f"errors, or closer on average and on more samples (sign test p < {KEEP_TRAINED_P})"}
+        kept = "trained"
         if start_state is not None:
             trained_state = copy_state(ctx.student)
             load_state(ctx.student, start_state)
-            start_score = holdout(ctx.student).score
-            if trained.score >= start_score:
+            paired = paired_improvement(trained, holdout(ctx.student))
+            decision.update(paired.as_dict())
+            if paired.better(KEEP_TRAINED_Z, KEEP_TRAINED_P) and math.isfinite(trained.score):
                 load_state(ctx.student, trained_state)
-        kept = "trained" if trained.score >= start_score else "start"
-        if kept == "start":
-            _announce(ctx, f"UniPTS: training did not improve on its start on the holdout "
-                           f"({trained.score:.4g} < {start_score:.4g}); the start ({start_report['chosen']}) is kept")
-        return {**choice.as_dict(), "trained": trained.as_dict(), "start": start}, kept
+            else:
+                kept = "start"
+                _announce(ctx, f"UniPTS: the holdout does not resolve the trained model as closer to the dense one "
+                               f"than its start (mean per-sample gain {paired.gain:.4g}, standard error "
+                               f"{paired.standard_error:.3g}; closer on {paired.closer}, farther on "
+                               f"{paired.farther} samples); the start ({start_report['chosen']}) is kept")
+        return {**choice.as_dict(), "trained": trained.as_dict(), "start": start, "kept_by": decision}, kept
 
     @staticmethod
     def _check_finite(ctx: PruneContext) -> None:

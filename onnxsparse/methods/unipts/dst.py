@@ -323,9 +323,7 @@ def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, lay
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total, plan.warmup, base_lr)
         with autocast():
-            with torch.no_grad():
-                t_out = loss_fn.signals.forward(teacher, batch)
-            loss = loss_fn(loss_fn.signals.forward(model, batch), t_out, epoch)
+            loss = loss_fn.forward(model, student, teacher, batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm is not None:

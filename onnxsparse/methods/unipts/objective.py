@@ -14,12 +14,17 @@ behind a trailing Softmax, not the probabilities). Per kind:
 * ``dense``: the normalised MSE ``mean((s - t)^2) / (var(t) + eps)``, so each output weighs the same whatever
   its scale.
 
-Several outputs: the mean of their terms (all are distilled).
+Several outputs: the mean of their terms (all are distilled). With ``feature_weight`` > 0 the loss adds that
+weight times the normalised MSE of every prunable layer's output against the teacher's (averaged over the
+layers): a signal per layer, which the outputs alone give only through the whole network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from onnxsparse.methods.signals import Signals
 
@@ -82,14 +87,53 @@ def normalised_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tens
     return torch.stack(terms).mean()
 
 
-class Distillation:
-    """The loss for one model: a term per output by its kind (see the module docstring), averaged."""
+@contextlib.contextmanager
+def layer_outputs(module: torch.nn.Module, paths: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """The outputs of ``module``'s submodules at ``paths`` during the forwards run inside the block."""
+    store: dict[str, torch.Tensor] = {}
 
-    def __init__(self, signals: Signals | bool, *, tau0: float, gamma: float, temperature: float):
+    def hook_for(path: str):
+        def hook(_module, _inp, out):
+            store[path] = out
+
+        return hook
+
+    handles = [module.get_submodule(path).register_forward_hook(hook_for(path)) for path in dict.fromkeys(paths)]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Distillation:
+    """The loss for one model: a term per output by its kind (see the module docstring), averaged, plus
+    ``feature_weight`` times the layer-output term over the modules at ``feature_paths``."""
+
+    def __init__(self, signals: Signals | bool, *, tau0: float, gamma: float, temperature: float,
+                 feature_weight: float = 0.0, feature_paths: Sequence[str] = ()):
         self.signals = Signals.of(signals)
         self.tau0 = tau0
         self.gamma = gamma
         self.temperature = temperature
+        self.feature_weight = float(feature_weight)
+        self.feature_paths = tuple(dict.fromkeys(feature_paths)) if feature_weight > 0 else ()
+
+    def forward(self, model: torch.nn.Module, student: torch.nn.Module, teacher: torch.nn.Module,
+                batch: tuple[torch.Tensor, ...], epoch: float) -> torch.Tensor:
+        """The loss of one batch: the teacher's forward without gradients, the student's through ``model``
+        (``student`` itself, or its DistributedDataParallel wrapper) with them."""
+        with torch.no_grad(), layer_outputs(teacher, self.feature_paths) as t_feats:
+            t_out = self.signals.forward(teacher, batch)
+        with layer_outputs(student, self.feature_paths) as s_feats:
+            s_out = self.signals.forward(model, batch)
+        loss = self(s_out, t_out, epoch)
+        if self.feature_paths:
+            paths = [p for p in self.feature_paths if p in s_feats and p in t_feats]
+            if paths:
+                loss = loss + self.feature_weight * normalised_mse([s_feats[p] for p in paths],
+                                                                   [t_feats[p] for p in paths])
+        return loss
 
     @property
     def logits(self) -> bool:
@@ -98,10 +142,15 @@ class Distillation:
     @property
     def name(self) -> str:
         if not self.signals:
-            return MSE_NAME
-        if len(self.signals) == 1:
-            return KL_NAME if self.signals.kind(0) == "class" else LOSS_NAMES[self.signals.kind(0)]
-        return "; ".join(f"{s.output or i}: {LOSS_NAMES[s.kind]}" for i, s in enumerate(self.signals))
+            name = MSE_NAME
+        elif len(self.signals) == 1:
+            name = KL_NAME if self.signals.kind(0) == "class" else LOSS_NAMES[self.signals.kind(0)]
+        else:
+            name = "; ".join(f"{s.output or i}: {LOSS_NAMES[s.kind]}" for i, s in enumerate(self.signals))
+        if self.feature_paths:
+            name += (f"; + {self.feature_weight:g} x normalised MSE of {len(self.feature_paths)} layer outputs "
+                     "(mean over layers)")
+        return name
 
     def tau(self, epoch: float) -> float:
         return tau_at(epoch, self.tau0, self.gamma)
@@ -133,27 +182,46 @@ class _Term:
         self.agree = 0
         self.sse = self.st = self.s1 = 0.0
         self.count = 0
+        # per sample: its mean KL over positions (class / sequence / binary), its squared error (dense)
+        self.samples: list[torch.Tensor] = []
 
     def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
         s, t = s.float(), t.float()
+        n = max(t.shape[0], 1) if t.dim() else 1
         if self.kind in ("class", "sequence"):
             s2, t2 = _classes_last(s, self.axis if self.kind == "sequence" else 1), \
                 _classes_last(t, self.axis if self.kind == "sequence" else 1)
             log_s, log_t = F.log_softmax(s2, 1), F.log_softmax(t2, 1)
-            self.divergence += float((log_t.exp() * (log_t - log_s)).sum())
+            rows = (log_t.exp() * (log_t - log_s)).sum(1)  # batch-major: the batch axis is never the class axis
+            self.divergence += float(rows.sum())
+            self.samples.append(rows.double().reshape(n, -1).mean(1).cpu())
             self.agree += int((s2.argmax(1) == t2.argmax(1)).sum())
             self.positions += s2.shape[0]
             return
         if self.kind == "binary":
-            self.divergence += float(bernoulli_kl(s, t)) * t.numel()
+            q = torch.sigmoid(t)
+            elements = (F.binary_cross_entropy_with_logits(s, q, reduction="none")
+                        - F.binary_cross_entropy_with_logits(t, q, reduction="none"))
+            self.divergence += float(elements.sum())
+            self.samples.append(elements.double().reshape(n, -1).mean(1).cpu())
             self.agree += int(((s > 0) == (t > 0)).sum())
             self.positions += t.numel()
             return
         s, t = s.double(), t.double()
-        self.sse += float(((s - t) ** 2).sum())
+        errors = (s - t) ** 2
+        self.sse += float(errors.sum())
+        self.samples.append(errors.reshape(n, -1).sum(1).cpu())
         self.st += float((t ** 2).sum())
         self.s1 += float(t.sum())
         self.count += t.numel()
+
+    def per_sample(self) -> torch.Tensor:
+        """Each sample's share of :attr:`distance`: their mean is the distance."""
+        values = torch.cat(self.samples) if self.samples else torch.zeros(0, dtype=torch.float64)
+        if self.kind != "dense":
+            return values
+        var = self.st - self.s1 * self.s1 / max(self.count, 1)
+        return values * values.numel() / max(var, _EPS)
 
     @property
     def kl(self) -> float | None:
@@ -226,6 +294,10 @@ class Agreement:
         value = -sum(t.distance for t in self.terms) / len(self.terms)
         return value if value == value else float("-inf")  # NaN -> worst
 
+    def per_sample(self) -> torch.Tensor:
+        """Each sample's distance to the teacher (mean over the outputs): their mean is ``-score``."""
+        return torch.stack([t.per_sample() for t in self.terms]).mean(0) if self.terms else torch.zeros(0)
+
     def as_dict(self) -> dict:
         out: dict = {}
         if self.mean_kl is not None:
@@ -238,3 +310,37 @@ class Agreement:
             out["nmse"] = self.nmse
         out["samples"] = self.n
         return out
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A candidate against a baseline on the same samples, from their per-sample distances to the teacher."""
+
+    gain: float  # mean of (baseline - candidate): > 0 when the candidate is closer on average
+    standard_error: float  # of that mean (0 for a single sample)
+    closer: int  # samples on which the candidate is closer
+    farther: int  # ... and farther (ties count for neither)
+
+    def sign_p(self) -> float:
+        """One-sided sign-test p-value of "closer on more samples than chance" (1.0 with no untied sample)."""
+        n = self.closer + self.farther
+        return sum(math.comb(n, k) for k in range(self.closer, n + 1)) / 2.0 ** n if n else 1.0
+
+    def better(self, z: float, alpha: float) -> bool:
+        """Closer on average, and resolvably so: the mean gain beyond ``z`` standard errors, or closer on more
+        samples than chance explains (sign test at ``alpha``; a mean carried by a few samples of large distance
+        has a large standard error while the samples themselves say which model is closer)."""
+        return self.gain > 0 and (self.gain > z * self.standard_error or self.sign_p() < alpha)
+
+    def as_dict(self) -> dict:
+        return {"improvement": self.gain, "standard_error": self.standard_error, "closer_samples": self.closer,
+                "farther_samples": self.farther, "sign_p": self.sign_p()}
+
+
+def paired_improvement(candidate: Agreement, baseline: Agreement) -> PairedComparison:
+    """How much closer to the teacher ``candidate`` is than ``baseline`` on the same samples."""
+    diff = baseline.per_sample() - candidate.per_sample()
+    if diff.numel() == 0:
+        return PairedComparison(0.0, 0.0, 0, 0)
+    se = float(diff.std(unbiased=True) / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
+    return PairedComparison(float(diff.mean()), se, int((diff > 0).sum()), int((diff < 0).sum()))
