@@ -244,8 +244,8 @@ def test_per_sample_distances_average_to_the_score_and_pair_up():
     for s, t in zip(noisy, teacher):
         closer.add([t + 0.5 * (x - t) for x, t in zip(s, t)], t)
     paired = paired_improvement(closer, measured)
-    assert (paired.closer, paired.farther) == (12, 0) and paired.sign_p() == pytest.approx(0.5 ** 12)
-    assert paired.gain > 1.645 * paired.standard_error and paired.better(1.645, 0.05)
+    assert (paired.closer, paired.farther) == (12, 0) and paired.baseline == pytest.approx(-measured.score)
+    assert paired.gain > 1.645 * paired.standard_error and paired.better(1.645, 10.0)
     one_better = Agreement(signals)
     for i, (s, t) in enumerate(zip(noisy, teacher)):
         s = [x.clone() for x in s]
@@ -253,15 +253,13 @@ def test_per_sample_distances_average_to_the_score_and_pair_up():
             s = [torch.where(torch.arange(4).view(-1, *[1] * (x.dim() - 1)) == 0, y, x) for x, y in zip(s, t)]
         one_better.add(s, t)
     paired = paired_improvement(one_better, measured)
-    assert paired.gain > 0 and paired.gain < 1.645 * paired.standard_error and (paired.closer, paired.farther) == (1, 0)
-    assert not paired.better(1.645, 0.05)
+    assert 0 < paired.gain < 1.645 * paired.standard_error and (paired.closer, paired.farther) == (1, 0)
+    assert paired.relative_gain == pytest.approx(paired.gain / paired.baseline)
+    assert not paired.better(1.645, 0.5) and paired.better(1.645, paired.relative_gain * 0.9)
     same = paired_improvement(measured, measured)
-    assert (same.gain, same.closer, same.farther, same.sign_p()) == (0.0, 0, 0, 1.0) and not same.better(1.645, 0.05)
-    # a mean carried by one sample's large distance, against a candidate closer on most samples: the sign test
-    # keeps what the standard error alone would not; a candidate farther on average is never better
-    heavy = PairedComparison(gain=0.1, standard_error=0.15, closer=40, farther=12)
-    assert heavy.sign_p() < 0.05 and heavy.better(1.645, 0.05)
-    assert not PairedComparison(gain=-0.01, standard_error=0.001, closer=40, farther=12).better(1.645, 0.05)
+    assert (same.gain, same.closer, same.farther) == (0.0, 0, 0) and not same.better(1.645, 0.0)
+    # farther on average is never better, whatever the margins
+    assert not PairedComparison(gain=-0.01, standard_error=0.001, baseline=0.5, closer=40, farther=12).better(0.0, 0.0)
 
 
 def test_fallback_objective_for_non_logits():
