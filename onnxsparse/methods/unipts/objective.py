@@ -324,7 +324,7 @@ class PairedComparison:
 
     @property
     def relative_gain(self) -> float:
-        return self.gain / self.baseline if self.baseline > 0 else (math.inf if self.gain > 0 else 0.0)
+        return self.gain / self.baseline if self.baseline > 0 else 0.0  # a baseline at distance 0 cannot be beaten
 
     def better(self, z: float, margin: float) -> bool:
         """Closer on average by more than ``z`` standard errors, or by more than ``margin`` of the baseline's
