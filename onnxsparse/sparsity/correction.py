@@ -94,7 +94,7 @@ def reestimate_batchnorm(module: nn.Module, batches: Iterable[tuple[torch.Tensor
     return len(bns), seen
 
 @contextlib.contextmanager
-def _hooks(module: nn.Module, hooks: dict[str, object], *, pre: bool = False):
+def submodule_hooks(module: nn.Module, hooks: dict[str, object], *, pre: bool = False):
     """Forward (or forward pre-) hooks on ``module``'s submodules by path, removed on exit."""
     register = "register_forward_pre_hook" if pre else "register_forward_hook"
     handles = [getattr(module.get_submodule(path), register)(hook) for path, hook in hooks.items()]
@@ -157,7 +157,7 @@ def fit_channel_affine(
 
         return hook
 
-    with _hooks(teacher, {layer.module_path: teacher_hook(layer) for layer in targets}):
+    with submodule_hooks(teacher, {layer.module_path: teacher_hook(layer) for layer in targets}):
         teacher(*inputs)
 
     fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -184,7 +184,7 @@ def fit_channel_affine(
     was_training = student.training
     student.eval()
     try:
-        with _hooks(student, {layer.module_path: student_hook(layer) for layer in targets}):
+        with submodule_hooks(student, {layer.module_path: student_hook(layer) for layer in targets}):
             student(*inputs)
     finally:
         student.train(was_training)
@@ -233,7 +233,7 @@ def channel_affine_applied(student: nn.Module, layers: list[PrunableLayer], fitt
 
         return hook
 
-    with _hooks(student, {layer.module_path: hook_for(layer) for layer in layers if layer.name in fitted}):
+    with submodule_hooks(student, {layer.module_path: hook_for(layer) for layer in layers if layer.name in fitted}):
         yield
 
 
@@ -259,7 +259,7 @@ def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[tor
 
         return hook
 
-    with _hooks(teacher, {n: teacher_hook(n) for n in names}, pre=True):
+    with submodule_hooks(teacher, {n: teacher_hook(n) for n in names}, pre=True):
         teacher(*inputs)
 
     def student_hook(name):
@@ -281,7 +281,7 @@ def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[tor
     was_training = student.training
     student.eval()
     try:
-        with _hooks(student, {n: student_hook(n) for n in names}, pre=True):
+        with submodule_hooks(student, {n: student_hook(n) for n in names}, pre=True):
             student(*inputs)
     finally:
         student.train(was_training)

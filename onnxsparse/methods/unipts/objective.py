@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from onnxsparse.methods.signals import Signals
+from onnxsparse.sparsity.correction import submodule_hooks
 
 import torch
 import torch.nn.functional as F
@@ -98,12 +99,8 @@ def layer_outputs(module: torch.nn.Module, paths: Sequence[str]) -> Iterator[dic
 
         return hook
 
-    handles = [module.get_submodule(path).register_forward_hook(hook_for(path)) for path in dict.fromkeys(paths)]
-    try:
+    with submodule_hooks(module, {path: hook_for(path) for path in paths}):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class Distillation:
