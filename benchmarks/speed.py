@@ -80,7 +80,8 @@ def prune_variants(model: Path, calib: str, variants: list[str], workdir: Path, 
         for fmt in ("dense", "sparse-initializer"):
             path = workdir / f"magnitude_{tag}_{fmt}.onnx"
             result = prune(model, path, calib, PruneConfig(sparsity=sparsity, method="magnitude", pattern=pattern,
-                                                           save_format=fmt, seed=seed), force=True, progress=False)
+                                                           save_format=fmt, seed=seed, min_agreement=0.0),
+                           force=True, progress=False)  # timing only: magnitude at 0.9 fails the default gate
             paths[fmt] = path
         label = f"magnitude {spec}" + (" unstructured" if pattern == "unstructured" else "")
         out.append(Variant(label, paths["dense"], paths["sparse-initializer"], result.achieved_sparsity))

@@ -397,3 +397,30 @@ def test_speed_benchmark_runs_and_skips_cuda_cleanly(tiny, tmp_path, capsys, mon
     ops = speed.gemm_operands(pruned, 2)
     assert ops and all(patterns.check_nm(op["A"], 2, 4, 1) for op in ops if op["A"].shape[1] % 4 == 0)
     assert [op["A"].shape for op in ops] == [(8, 9), (16, 72), (10, 16)]  # the grouped conv is not one GEMM
+
+
+def test_speed_benchmark_prunes_its_variants_without_the_quality_gate(tmp_path, monkeypatch):
+    """Timing needs the pruned files whatever their accuracy: magnitude at 0.9 reads 40% agreement on the bundled
+    sample, under the default --min-agreement, and used to stop the benchmark before its first table."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import onnxsparse.pipeline
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("bench_speed", path)
+    speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_speed", speed)
+    spec.loader.exec_module(speed)
+    seen = []
+
+    def fake_prune(model, out, calib, config, **kwargs):
+        seen.append(config)
+        return SimpleNamespace(achieved_sparsity=config.sparsity)
+
+    monkeypatch.setattr(onnxsparse.pipeline, "prune", fake_prune)
+    variants = speed.prune_variants(tmp_path / "m.onnx", "calib", ["0.9", "2:4"], tmp_path, seed=0)
+    assert [v.label for v in variants][1:] == ["magnitude 0.9 unstructured", "magnitude 2:4"]
+    assert len(seen) == 4 and all(c.min_agreement == 0.0 and c.method == "magnitude" for c in seen)
