@@ -88,6 +88,26 @@ def test_sparsegpt_and_refit_lower_the_layer_error():
     assert float(grad[keep].abs().max()) < 1e-6 * float((W @ Hd[0]).abs().max())
 
 
+def test_refit_solves_wide_layers_with_several_threads():
+    """512 inputs per output, two threads: torch 2.14.1's batched LU (torch.linalg.solve) failed here on the CPU
+    (MKL DLASWP), and the layer fell back to magnitude pruning; the Cholesky solve gives the constrained optimum."""
+    torch.manual_seed(2)
+    D = 512
+    X = torch.randn(D, 2 * D, dtype=torch.float64)
+    Hd = (X @ X.T / D + 0.01 * torch.eye(D, dtype=torch.float64)).unsqueeze(0)
+    W = torch.randn(1, 40, D, dtype=torch.float64)
+    keep = magnitude_mask(W, 0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        refit = _refit(W, Hd, keep)
+    finally:
+        torch.set_num_threads(threads)
+    assert bool((refit[~keep] == 0).all())
+    grad = (refit - W) @ Hd[0]  # vanishes on the kept weights at the optimum
+    assert float(grad[keep].abs().max()) < 1e-8 * float((W @ Hd[0]).abs().max())
+
+
 def _correlated(n: int, shape: tuple[int, ...], rank: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     features = shape[-1]
