@@ -90,7 +90,8 @@ def test_sparsegpt_and_refit_lower_the_layer_error():
 
 def test_refit_solves_wide_layers_with_several_threads():
     """512 inputs per output, two threads: torch 2.14.1's batched LU (torch.linalg.solve) failed here on the CPU
-    (MKL DLASWP), and the layer fell back to magnitude pruning; the Cholesky solve gives the constrained optimum."""
+    (MKL DLASWP), and the layer fell back to magnitude pruning; solved one system at a time, it is the constrained
+    optimum, equal to the single-threaded batched solve."""
     torch.manual_seed(2)
     D = 512
     X = torch.randn(D, 2 * D, dtype=torch.float64)
@@ -106,6 +107,14 @@ def test_refit_solves_wide_layers_with_several_threads():
     assert bool((refit[~keep] == 0).all())
     grad = (refit - W) @ Hd[0]  # vanishes on the kept weights at the optimum
     assert float(grad[keep].abs().max()) < 1e-8 * float((W @ Hd[0]).abs().max())
+    m = keep[0].double()  # the same systems, one batched LU on one thread (where it works)
+    A = m.unsqueeze(2) * Hd[0] * m.unsqueeze(1) + (1 - m).unsqueeze(2) * torch.eye(D, dtype=torch.float64)
+    torch.set_num_threads(1)
+    try:
+        single = torch.linalg.solve(A, (m * (W[0] @ Hd[0])).unsqueeze(2)).squeeze(2) * m
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(refit[0], single, rtol=0, atol=1e-12 * float(single.abs().max()))
 
 
 def _correlated(n: int, shape: tuple[int, ...], rank: int, seed: int = 0) -> np.ndarray:
