@@ -120,10 +120,8 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
     del dense_session
     main = metric.names[0]
     entry = results["cases"].setdefault(name, {"runs": {}})
-    options = ", ".join(f"{k}={v!r}" for k, v in case.prune_options.items())
     entry.update({
-        "title": case.title, "source": case.source, "model": str(case.model),
-        "notes": list(case.notes) + ([f"every method prunes with {options}"] if options else []),
+        "title": case.title, "source": case.source, "notes": list(case.notes), "model": str(case.model),
         "test_images": len(test), "dense": dense, "preprocess": test.preprocess,
     })
     if test.classes is not None:
@@ -141,8 +139,7 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
             out = work / f"{name}-{method}-{sparsity:g}.onnx"
             unipts = UniPTSConfig() if unipts_budget is None else UniPTSConfig(time_budget=unipts_budget or None)
             # min_agreement 0: every method's model is measured, whatever the quality gate would say
-            config = PruneConfig(sparsity=sparsity, method=method, seed=seed, unipts=unipts, min_agreement=0.0,
-                                 **case.prune_options)
+            config = PruneConfig(sparsity=sparsity, method=method, seed=seed, unipts=unipts, min_agreement=0.0)
             row: dict = {"method": method, "sparsity": sparsity, "seed": seed,
                          **({"unipts_budget_s": unipts.time_budget} if method == "unipts" else {}),
                          "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

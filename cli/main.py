@@ -117,10 +117,6 @@ def main() -> None:
               help="Quality gate: lowest agreement with the dense model on the holdout (top-1 for class outputs, "
                    "per position for sequences, R^2 otherwise) below which nothing is written and the exit status "
                    "is 3; 0 turns the gate off.")
-@click.option("--ctc-blank", type=int, default=None,
-              help="The model's sequence outputs are CTC heads with this blank class (PaddleOCR recognisers: 0): "
-                   "candidates are compared by the CTC loss of the dense model's greedy transcription instead of "
-                   "the KL per position.")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Keep checkpoints here (after the search, every --checkpoint-every epochs of training).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
@@ -149,7 +145,7 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
 def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, exclude,
                   no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations,
                   population, no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance,
-                  min_agreement, ctc_blank, checkpoint_every, augment, feature_weight):
+                  min_agreement, checkpoint_every, augment, feature_weight):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -168,8 +164,8 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
         save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
-        verify_tolerance=verify_tolerance, min_agreement=min_agreement, ctc_blank=ctc_blank,
-        checkpoint_every=checkpoint_every, unipts=unipts,
+        verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
+        unipts=unipts,
     )
 
 

@@ -144,11 +144,6 @@ class PruneConfig:
     # quality gate: the lowest per-output agreement with the dense model on the holdout (top-1 for class
     # outputs, per position for sequences, R^2 for other outputs) must reach this, else nothing is written
     min_agreement: float = 0.8
-    # the model's sequence outputs are CTC heads with this blank class (None: not known to be). Their distance to
-    # the dense model, in the search, the starting-point and keep decisions and the correction chooser, is then
-    # the CTC loss of the dense model's greedy transcription under the sparse model, which a shifted alignment
-    # does not change, instead of the KL per position; training still distils per position
-    ctc_blank: int | None = None
     checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
     save_format: str = "dense"
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
@@ -173,7 +168,6 @@ class PruneConfig:
         _positive_int(self.verify_samples, "--verify-samples")
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
         _number(self.min_agreement, "--min-agreement", 0, 1)
-        _positive_int(self.ctc_blank, "--ctc-blank", allow_none=True, minimum=0)
         _positive_int(self.checkpoint_every, "--checkpoint-every")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")

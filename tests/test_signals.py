@@ -8,9 +8,8 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from onnxsparse.errors import OnnxSparseError
 from onnxsparse.importer import import_model
-from onnxsparse.methods.signals import OutputSignal, Signals, describe_outputs
+from onnxsparse.methods.signals import describe_outputs
 from onnxsparse.methods.unipts.objective import Agreement, Distillation, bernoulli_kl, sequence_kl
 from onnxsparse.methods.unipts.search import fit_to_target, integer_zeros
 from onnxsparse.sparsity.allocation import layer_caps
@@ -171,63 +170,3 @@ def test_flip_agreement_tells_mirror_sensitive_outputs_apart():
     assert flip_agreement(_Nhwc(_Head()), cls, nhwc, "nhwc") < FLIP_AGREEMENT
     dense = Signals([])
     assert flip_agreement(_Pooled(), dense, batches, "nchw") == pytest.approx(1.0)
-
-
-def test_ctc_blank_marks_only_sequence_outputs_and_names_bad_values():
-    imported = import_model(_heads())
-    x = torch.randn(4, 8, 6)
-    signals = describe_outputs(imported, imported.module, (x,), ctc_blank=0)
-    assert {s.output: s.blank for s in signals} == {"seq": 0, "cls": None, "bin": None, "dense": None}
-    assert signals.as_list()[0]["blank"] == 0
-    with pytest.raises(OnnxSparseError, match=r"--ctc-blank must be a class of output 'seq' \(0 to 4\), got 5"):
-        describe_outputs(imported, imported.module, (x,), ctc_blank=5)
-    with pytest.raises(OnnxSparseError, match="--ctc-blank 0 needs a sequence output"):
-        chain = import_model(_chain())
-        describe_outputs(chain, chain.module, (torch.randn(2, 1, 8, 8),), ctc_blank=0)
-
-
-def _path_logits(paths: list[list[int]], classes: int = 4, sharp: float = 8.0) -> torch.Tensor:
-    """(N, T, classes) logits whose greedy paths are ``paths``."""
-    z = torch.zeros(len(paths), len(paths[0]), classes)
-    for n, path in enumerate(paths):
-        z[n, torch.arange(len(path)), torch.tensor(path)] = sharp
-    return z
-
-
-def test_ctc_distance_ignores_alignment_and_sees_transcripts():
-    """Blank 0. A student emitting the teacher's transcripts one step later is as close as the teacher itself,
-    although per position it agrees on half the steps; one that reads other characters is far."""
-    teacher = _path_logits([[1, 1, 0, 2, 0, 0], [0, 3, 3, 0, 0, 0]])  # "ab", "c"
-    shifted = _path_logits([[0, 1, 1, 0, 2, 0], [0, 0, 3, 3, 0, 0]])
-    other = _path_logits([[1, 1, 0, 1, 0, 0], [0, 3, 0, 3, 0, 0]])  # "aa", "cc"
-    ctc = Signals([OutputSignal("y", 0, "sequence", "test", None, 2, 0)])
-    plain = Signals([OutputSignal("y", 0, "sequence", "test", None, 2)])
-
-    def measure(student, signals):
-        agreement = Agreement(signals)
-        agreement.add([student], [teacher])
-        return agreement
-
-    itself, late, wrong = (measure(s, ctc) for s in (teacher, shifted, other))
-    assert late.as_dict()["transcript_agreement"] == 1.0 and wrong.as_dict()["transcript_agreement"] == 0.0
-    assert late.as_dict()["top1_agreement"] == 0.5 and late.as_dict()["kl"] > wrong.as_dict()["kl"]
-    # the CTC loss of the teacher's transcripts: exact value from torch for the teacher itself
-    log_t = torch.log_softmax(teacher.double(), 2).transpose(0, 1)
-    expected = torch.nn.functional.ctc_loss(log_t, torch.tensor([1, 2, 3]), torch.tensor([6, 6]), torch.tensor([2, 1]),
-                                            blank=0, reduction="none")
-    torch.testing.assert_close(itself.per_sample(), expected, rtol=1e-4, atol=1e-6)  # float32 log-softmax
-    assert -itself.score == pytest.approx(float(itself.per_sample().mean()))
-    assert abs(late.score - itself.score) < 1e-3 < itself.score - wrong.score  # KL ranks them the other way:
-    assert measure(shifted, plain).score < measure(other, plain).score
-
-
-def test_cli_passes_ctc_blank_and_rejects_a_negative_one(tmp_path):
-    from click.testing import CliRunner
-
-    from onnxsparse_cli.main import main
-
-    model = tmp_path / "m.onnx"
-    onnx.save(_heads(), str(model))
-    res = CliRunner().invoke(main, ["prune", str(model), "--sparsity", "0.5", "--calib", str(tmp_path),
-                                    "--ctc-blank", "-1", "--dry-run"])
-    assert res.exit_code == 2 and "--ctc-blank must be an integer >= 0, got -1" in res.output

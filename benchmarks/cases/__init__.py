@@ -47,8 +47,6 @@ class Case:
     notes: tuple[str, ...] = field(default_factory=tuple)
     metric: Metric = field(default_factory=TopOne)
     texts: bool = False  # ``labels`` is a .tsv of texts, not class names
-    # what the user tells ``prune`` about the model beyond preprocessing (PruneConfig fields), for every method
-    prune_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -276,8 +274,6 @@ def _recognition(calib: int = 64, test: int = 200) -> Case:
                 "with DejaVu fonts on white, texts known by construction"),
         metric=TextLines(),
         texts=True,
-        # the CTC blank is class 0 (rapidocr's CTCLabelDecode): what a PaddleOCR user knows of the model
-        prune_options={"ctc_blank": 0},
     )
 
 

@@ -48,7 +48,7 @@ class PruneContext:
             from onnxsparse.methods.signals import describe_outputs
 
             first = next(iter(self.train_batches(min(8, self.calib.n_train))))
-            self.signals = describe_outputs(self.imported, self.teacher, first, self.config.ctc_blank)
+            self.signals = describe_outputs(self.imported, self.teacher, first)
         return self.signals
 
     def holdout_scorer(self):

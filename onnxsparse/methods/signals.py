@@ -24,7 +24,6 @@ import onnx
 import torch
 from torch import nn
 
-from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,6 @@ class OutputSignal:
     source: str  # human-readable: where the compared tensor comes from
     module_path: str | None = None  # converted module whose first input is the compared tensor (None: the output)
     axis: int = -1  # class axis of the compared tensor (class / sequence)
-    blank: int | None = None  # sequence outputs declared CTC heads (--ctc-blank): their blank class
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,9 +112,6 @@ class Signals:
     def axis(self, index: int) -> int:
         return self.signals[index].axis if index < len(self.signals) else -1
 
-    def blank(self, index: int) -> int | None:
-        return self.signals[index].blank if index < len(self.signals) else None
-
     def __len__(self) -> int:
         return len(self.signals)
 
@@ -160,11 +155,8 @@ def raw_output_kind(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequence[torch.Tensor],
-                     ctc_blank: int | None = None) -> Signals:
-    """Describe every output of ``imported`` using one teacher forward on ``batch``; with ``ctc_blank``, every
-    sequence output is a CTC head with that blank class (a user error when there is none, or the class is not
-    one of the output's)."""
+def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequence[torch.Tensor]) -> Signals:
+    """Describe every output of ``imported`` using one teacher forward on ``batch``."""
     modules = dict(teacher.named_modules())
     model = imported.proto
     candidates: list[OutputSignal] = []
@@ -204,20 +196,9 @@ def describe_outputs(imported: ImportedModel, teacher: nn.Module, batch: Sequenc
             final.append(OutputSignal(c.output, c.index, raw_output_kind(out), "the output itself"))
             continue
         kind = "class" if t.dim() == 2 and axis == 1 else "sequence"
-        blank = None
-        if kind == "sequence" and ctc_blank is not None:
-            if ctc_blank >= t.shape[axis]:
-                raise OnnxSparseError(f"--ctc-blank must be a class of output {c.output!r} (0 to "
-                                      f"{t.shape[axis] - 1}), got {ctc_blank}")
-            blank = ctc_blank
-        final.append(OutputSignal(c.output, c.index, kind, f"logits: {c.source}", c.module_path, axis, blank))
-    if ctc_blank is not None and not any(s.blank is not None for s in final):
-        raise OnnxSparseError(f"--ctc-blank {ctc_blank} needs a sequence output (class scores per position, "
-                              f"behind a Softmax or LogSoftmax); this model's outputs are "
-                              + ", ".join(f"{s.output} ({s.kind})" for s in final))
+        final.append(OutputSignal(c.output, c.index, kind, f"logits: {c.source}", c.module_path, axis))
     signals = Signals(final)
     for s in signals:
-        logger.info("output %s: %s (%s)%s", s.output, s.kind, s.source,
-                    "" if s.blank is None else f", CTC head with blank {s.blank}")
+        logger.info("output %s: %s (%s)", s.output, s.kind, s.source)
     return signals
 

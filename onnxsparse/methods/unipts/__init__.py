@@ -209,8 +209,7 @@ class UniPTS:
             **(sizing or {}),
             "fitness_samples": evaluator.n_samples,
             "fitness_measure": "negative mean distance to the dense model per output (KL for class/sequence "
-                               "logits, CTC loss of the dense model's transcription for CTC heads, Bernoulli KL "
-                               "for binary logits, normalised MSE for dense outputs)",
+                               "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
             "correction_mode": evaluator.mode,
             "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
             "layer_caps": {layer.name: cap for layer, cap in zip(layers, caps) if cap < cfg.max_layer_sparsity},

@@ -169,27 +169,17 @@ class Distillation:
         return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
 
 
-def _collapse(path: torch.Tensor, blank: int) -> torch.Tensor:
-    """A greedy CTC path (per-step argmax classes) as its transcription: repeats merged, blanks dropped."""
-    path = path.cpu()
-    keep = torch.ones_like(path, dtype=torch.bool)
-    keep[1:] = path[1:] != path[:-1]
-    return path[keep & (path != blank)]
-
-
 class _Term:
     """Running sums for one compared tensor."""
 
-    def __init__(self, kind: str, axis: int, blank: int | None = None):
-        self.kind, self.axis, self.blank = kind, axis, blank
+    def __init__(self, kind: str, axis: int):
+        self.kind, self.axis = kind, axis
         self.divergence = 0.0  # summed KL (class / sequence / binary)
         self.positions = 0  # distributions (class, sequence) or elements (binary) seen
         self.agree = 0
         self.sse = self.st = self.s1 = 0.0
         self.count = 0
-        self.ctc_sum, self.transcripts_same, self.sequences = 0.0, 0, 0  # CTC heads (blank set)
-        # per sample: its mean KL over positions (class / sequence / binary), its squared error (dense), its
-        # CTC loss (CTC heads)
+        # per sample: its mean KL over positions (class / sequence / binary), its squared error (dense)
         self.samples: list[torch.Tensor] = []
 
     def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
@@ -201,13 +191,9 @@ class _Term:
             log_s, log_t = F.log_softmax(s2, 1), F.log_softmax(t2, 1)
             rows = (log_t.exp() * (log_t - log_s)).sum(1)  # batch-major: the batch axis is never the class axis
             self.divergence += float(rows.sum())
+            self.samples.append(rows.double().reshape(n, -1).mean(1).cpu())
             self.agree += int((s2.argmax(1) == t2.argmax(1)).sum())
             self.positions += s2.shape[0]
-            if self.blank is None:
-                self.samples.append(rows.double().reshape(n, -1).mean(1).cpu())
-            else:
-                self.samples.append(self._ctc(log_s.reshape(n, -1, log_s.shape[1]),
-                                              t2.argmax(1).reshape(n, -1), s2.argmax(1).reshape(n, -1)))
             return
         if self.kind == "binary":
             q = torch.sigmoid(t)
@@ -225,22 +211,6 @@ class _Term:
         self.st += float((t ** 2).sum())
         self.s1 += float(t.sum())
         self.count += t.numel()
-
-    def _ctc(self, log_s: torch.Tensor, teacher_path: torch.Tensor, student_path: torch.Tensor) -> torch.Tensor:
-        """Per sequence: the CTC loss (nats) of the teacher's greedy transcription under the student's
-        log-probabilities ``log_s`` (N, T, C); counts the sequences whose greedy transcriptions are equal."""
-        targets = [_collapse(path, self.blank) for path in teacher_path]
-        for mine, theirs in zip(targets, (_collapse(path, self.blank) for path in student_path)):
-            self.transcripts_same += int(torch.equal(mine, theirs))
-        n, steps, _ = log_s.shape
-        lengths = torch.tensor([len(x) for x in targets], dtype=torch.long)
-        flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-        # a greedy transcription of T steps is always reachable in T steps: the loss is finite
-        losses = F.ctc_loss(log_s.double().transpose(0, 1).cpu(), flat.cpu(), torch.full((n,), steps, dtype=torch.long),
-                            lengths, blank=self.blank, reduction="none", zero_infinity=False)
-        self.ctc_sum += float(losses.sum())
-        self.sequences += n
-        return losses.double()
 
     def per_sample(self) -> torch.Tensor:
         """Each sample's share of :attr:`distance`: their mean is the distance."""
@@ -266,16 +236,8 @@ class _Term:
         return self.sse / max(var, _EPS)
 
     @property
-    def ctc(self) -> float | None:
-        return self.ctc_sum / self.sequences if self.sequences else None
-
-    @property
-    def transcript_agreement(self) -> float | None:
-        return self.transcripts_same / self.sequences if self.sequences else None
-
-    @property
     def distance(self) -> float:
-        value = self.nmse if self.kind == "dense" else self.ctc if self.blank is not None else self.kl
+        value = self.nmse if self.kind == "dense" else self.kl
         return float("inf") if value is None else value
 
 
@@ -299,8 +261,7 @@ class Agreement:
     @torch.no_grad()
     def add(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> None:
         if not self.terms:
-            self.terms = [_Term(self.signals.kind(i), self.signals.axis(i), self.signals.blank(i))
-                          for i in range(len(teacher))]
+            self.terms = [_Term(self.signals.kind(i), self.signals.axis(i)) for i in range(len(teacher))]
         self.n += student[0].shape[0] if student[0].dim() else 1
         for term, s, t in zip(self.terms, student, teacher):
             term.add(s, t)
@@ -339,10 +300,6 @@ class Agreement:
         if self.mean_kl is not None:
             out["kl"] = self.mean_kl
             out["top1_agreement"] = self.top1
-        ctc = [t for t in self.terms if t.blank is not None]
-        if ctc:
-            out["ctc_loss"] = self._mean([t.ctc for t in ctc])
-            out["transcript_agreement"] = min(t.transcript_agreement for t in ctc if t.transcript_agreement is not None)
         binary = [t for t in self.terms if t.kind == "binary"]
         if binary:
             out["binary_kl"] = self._mean([t.kl for t in binary])
