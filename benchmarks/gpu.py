@@ -114,6 +114,7 @@ def run_one(model_path: Path, calib_path: Path, recipe: str, args, dist) -> dict
         "projected_paper_hours": round((search_s + train_s) / 3600, 2),
         "projected_search_hours": round(search_s / 3600, 2), "projected_train_hours": round(train_s / 3600, 2),
         "achieved_sparsity": round(result.achieved_sparsity, 6), "wall_s": round(wall, 1),
+        "phases_s": info["time_s"],  # allocation, start (reconstruction), training, finish: where the time went
         "top1_agreement": result.report["verification"].get("top1_agreement"),
     }
 

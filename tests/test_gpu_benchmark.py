@@ -26,6 +26,7 @@ def test_gpu_benchmark_small_on_cpu(tmp_path, capsys, monkeypatch):
         assert row["device"] == "cpu" and row["processes"] == 1 and row["peak_gpu_gib"] is None
         assert row["search_images_per_s"] > 0 and row["train_images_per_s"] > 0
         assert row["train_iterations"] == 2 and row["candidates_scored"] >= 3
+        assert {"allocation", "start", "training", "total"} <= set(row["phases_s"])
         # at least the target; a kept reconstructed start may hold a few exact zeros beyond it (dead inputs)
         assert 0.9 - 1e-4 <= row["achieved_sparsity"] <= 0.9 + 1e-2
         assert row["projected_paper_hours"] == pytest.approx(row["projected_search_hours"]
