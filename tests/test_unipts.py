@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import numpy as np
 import onnx
@@ -479,3 +480,43 @@ def test_fitness_samples_shrink_to_fit_the_budget(tmp_path):
     assert infos[None]["fitness_samples"] == 80 and "fitness_samples_cut" not in infos[None]
     assert infos[0.01]["fitness_samples"] == MIN_FITNESS_SAMPLES
     assert "fitness on 32 samples" in infos[0.01]["fitness_samples_cut"]
+
+
+def test_budget_extends_training_only_in_the_warm_up_and_when_it_fits():
+    from onnxsparse.distributed import DistContext
+    from onnxsparse.methods.unipts.dst import _Budget
+
+    def decide(budget_s, extend_to, warmup_ends, total=40):
+        budget = _Budget(budget_s, time.perf_counter(), torch.device("cpu"), DistContext(), extend_to=extend_to,
+                         warmup_ends=warmup_ends)
+        for step in range(1, 12):
+            new = budget.total_after(step, total)
+            if new != total:
+                return new
+        return total
+
+    assert decide(1e6, 80, 14) == 80  # measured at step 10, still warming up, and 80 fit easily
+    assert decide(1e6, 80, 10) == 40  # the warm-up (so the lr schedule's length) is over by then
+    assert decide(1e6, None, 14) == 40  # explicit epochs: never extended
+    assert 10 <= decide(1e-6, 80, 14) < 40  # no time left: shortened, as before
+
+
+def test_default_epochs_extend_when_the_budget_has_room(tmp_path):
+    from onnxsparse.config import EXTENDED_EPOCHS, QUICK_EPOCHS
+    from onnxsparse.methods.unipts.objective import default_gamma
+    from onnxsparse.pipeline import prune
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
+    x = np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32)
+    tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own epochs
+    config = PruneConfig(sparsity=0.8, holdout_size=24, unipts=UniPTSConfig(**tiny))
+    training = prune(path, None, {"input": x}, config, progress=False).report["method_info"]["training"]
+    per_epoch = training["iterations_per_epoch"]
+    assert per_epoch == 11  # 176 training samples / 16: the step-10 measure falls in the warm-up epoch
+    assert training["extended_from"] == QUICK_EPOCHS * per_epoch
+    assert training["iterations"] == training["planned_iterations"] == EXTENDED_EPOCHS * per_epoch
+    assert training["gamma"] == pytest.approx(default_gamma(EXTENDED_EPOCHS))
+    explicit = PruneConfig(sparsity=0.8, holdout_size=24, unipts=UniPTSConfig(**{**tiny, "epochs": QUICK_EPOCHS}))
+    training = prune(path, None, {"input": x}, explicit, progress=False).report["method_info"]["training"]
+    assert training["extended_from"] is None and training["iterations"] == QUICK_EPOCHS * per_epoch

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onnxsparse.config import UniPTSConfig
+from onnxsparse.config import EXTENDED_EPOCHS, QUICK_EPOCHS, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.methods.scoring import FixedBatches
@@ -356,7 +356,7 @@ class UniPTS:
                             freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
                             dist=ctx.dist)
         report = {
-            "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": gamma,
+            "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": loss_fn.gamma,
             "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
             "feature_layers": len(loss_fn.feature_paths), "pruned_decay": cfg.pruned_decay, "lr": plan.lr,
             "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
@@ -381,14 +381,18 @@ class UniPTS:
     def _plan(ctx: PruneContext, cfg: UniPTSConfig, started: float) -> TrainPlan:
         train_bs = min(cfg.batch_size, ctx.calib.n_train)
         per_epoch = max(ctx.calib.n_train // train_bs, 1)
-        iterations = cfg.iterations if cfg.iterations is not None else int(round(cfg.epochs * per_epoch))
+        epochs = cfg.epochs if cfg.epochs is not None else QUICK_EPOCHS
+        iterations = cfg.iterations if cfg.iterations is not None else int(round(epochs * per_epoch))
         warmup = min(int(round(cfg.warmup_epochs * per_epoch)), iterations // 4)
-        budget = None
+        budget = extend_to = None
         if cfg.time_budget is not None:
             budget = max(cfg.time_budget - (time.perf_counter() - started), 0.0)
+            if cfg.epochs is None and cfg.iterations is None:  # the recipe's own epochs: extendable
+                extend_to = max(int(round(EXTENDED_EPOCHS * per_epoch)), iterations)
         return TrainPlan(iterations=iterations, iterations_per_epoch=per_epoch, warmup=warmup,
                          lr=cfg.lr if cfg.lr is not None else DEFAULT_LR, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, budget_s=budget)
+                         weight_decay=cfg.weight_decay, budget_s=budget, extend_to=extend_to,
+                         extend_gamma=cfg.gamma is None)
 
     @staticmethod
     def _finish(ctx: PruneContext, start_state: dict[str, torch.Tensor], start_report: dict) -> tuple[dict, str]:

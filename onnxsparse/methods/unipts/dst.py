@@ -33,7 +33,7 @@ from torch import nn
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import HoldoutScorer
-from onnxsparse.methods.unipts.objective import Distillation, normalised_mse
+from onnxsparse.methods.unipts.objective import Distillation, default_gamma, normalised_mse
 from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,9 @@ class TrainPlan:
     momentum: float
     weight_decay: float
     budget_s: float | None = None  # shrink ``iterations`` to fit, measured on the first steps
+    # ... or extend them up to this many where that measure, taken in the warm-up epoch, says they fit
+    extend_to: int | None = None
+    extend_gamma: bool = False  # an extension re-plans the base decay (gamma) over the new length
 
     @property
     def epochs(self) -> float:
@@ -82,11 +85,13 @@ class TrainResult:
     seconds_per_iteration: float = 0.0
     rollbacks: list[dict] = field(default_factory=list)
     stopped: str | None = None
+    extended_from: int | None = None  # the planned iterations before the budget's measure extended them
 
     def as_dict(self) -> dict:
         return {
             "iterations": self.iterations,
             "planned_iterations": self.planned_iterations,
+            "extended_from": self.extended_from,
             "seconds_per_iteration": round(self.seconds_per_iteration, 5),
             "rollbacks": self.rollbacks,
             "stopped": self.stopped,
@@ -275,8 +280,10 @@ class _Budget:
     """Shortens the run to fit ``budget_s``: the time per step is measured over 8 steps from the 3rd (the first
     ones pay for warm-up), then the total is fixed once; rank 0's measure decides for every rank."""
 
-    def __init__(self, budget_s: float | None, start: float, device: torch.device, dist: DistContext):
+    def __init__(self, budget_s: float | None, start: float, device: torch.device, dist: DistContext,
+                 extend_to: int | None = None, warmup_ends: int = 0):
         self.budget_s, self.start, self.device, self.dist = budget_s, start, device, dist
+        self.extend_to, self.warmup_ends = extend_to, warmup_ends
         self.timed_from: tuple[int, float] | None = None
 
     def total_after(self, step: int, total: int) -> int:
@@ -294,6 +301,11 @@ class _Budget:
             if fit < total:
                 logger.info("training shortened to %d iterations to fit the time budget", fit)
                 return max(fit, step)
+            # extending is only allowed while the lr is still warming up (the warm-up does not depend on the
+            # length, the cosine after it does) and in the first epoch (the base decay has not moved yet)
+            if self.extend_to is not None and total < self.extend_to <= fit and step < self.warmup_ends:
+                logger.info("training extended to %d iterations: the time budget has room", self.extend_to)
+                return self.extend_to
         return total
 
 
@@ -343,6 +355,8 @@ def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, lay
             break
         new_total = budget.total_after(step, total)
         if new_total != total:
+            if new_total > total and plan.extend_gamma:
+                loss_fn.gamma = default_gamma(new_total / max(plan.iterations_per_epoch, 1))
             total = new_total
             if progress is not None:
                 progress.total = total
@@ -370,7 +384,8 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     # DDP's constructor makes every rank start from rank 0's parameters and buffers
     model = dist.wrap(student)
     device = params[0].device if params else torch.device("cpu")
-    budget = _Budget(plan.budget_s, start, device, dist)
+    budget = _Budget(plan.budget_s, start, device, dist, extend_to=plan.extend_to,
+                     warmup_ends=min(plan.warmup, plan.iterations_per_epoch))
     good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
     while step < total:
         if dist.any(stop()):
@@ -380,10 +395,13 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         student.train()
         if freeze_batchnorm:
             _batchnorm_eval(student)
+        before = total
         ran, step, total = _run_epoch(model, student, teacher, epoch_batches(epoch), loss_fn, optimizer, params,
                                       layout, epoch, step, total, plan, base_lr, autocast=autocast,
                                       progress=progress, budget=budget, dist=dist, max_grad_norm=max_grad_norm,
                                       device=device)
+        if total > before:
+            result.extended_from, result.planned_iterations = before, total
         if not ran.diverged and ran.n_losses and dist.any(ran.nonfinite):
             ran.diverged = True
         if not ran.diverged and not ran.n_losses:
