@@ -61,6 +61,39 @@ def test_resumed_run_equals_uninterrupted_run(setup, monkeypatch):
     assert len(curve(whole)) > 1 and curve(whole) == curve(resumed)
 
 
+@pytest.mark.slow
+def test_resumed_extended_run_keeps_its_base_decay(tmp_path, monkeypatch):
+    """The recipe's own epochs, extended to 80 by the budget's measure before the interruption: the resumed run
+    must re-plan the base decay as the uninterrupted one did (its checkpoint holds the extended length)."""
+    model = tmp_path / "m.onnx"
+    onnx.save(graphs.export_torch(graphs.tiny_cnn()), str(model))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32))
+    config = PruneConfig(sparsity=0.8, seed=1, checkpoint_every=20, batch_size=16, holdout_size=24,
+                         unipts=UniPTSConfig(population=4, generations=1, parents=2, crossover=1, mutation=1,
+                                             batch_size=16, fitness_samples=32))
+    whole = prune(model, tmp_path / "a.onnx", calib, config, run_dir=tmp_path / "run-a", progress=False)
+    training = whole.report["method_info"]["training"]
+    assert training["extended_from"] is not None and training["iterations"] > training["extended_from"]
+
+    real_save = checkpoint.RunDir.save
+
+    def save_then_die(self, name, state):
+        real_save(self, name, state)
+        if name == "training":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.RunDir, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, tmp_path / "b.onnx", calib, config, run_dir=tmp_path / "run-b", progress=False)
+    monkeypatch.setattr(checkpoint.RunDir, "save", real_save)
+    resumed = prune(model, tmp_path / "b.onnx", calib, config, run_dir=tmp_path / "run-b", resume=True,
+                    progress=False)
+    again = resumed.report["method_info"]["training"]
+    assert again["gamma"] == training["gamma"] and again["extended_from"] == training["extended_from"]
+    assert _tensors(tmp_path / "a.onnx") == _tensors(tmp_path / "b.onnx")
+
+
 def test_run_directory_guards(setup):
     tmp, model, calib = setup
     prune(model, None, calib, CONFIG, run_dir=tmp / "run", progress=False)

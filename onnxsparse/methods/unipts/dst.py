@@ -376,6 +376,10 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         student.load_state_dict(resume["student"])
         optimizer.load_state_dict(resume["optimizer"])
         step, base_lr, total = int(resume["step"]), float(resume["base_lr"]), int(resume["total"])
+        if total > plan.iterations:  # extended before the interruption: the same base decay as then
+            result.extended_from = plan.iterations
+            if plan.extend_gamma:
+                loss_fn.gamma = default_gamma(total / max(plan.iterations_per_epoch, 1))
         result.curve, result.rollbacks = list(resume["curve"]), list(resume["rollbacks"])
         result.planned_iterations = total
         if progress is not None:
