@@ -33,11 +33,8 @@ def _tensors(path):
     return {i.name: numpy_helper.to_array(i).tobytes() for i in onnx.load(str(path)).graph.initializer}
 
 
-def test_resumed_run_equals_uninterrupted_run(setup, monkeypatch):
-    tmp, model, calib = setup
-    whole = prune(model, tmp / "a.onnx", calib, CONFIG, run_dir=tmp / "run-a", progress=False)
-    assert (tmp / "run-a" / "allocation.pt").is_file() and (tmp / "run-a" / "training.pt").is_file()
-
+def _interrupted_then_resumed(monkeypatch, model, out, calib, config, run_dir):
+    """A run stopped (Ctrl-C) right after its first training checkpoint, then resumed from its run directory."""
     real_save = checkpoint.RunDir.save
 
     def save_then_die(self, name, state):
@@ -47,10 +44,18 @@ def test_resumed_run_equals_uninterrupted_run(setup, monkeypatch):
 
     monkeypatch.setattr(checkpoint.RunDir, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        prune(model, tmp / "b.onnx", calib, CONFIG, run_dir=tmp / "run-b", progress=False)
-    assert not (tmp / "b.onnx").exists()
+        prune(model, out, calib, config, run_dir=run_dir, progress=False)
+    assert not out.exists()
     monkeypatch.setattr(checkpoint.RunDir, "save", real_save)
-    resumed = prune(model, tmp / "b.onnx", calib, CONFIG, run_dir=tmp / "run-b", resume=True, progress=False)
+    return prune(model, out, calib, config, run_dir=run_dir, resume=True, progress=False)
+
+
+def test_resumed_run_equals_uninterrupted_run(setup, monkeypatch):
+    tmp, model, calib = setup
+    whole = prune(model, tmp / "a.onnx", calib, CONFIG, run_dir=tmp / "run-a", progress=False)
+    assert (tmp / "run-a" / "allocation.pt").is_file() and (tmp / "run-a" / "training.pt").is_file()
+
+    resumed = _interrupted_then_resumed(monkeypatch, model, tmp / "b.onnx", calib, CONFIG, tmp / "run-b")
 
     info = resumed.report["method_info"]["resumed"]
     assert info["allocation"] is True and 0 < info["training_step"] < 12
@@ -76,19 +81,7 @@ def test_resumed_extended_run_keeps_its_base_decay(tmp_path, monkeypatch):
     training = whole.report["method_info"]["training"]
     assert training["extended_from"] is not None and training["iterations"] > training["extended_from"]
 
-    real_save = checkpoint.RunDir.save
-
-    def save_then_die(self, name, state):
-        real_save(self, name, state)
-        if name == "training":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.RunDir, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        prune(model, tmp_path / "b.onnx", calib, config, run_dir=tmp_path / "run-b", progress=False)
-    monkeypatch.setattr(checkpoint.RunDir, "save", real_save)
-    resumed = prune(model, tmp_path / "b.onnx", calib, config, run_dir=tmp_path / "run-b", resume=True,
-                    progress=False)
+    resumed = _interrupted_then_resumed(monkeypatch, model, tmp_path / "b.onnx", calib, config, tmp_path / "run-b")
     again = resumed.report["method_info"]["training"]
     assert again["gamma"] == training["gamma"] and again["extended_from"] == training["extended_from"]
     assert _tensors(tmp_path / "a.onnx") == _tensors(tmp_path / "b.onnx")
