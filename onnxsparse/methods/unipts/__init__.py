@@ -388,7 +388,7 @@ class UniPTS:
         if cfg.time_budget is not None:
             budget = max(cfg.time_budget - (time.perf_counter() - started), 0.0)
             if cfg.epochs is None and cfg.iterations is None:  # the recipe's own epochs: extendable
-                extend_to = max(int(round(EXTENDED_EPOCHS * per_epoch)), iterations)
+                extend_to = int(round(EXTENDED_EPOCHS * per_epoch))
         return TrainPlan(iterations=iterations, iterations_per_epoch=per_epoch, warmup=warmup,
                          lr=cfg.lr if cfg.lr is not None else DEFAULT_LR, momentum=cfg.momentum,
                          weight_decay=cfg.weight_decay, budget_s=budget, extend_to=extend_to,

@@ -355,8 +355,6 @@ def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, lay
             break
         new_total = budget.total_after(step, total)
         if new_total != total:
-            if new_total > total and plan.extend_gamma:
-                loss_fn.gamma = default_gamma(new_total / max(plan.iterations_per_epoch, 1))
             total = new_total
             if progress is not None:
                 progress.total = total
@@ -377,9 +375,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         optimizer.load_state_dict(resume["optimizer"])
         step, base_lr, total = int(resume["step"]), float(resume["base_lr"]), int(resume["total"])
         if total > plan.iterations:  # extended before the interruption: the same base decay as then
-            result.extended_from = plan.iterations
-            if plan.extend_gamma:
-                loss_fn.gamma = default_gamma(total / max(plan.iterations_per_epoch, 1))
+            _extended(result, loss_fn, plan, plan.iterations, total)
         result.curve, result.rollbacks = list(resume["curve"]), list(resume["rollbacks"])
         result.planned_iterations = total
         if progress is not None:
@@ -405,7 +401,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
                                       progress=progress, budget=budget, dist=dist, max_grad_norm=max_grad_norm,
                                       device=device)
         if total > before:
-            result.extended_from, result.planned_iterations = before, total
+            _extended(result, loss_fn, plan, before, total)
         if not ran.diverged and ran.n_losses and dist.any(ran.nonfinite):
             ran.diverged = True
         if not ran.diverged and not ran.n_losses:
@@ -434,6 +430,15 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     result.iterations = step
     result.seconds_per_iteration = (time.perf_counter() - start) / max(step, 1)
     return result
+
+
+def _extended(result: TrainResult, loss_fn: Distillation, plan: TrainPlan, planned: int, total: int) -> None:
+    """Training extended from ``planned`` to ``total`` iterations: recorded, and the base decay re-planned over
+    the new length. Extensions happen in the first epoch only (:class:`_Budget`), where the decay has not been
+    applied yet (tau = tau0 at epoch 0 whatever gamma), so re-planning at the epoch's end changes nothing before."""
+    result.extended_from, result.planned_iterations = planned, total
+    if plan.extend_gamma:
+        loss_fn.gamma = default_gamma(total / max(plan.iterations_per_epoch, 1))
 
 
 def _record_divergence(result: TrainResult, optimizer, ran: _Epoch, epoch: int, step: int, dist) -> None:
