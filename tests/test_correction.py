@@ -87,3 +87,29 @@ def test_batchnorm_channel_silenced_by_pruning_keeps_its_dense_variance():
     reestimate_batchnorm(student, [(x,)])
     assert bn.running_var[0] == dense_var[0]
     assert torch.all(bn.running_var[1:] != dense_var[1:])
+
+
+def test_search_candidates_share_the_dense_channel_statistics():
+    import contextlib
+
+    from onnxsparse.methods.unipts.search import FitnessEvaluator, sparsities_to_zeros
+
+    imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    teacher_calls = []
+    imported.module.register_forward_hook(lambda *_: teacher_calls.append(1))
+
+    def evaluator():
+        return FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
+                                correction="channel", has_batchnorm=False, channel_inputs=(x,),
+                                autocast=contextlib.nullcontext)
+
+    candidates = [sparsities_to_zeros({layer.name: s for layer in imported.layers}, imported.layers)
+                  for s in (0.5, 0.8, 0.9)]
+    shared = evaluator()
+    shared(candidates[0])
+    calls_after_first = len(teacher_calls)
+    scores = [shared(zeros).score for zeros in candidates[1:]]
+    assert len(teacher_calls) == calls_after_first  # the teacher ran for the first candidate only
+    # the same fitness as an evaluator that computes everything afresh for one candidate
+    assert scores == [evaluator()(zeros).score for zeros in candidates[1:]]

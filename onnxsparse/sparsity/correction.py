@@ -127,14 +127,38 @@ def fit_channel_correction(
     layers: list[PrunableLayer],
     inputs: tuple[torch.Tensor, ...],
     report: CorrectionReport | None = None,
+    *,
+    dense: ChannelStats | None = None,
 ) -> CorrectionReport:
-    """Fit and fold the per-channel affine correction for every correctable layer (see module docstring)."""
+    """Fit and fold the per-channel affine correction for every correctable layer (see module docstring);
+    ``dense``: the teacher's statistics on ``inputs``, if already computed."""
     report = report or CorrectionReport()
-    fitted = fit_channel_affine(student, teacher, layers, inputs)
+    fitted = fit_channel_affine(student, teacher, layers, inputs, dense=dense)
     return fold_channel_affine(student, layers, fitted, report, int(inputs[0].shape[0]))
 
 
 ChannelAffine = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (scale a, shift b) per channel
+ChannelStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (mean, std) per output channel
+
+
+@torch.no_grad()
+def dense_channel_stats(teacher: nn.Module, layers: list[PrunableLayer], inputs: tuple[torch.Tensor, ...]) -> ChannelStats:
+    """Per-channel mean and standard deviation of every correctable layer's output in ``teacher`` on ``inputs``:
+    what the channel fit matches. They depend on the teacher and the inputs alone, so a caller correcting many
+    candidates on the same inputs (the allocation search, the correction choice) computes them once."""
+    dense: ChannelStats = {}
+
+    def teacher_hook(layer: PrunableLayer):
+        def hook(_module, _inp, out):
+            dense[layer.name] = _channel_stats(out, layer.out_axis_act % out.dim())
+
+        return hook
+
+    targets = [layer for layer in layers if correctable(layer)]
+    if targets:
+        with submodule_hooks(teacher, {layer.module_path: teacher_hook(layer) for layer in targets}):
+            teacher(*inputs)
+    return dense
 
 
 @torch.no_grad()
@@ -143,22 +167,17 @@ def fit_channel_affine(
     teacher: nn.Module,
     layers: list[PrunableLayer],
     inputs: tuple[torch.Tensor, ...],
+    *,
+    dense: ChannelStats | None = None,
 ) -> ChannelAffine:
     """The per-channel ``(a, b)`` of every correctable layer, fitted in one forward in graph order (each layer
-    sees its corrected predecessors); ``student`` is left unchanged."""
+    sees its corrected predecessors); ``student`` is left unchanged. ``dense``: the teacher's statistics on
+    ``inputs`` (:func:`dense_channel_stats`), computed here when not given."""
     targets = [layer for layer in layers if correctable(layer)]
     if not targets:
         return {}
-    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def teacher_hook(layer: PrunableLayer):
-        def hook(_module, _inp, out):
-            dense[layer.name] = _channel_stats(out, layer.out_axis_act % out.dim())
-
-        return hook
-
-    with submodule_hooks(teacher, {layer.module_path: teacher_hook(layer) for layer in targets}):
-        teacher(*inputs)
+    if dense is None:
+        dense = dense_channel_stats(teacher, layers, inputs)
 
     fitted: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -309,10 +328,12 @@ def apply_correction(
     *,
     bn_batches: Iterable[tuple[torch.Tensor, ...]] | None,
     channel_inputs: tuple[torch.Tensor, ...] | None,
+    dense: ChannelStats | None = None,
 ) -> CorrectionReport:
     """One correction mode: ``none``; ``channel`` (per-channel fit of the layers not followed by BatchNorm);
     ``relative`` (dense-relative BatchNorm, then channel); ``reestimate`` (BatchNorm re-estimated on the
-    calibration data, then channel)."""
+    calibration data, then channel). ``dense``: the teacher's channel statistics on ``channel_inputs``
+    (:func:`dense_channel_stats`), if already computed."""
     report = CorrectionReport()
     if mode == "none":
         return report
@@ -323,7 +344,7 @@ def apply_correction(
     elif mode not in ("channel", "relative", "reestimate"):
         raise ValueError(f"unknown correction mode {mode!r}")
     if channel_inputs is not None:
-        fit_channel_correction(student, teacher, layers, channel_inputs, report)
+        fit_channel_correction(student, teacher, layers, channel_inputs, report, dense=dense)
     return report
 
 
@@ -368,6 +389,8 @@ def choose_correction(
     mode kept.
     """
     start = _batchnorm_state(student)
+    dense = dense_channel_stats(teacher, layers, channel_inputs) \
+        if channel_inputs is not None and any(mode != "none" for mode in modes) else None
     trials: dict[str, tuple[dict, ChannelAffine, CorrectionReport]] = {}
     scores: dict[str, float] = {}
     for mode in modes:
@@ -379,7 +402,7 @@ def choose_correction(
             report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches())
         elif mode not in ("none", "channel", "relative", "reestimate"):
             raise ValueError(f"unknown correction mode {mode!r}")
-        fitted = fit_channel_affine(student, teacher, layers, channel_inputs) \
+        fitted = fit_channel_affine(student, teacher, layers, channel_inputs, dense=dense) \
             if mode != "none" and channel_inputs is not None else {}
         with channel_affine_applied(student, layers, fitted):
             scores[mode] = float(score())

@@ -28,7 +28,7 @@ from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.signals import Signals
 from onnxsparse.methods.unipts.objective import Agreement
 from onnxsparse.methods.scoring import HoldoutScorer, take_samples
-from onnxsparse.sparsity.correction import apply_correction
+from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
 
@@ -188,6 +188,7 @@ class FitnessEvaluator:
             ("reestimate" if has_batchnorm else "channel") if correction else "none")
         self.has_batchnorm = has_batchnorm
         self.channel_inputs = channel_inputs
+        self._dense_stats = None  # the teacher's channel statistics on channel_inputs, computed at the first fit
         self.autocast = autocast
         self.evaluations = 0
         self.seconds = 0.0
@@ -256,10 +257,12 @@ class FitnessEvaluator:
         if self.mode == "none":
             return None
         with self.autocast(), oom_phase("statistics correction"):
+            if self._dense_stats is None and self.channel_inputs is not None:
+                self._dense_stats = dense_channel_stats(self.teacher, self.layers, self.channel_inputs)
             return apply_correction(
                 self.mode, self.student, self.teacher, self.layers,
                 bn_batches=self.batches if self.has_batchnorm else None,
-                channel_inputs=self.channel_inputs,
+                channel_inputs=self.channel_inputs, dense=self._dense_stats,
             )
 
     def score(self) -> Agreement:
