@@ -113,3 +113,29 @@ def test_search_candidates_share_the_dense_channel_statistics():
     assert len(teacher_calls) == calls_after_first  # the teacher ran for the first candidate only
     # the same fitness as an evaluator that computes everything afresh for one candidate
     assert scores == [evaluator()(zeros).score for zeros in candidates[1:]]
+
+
+def test_candidate_cost_is_timed_per_correction_mode(monkeypatch):
+    # the search runs in one correction mode; its generations are planned from that mode's cost, not from an
+    # average that includes the (dearer) modes scored once each before it
+    import contextlib
+    import time
+
+    from onnxsparse.methods.unipts.search import FitnessEvaluator, sparsities_to_zeros
+
+    imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
+    x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    evaluator = FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
+                                 correction="none", has_batchnorm=False, channel_inputs=(x,),
+                                 autocast=contextlib.nullcontext)
+    slow = 0.2
+    monkeypatch.setattr(evaluator, "correct", lambda: time.sleep(slow) if evaluator.mode == "channel" else None)
+    zeros = sparsities_to_zeros({layer.name: 0.5 for layer in imported.layers}, imported.layers)
+    evaluator.mode = "channel"
+    evaluator(zeros)
+    evaluator.mode = "none"
+    evaluator(zeros)
+    evaluator(zeros)
+    assert evaluator.seconds_per_candidate < slow / 2
+    evaluator.mode = "channel"
+    assert evaluator.seconds_per_candidate >= slow

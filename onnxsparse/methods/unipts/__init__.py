@@ -212,6 +212,8 @@ class UniPTS:
                                "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
             "correction_mode": evaluator.mode,
             "seconds_per_candidate": round(evaluator.seconds_per_candidate, 4),
+            "seconds_per_candidate_by_mode": {mode: round(seconds / count, 4)
+                                              for mode, (count, seconds) in evaluator.timings.items()},
             "layer_caps": {layer.name: cap for layer, cap in zip(layers, caps) if cap < cfg.max_layer_sparsity},
             "protected_layers": protected,
             "candidates": fitness,

@@ -192,6 +192,9 @@ class FitnessEvaluator:
         self.autocast = autocast
         self.evaluations = 0
         self.seconds = 0.0
+        # [candidates, seconds] per correction mode: a candidate's cost depends on its mode (the BatchNorm and
+        # channel fits cost forwards of their own), and the search runs in one mode only
+        self.timings: dict[str, list[float]] = {}
         with torch.no_grad():
             self.snapshot = copy_state(student)
             self.orders = {
@@ -208,6 +211,7 @@ class FitnessEvaluator:
         self.batches = take_samples(self.batches, n)
         self.scorer = HoldoutScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
         self.evaluations, self.seconds = 0, 0.0
+        self.timings = {}
 
     @property
     def n_samples(self) -> int:
@@ -273,13 +277,20 @@ class FitnessEvaluator:
         self.prune(zeros)
         self.correct()
         agreement = self.score()
+        seconds = time.perf_counter() - start
         self.evaluations += 1
-        self.seconds += time.perf_counter() - start
+        self.seconds += seconds
+        timing = self.timings.setdefault(self.mode, [0, 0.0])
+        timing[0] += 1
+        timing[1] += seconds
         return agreement
 
     @property
     def seconds_per_candidate(self) -> float:
-        return self.seconds / max(self.evaluations, 1)
+        """Mean seconds of a candidate in the current correction mode (of every candidate until one was timed
+        in that mode)."""
+        count, seconds = self.timings.get(self.mode) or (self.evaluations, self.seconds)
+        return seconds / max(count, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
