@@ -164,6 +164,8 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
                     "correction": _correction_of(rep["method_info"]),
                     "calibration": rep["calibration"]["train"], "holdout": rep["calibration"]["holdout"],
                 })
+                if method == "unipts":
+                    row["unipts"] = _unipts_decisions(rep["method_info"])
                 if not isinstance(metric, TopOne):
                     row["eval_s"] = round(eval_s, 1)
                 logger.info("%s %s: %s (dense %s) in %.1fs (eval %.1fs)", name, key,
@@ -172,6 +174,20 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
                 out.unlink(missing_ok=True)
             entry["runs"][key] = row
             save()
+
+
+def _unipts_decisions(info: dict) -> dict:
+    """What a UniPTS run chose, for reading a cell: the allocation (and the search's generations), the start,
+    the training length, and the trained-vs-start decision on the holdout."""
+    allocation, training = info.get("allocation") or {}, info.get("training") or {}
+    kept_by = (info.get("final_correction") or {}).get("kept_by") or {}
+    return {
+        "allocation": allocation.get("chosen"), "generations": allocation.get("generations"),
+        "start": (info.get("start") or {}).get("chosen"), "iterations": training.get("iterations"),
+        "planned_iterations": training.get("planned_iterations"), "kept": info.get("kept"),
+        "relative_improvement": kept_by.get("relative_improvement"),
+        "closer_samples": kept_by.get("closer_samples"), "farther_samples": kept_by.get("farther_samples"),
+    }
 
 
 def _correction_of(info: dict) -> str | None:

@@ -325,10 +325,14 @@ class PairedComparison:
 
     def better(self, z: float, margin: float) -> bool:
         """Closer on average by more than ``z`` standard errors, or by more than ``margin`` of the baseline's
-        distance. The second route is for small holdouts with heavy-tailed distances, where a model closer by a
-        third is not "significant" yet is the better one; gains under the margin that the standard error cannot
-        resolve are treated as noise."""
-        return self.gain > 0 and (self.gain > z * self.standard_error or self.relative_gain > margin)
+        distance, and closer on at least as many samples as farther. The second route is for small holdouts with
+        heavy-tailed distances, where a model closer by a third is not "significant" yet is the better one; gains
+        under the margin that the standard error cannot resolve are treated as noise. The count guards both
+        routes against the same tail the other way: a mean moved by a few samples while most samples got
+        farther (measured: the PP-OCR line classifier at 0.9, 19% closer on average, farther on 40 of 52
+        holdout samples, 4.3 points under its start on the test lines)."""
+        return (self.gain > 0 and (self.gain > z * self.standard_error or self.relative_gain > margin)
+                and self.closer >= self.farther)
 
     def as_dict(self) -> dict:
         return {"improvement": self.gain, "relative_improvement": self.relative_gain,
