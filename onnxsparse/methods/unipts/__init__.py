@@ -17,8 +17,8 @@ Phases (``MethodResult.info`` reports each):
 4. finish: masks baked (exactly the allotted zeros per layer), the statistics correction chosen again on the
    holdout ("none" included), and the trained model kept only if it agrees with the dense model on the holdout
    better than the starting point by a margin the holdout can resolve (``KEEP_TRAINED_Z`` standard errors of
-   the paired per-sample difference, or ``KEEP_TRAINED_MARGIN`` of the start's distance) and closer on at least
-   as many holdout samples as it is farther: UniPTS never ends below its own start on the holdout.
+   the paired per-sample difference, or ``KEEP_TRAINED_MARGIN`` of the start's distance), unless a sign test
+   resolves it as farther on most holdout samples: UniPTS never ends below its own start on the holdout.
 
 The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by default): the search takes at most
 ``SEARCH_SHARE`` of it, training shortens itself to what is left.
@@ -408,7 +408,8 @@ class UniPTS:
         start = start_report["candidates"][start_report["chosen"]]
         decision: dict = {"rule": f"trained kept if closer on average by more than {KEEP_TRAINED_Z} standard "
                                   f"errors or by more than {KEEP_TRAINED_MARGIN:.0%} of the start's distance, "
-                                  "and closer on at least as many samples as farther"}
+                                  f"unless farther on more samples than closer by more than {KEEP_TRAINED_Z} "
+                                  "standard deviations of a sign test"}
         kept = "trained"
         if start_state is not None:
             trained_state = copy_state(ctx.student)
