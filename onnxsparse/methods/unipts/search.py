@@ -190,8 +190,6 @@ class FitnessEvaluator:
         self.channel_inputs = channel_inputs
         self._dense_stats = None  # the teacher's channel statistics on channel_inputs, computed at the first fit
         self.autocast = autocast
-        self.evaluations = 0
-        self.seconds = 0.0
         # [candidates, seconds] per correction mode: a candidate's cost depends on its mode (the BatchNorm and
         # channel fits cost forwards of their own), and the search runs in one mode only
         self.timings: dict[str, list[float]] = {}
@@ -210,7 +208,6 @@ class FitnessEvaluator:
         """Score on the first ``n`` fitness samples only (teacher outputs recomputed for them)."""
         self.batches = take_samples(self.batches, n)
         self.scorer = HoldoutScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
-        self.evaluations, self.seconds = 0, 0.0
         self.timings = {}
 
     @property
@@ -277,19 +274,16 @@ class FitnessEvaluator:
         self.prune(zeros)
         self.correct()
         agreement = self.score()
-        seconds = time.perf_counter() - start
-        self.evaluations += 1
-        self.seconds += seconds
         timing = self.timings.setdefault(self.mode, [0, 0.0])
         timing[0] += 1
-        timing[1] += seconds
+        timing[1] += time.perf_counter() - start
         return agreement
 
     @property
     def seconds_per_candidate(self) -> float:
         """Mean seconds of a candidate in the current correction mode (of every candidate until one was timed
         in that mode)."""
-        count, seconds = self.timings.get(self.mode) or (self.evaluations, self.seconds)
+        count, seconds = self.timings.get(self.mode) or [sum(t) for t in zip(*self.timings.values())] or (0, 0.0)
         return seconds / max(count, 1)
 
 
