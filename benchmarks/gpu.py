@@ -76,9 +76,9 @@ def run_one(model_path: Path, calib_path: Path, recipe: str, args, dist) -> dict
     from onnxsparse.config import UniPTSConfig
 
     n_calib = len(np.load(calib_path, mmap_mode="r"))
-    holdout = max(args.batch_size, n_calib // 8)
+    selection = max(args.batch_size, n_calib // 8)
     overrides = dict(generations=args.generations, iterations=args.iterations, batch_size=args.batch_size,
-                     fitness_samples=n_calib - holdout)
+                     fitness_samples=n_calib - selection)
     if args.population is not None:  # the recipe's proportions at a smaller population
         p = args.population
         overrides.update(population=p, parents=max(2, p // 3), crossover=p // 3, mutation=p // 3)
@@ -88,7 +88,7 @@ def run_one(model_path: Path, calib_path: Path, recipe: str, args, dist) -> dict
         overrides["max_grad_norm"] = 1.0
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)
     config = PruneConfig(sparsity=args.sparsity, device=args.device, batch_size=args.batch_size,
-                         holdout_size=holdout, verify_samples=args.batch_size, unipts=unipts)
+                         selection_size=selection, verify_size=None, unipts=unipts)
     cuda = dist.device is not None and dist.device.type == "cuda" or (
         not dist.active and args.device != "cpu" and torch.cuda.is_available())
     if cuda:

@@ -6,7 +6,7 @@
     python benchmarks/run.py --full --unipts-budget 0   # ... with UniPTS's recipe uncapped (many hours)
     python benchmarks/run.py --cases fashion --methods magnitude,reconstruct --sparsities 0.5,0.9
 
-Every method of a case gets the same calibration images, the same seed and the same holdout split; each
+Every method of a case gets the same calibration images, the same seed and the same selection split; each
 pruned model is evaluated with onnxruntime on the case's test images by the case's metric (top-1 for the
 classifiers, exact-line and character accuracy for the text recogniser, agreement with the dense model's
 probability maps for the text detector: ``benchmarks/cases/metrics.py``). Results accumulate in
@@ -159,10 +159,10 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
                 row.update({
                     **{k: values.get(k) for k in ROW_VALUES.get(main, metric.names)},
                     "achieved_sparsity": result.achieved_sparsity,
-                    "method_s": rep["time_s"].get("method"), "holdout_agreement": rep["verification"].get("agreement"),
+                    "method_s": rep["time_s"].get("method"), "selection_agreement": rep["verification"].get("agreement"),
                     "gate_passed": rep["quality_gate"].get("passed"),
                     "correction": _correction_of(rep["method_info"]),
-                    "calibration": rep["calibration"]["train"], "holdout": rep["calibration"]["holdout"],
+                    "calibration": rep["calibration"]["train"], "selection": rep["calibration"]["selection"],
                 })
                 if method == "unipts":
                     row["unipts"] = _unipts_decisions(rep["method_info"])
@@ -178,7 +178,7 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
 
 def _unipts_decisions(info: dict) -> dict:
     """What a UniPTS run chose, for reading a cell: the allocation (and the search's generations), the start,
-    the training length, and the trained-vs-start decision on the holdout."""
+    the training length, and the trained-vs-start decision on the selection."""
     allocation, training = info.get("allocation") or {}, info.get("training") or {}
     kept_by = (info.get("final_correction") or {}).get("kept_by") or {}
     return {

@@ -89,7 +89,10 @@ def main() -> None:
 @click.option("--no-correction", is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
 @_BATCH_SIZE
 @click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--holdout-size", type=int, default=None, help="Calibration samples kept aside for verification.")
+@click.option("--selection-size", type=int, default=None,
+              help="Calibration samples kept aside for the method's choices (default: 10%, 32..1000).")
+@click.option("--verify-size", type=int, default=None,
+              help="Calibration samples kept aside for the quality gate alone (default: 10%, 32..1000).")
 @click.option("--augment/--no-augment", "augment", default=None,
               help="Random crops (and flips, where the dense model is mirror-invariant) in UniPTS distillation "
                    "[default: off; on with --recipe paper].")
@@ -111,14 +114,13 @@ def main() -> None:
                    "0: no cap, the recipe's full search and epochs).")
 @click.option("--correction-samples", type=int, default=256, show_default=True,
               help="Calibration samples used to fit the per-channel correction (one batch).")
-@click.option("--verify-samples", type=int, default=256, show_default=True,
-              help="Holdout samples compared in onnxruntime before writing.")
 @click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,
               help="Largest relative error allowed between onnxruntime and the pruned torch model.")
 @click.option("--min-agreement", type=float, default=0.8, show_default=True,
-              help="Quality gate: lowest agreement with the dense model on the holdout (top-1 for class outputs, "
-                   "per position for sequences, R^2 otherwise) below which nothing is written and the exit status "
-                   "is 3; 0 turns the gate off.")
+              help="Quality gate: lowest per-output agreement with the dense model on the verification split, which "
+                   "no decision saw (top-1 for class outputs, per position for sequences, Jaccard for sigmoid "
+                   "outputs, R^2 otherwise), below which nothing is written and the exit status is 3; 0 turns the "
+                   "gate off.")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Keep checkpoints here (after the search, every --checkpoint-every epochs of training).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
@@ -145,8 +147,8 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
 
 
 def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, exclude,
-                  no_correction, batch_size, max_samples, holdout_size, recipe, epochs, iterations, search_generations,
-                  population, no_search, lr, time_budget, correction_samples, verify_samples, verify_tolerance,
+                  no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs, iterations, search_generations,
+                  population, no_search, lr, time_budget, correction_samples, verify_tolerance,
                   min_agreement, checkpoint_every, augment, feature_weight):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
@@ -164,8 +166,8 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)
     return PruneConfig(
         sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
-        correction=not no_correction, batch_size=batch_size, max_samples=max_samples, holdout_size=holdout_size,
-        save_format=save_format, correction_samples=correction_samples, verify_samples=verify_samples,
+        correction=not no_correction, batch_size=batch_size, max_samples=max_samples, selection_size=selection_size, verify_size=verify_size,
+        save_format=save_format, correction_samples=correction_samples,
         verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
         unipts=unipts,
     )
@@ -235,7 +237,8 @@ def _print_summary(report: dict) -> None:
     ver = report.get("verification", {})
     agreement = ver.get("agreement")
     outs = ver.get("outputs", [])
-    line = f"verified on {ver.get('samples', 0)} holdout samples with onnxruntime:"
+    gate = report.get("quality_gate", {})
+    line = f"verified on {ver.get('samples', 0)} {gate.get('split', 'verification')} samples with onnxruntime:"
     if agreement is not None:
         line += f" agreement with dense {agreement:.2%} ({ver.get('measure')});"
     if outs:
@@ -325,7 +328,8 @@ def eval_(model, data, labels_file, batch_size, limit, as_json, device, preproce
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
               help="Class names, one per line, in the model's class order.")
 @click.option("--min-agreement", type=float, default=None,
-              help="Exit with status 1 when top-1 agreement is below this fraction (e.g. 0.99).")
+              help="Exit with status 1 when the lowest per-output agreement (as prune's quality gate measures it) "
+                   "is below this fraction (e.g. 0.99).")
 @_BATCH_SIZE
 @click.option("--limit", type=int, default=None, help="Compare on at most this many images.")
 @_onnxruntime_options
@@ -338,24 +342,19 @@ def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, 
     _check_limit(limit)
     result = run_compare(dense, sparse, data, preprocess=preprocess, labels_file=labels_file,
                          batch_size=batch_size, limit=limit, device=device)
-    if min_agreement is not None and result.top1_agreement is None:
-        raise OnnxSparseError(
-            "--min-agreement needs class scores ([N, classes]) as the first output; this model's first output "
-            "is not one"
-        )
     passed = result.passes(min_agreement)
     if as_json:
         click.echo(json.dumps({**result.as_dict(), "min_agreement": min_agreement, "passed": passed}, indent=2))
     else:
         click.echo(f"{result.images:,} images from {result.data}")
-        click.echo(f"top-1 agreement   {_pct(result.top1_agreement)}")
+        click.echo(f"agreement         {_pct(result.agreement)} (lowest per output)")
         if result.dense_accuracy is not None:
             click.echo(f"top-1 accuracy    dense {_pct(result.dense_accuracy['top1'])}, "
                        f"sparse {_pct(result.sparse_accuracy['top1'])}")
-        click.echo(f"{'output':<32} {'cosine':>9} {'max |diff|':>11} {'mean |diff|':>12}")
+        click.echo(f"{'output':<32} {'agreement':>9} {'cosine':>9} {'max |diff|':>11} {'mean |diff|':>12}  measure")
         for out in result.outputs:
-            click.echo(f"{out['name'][-32:]:<32} {out['cosine']:>9.5f} {out['max_abs_diff']:>11.4g} "
-                       f"{out['mean_abs_diff']:>12.4g}")
+            click.echo(f"{out['name'][-32:]:<32} {_pct(out['agreement']):>9} {out['cosine']:>9.5f} "
+                       f"{out['max_abs_diff']:>11.4g} {out['mean_abs_diff']:>12.4g}  {out['measure']}")
         if not quiet:
             click.echo(f"{'layer':<40} {'op':<8} {'params':>10} {'dense':>8} {'sparse':>8}")
             for row in result.layers:
@@ -364,7 +363,7 @@ def compare(dense, sparse, data, labels_file, min_agreement, batch_size, limit, 
         click.echo(f"{'total':<40} {'':<8} {sum(r.params for r in result.layers):>10,} "
                    f"{_pct(result.dense_sparsity):>8} {_pct(result.sparse_sparsity):>8}")
     if min_agreement is not None:
-        verdict = (f"top-1 agreement {_pct(result.top1_agreement)} "
+        verdict = (f"agreement {_pct(result.agreement)} "
                    f"{'>=' if passed else '<'} --min-agreement {_pct(min_agreement)}")
         if not passed:
             click.echo(f"FAILED: {verdict}", err=True)

@@ -146,11 +146,11 @@ class PruneConfig:
     correction: bool = True
     batch_size: int = 64
     max_samples: int | None = None
-    holdout_size: int | None = None
+    selection_size: int | None = None
     correction_samples: int = 256
-    verify_samples: int = 256
+    verify_size: int | None = None  # the verification split (None: 10% of the samples within 32..1000)
     verify_tolerance: float = 1e-3
-    # quality gate: the lowest per-output agreement with the dense model on the holdout (top-1 for class
+    # quality gate: the lowest per-output agreement with the dense model on the selection (top-1 for class
     # outputs, per position for sequences, R^2 for other outputs) must reach this, else nothing is written
     min_agreement: float = 0.8
     checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
@@ -172,9 +172,9 @@ class PruneConfig:
         _check(isinstance(self.exclude, tuple), f"exclude must be a tuple of patterns, got {type(self.exclude).__name__}")
         _positive_int(self.batch_size, "--batch-size")
         _positive_int(self.max_samples, "--max-samples", allow_none=True, minimum=2)
-        _positive_int(self.holdout_size, "--holdout-size", allow_none=True, minimum=0)
+        _positive_int(self.selection_size, "--selection-size", allow_none=True, minimum=0)
         _positive_int(self.correction_samples, "--correction-samples")
-        _positive_int(self.verify_samples, "--verify-samples")
+        _positive_int(self.verify_size, "--verify-size", allow_none=True, minimum=0)
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
         _number(self.min_agreement, "--min-agreement", 0, 1)
         _positive_int(self.checkpoint_every, "--checkpoint-every")

@@ -9,7 +9,7 @@ class OnnxSparseError(Exception):
 
 
 class QualityGateFailed(OnnxSparseError):
-    """The pruned model agrees with the dense model less than ``--min-agreement`` on the holdout.
+    """The pruned model agrees with the dense model less than ``--min-agreement`` on the selection.
 
     Nothing is written (the report is, when asked for); the CLI exits with status 3, distinct from user errors (2).
     """

@@ -26,10 +26,12 @@ from onnxsparse.data.images import DecoderPool, is_image_file
 from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import collect_files, is_tensor_file
+from onnxsparse import metrics
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_device, ort_session
 from onnxsparse.importer.load import load_model
 from onnxsparse.inspect import inspect_model
+from onnxsparse.signals import onnx_output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +424,8 @@ class CompareResult:
     sparse: str
     data: str
     images: int
-    top1_agreement: float | None
+    top1_agreement: float | None  # of the first class output, where there is one
+    agreement: float | None  # the lowest per-output agreement (onnxsparse.metrics), what --min-agreement reads
     outputs: list[dict]
     layers: list[LayerPair]
     dense_sparsity: float
@@ -434,7 +437,7 @@ class CompareResult:
     def passes(self, min_agreement: float | None) -> bool:
         if min_agreement is None:
             return True
-        return self.top1_agreement is not None and self.top1_agreement >= min_agreement
+        return self.agreement is not None and self.agreement >= min_agreement
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -494,10 +497,13 @@ def _tensor_files(path: Path) -> list[Path]:
 
 
 class _Comparison:
-    """Streaming comparison of two models' outputs on the same batches."""
+    """Streaming comparison of two models' outputs on the same batches; per output, the agreement of
+    :mod:`onnxsparse.metrics` by the kind the quality gate reads (:func:`onnx_output_kinds` of the dense model)."""
 
-    def __init__(self, output_names: list[str], labelled: bool) -> None:
+    def __init__(self, model: onnx.ModelProto, output_names: list[str], labelled: bool) -> None:
+        self.model = model
         self.stats = [_OutputStats(name) for name in output_names]
+        self.counts: list[metrics.AgreementCount] = []
         self.labelled = labelled
         self.dense_accuracy, self.sparse_accuracy = Accuracy(), Accuracy()
         self.agree = self.samples = 0
@@ -505,8 +511,12 @@ class _Comparison:
 
     def add(self, outs_d: list[np.ndarray], outs_s: list[np.ndarray], labels: np.ndarray | None, n: int) -> None:
         self.samples += n
-        for st, a, b in zip(self.stats, outs_d, outs_s):
+        if not self.counts:
+            self.counts = [metrics.AgreementCount(kind, axis, metrics.PROBABILITY_THRESHOLD)
+                           for kind, axis in onnx_output_kinds(self.model, outs_d)]
+        for st, count, a, b in zip(self.stats, self.counts, outs_d, outs_s):
             st.add(a, b)
+            count.add(np.asarray(a), np.asarray(b))
         a0, b0 = outs_d[0], outs_s[0]
         self.all_scores = self.all_scores and _is_scores(a0, n)
         if self.all_scores:
@@ -520,8 +530,16 @@ class _Comparison:
                 self.labelled = False
         self.labelled = self.labelled and self.all_scores
 
-    def agreement(self) -> float | None:
+    def top1(self) -> float | None:
         return self.agree / self.samples if self.all_scores else None
+
+    def agreement(self) -> float | None:
+        values = [c.value for c in self.counts if c.value is not None]
+        return min(values) if values else None
+
+    def outputs(self) -> list[dict]:
+        return [{**st.as_dict(), "kind": count.kind, "agreement": count.value, "measure": count.measure}
+                for st, count in zip(self.stats, self.counts)]
 
     def accuracies(self) -> tuple[dict | None, dict | None]:
         if not self.labelled:
@@ -550,7 +568,7 @@ def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.
     batches, labelled, files = _compare_inputs(data, dense_proto, dense_path, preprocess, labels_file, batch_size,
                                                limit)
     dense_run, sparse_run = _Runner(dense_sess), _Runner(sparse_sess)
-    comparison = _Comparison(dense_run.output_names, labelled)
+    comparison = _Comparison(dense_proto, dense_run.output_names, labelled)
     for feed, y in batches:
         comparison.add(dense_run.run(feed), sparse_run.run(feed), y, len(next(iter(feed.values()))))
     if comparison.samples == 0:
@@ -558,7 +576,7 @@ def compare(dense: str | os.PathLike, sparse: str | os.PathLike, data: str | os.
     pairs, dense_total, sparse_total = _sparsity_pairs(dense_proto, sparse_proto)
     dense_accuracy, sparse_accuracy = comparison.accuracies()
     return CompareResult(
-        str(dense), str(sparse), str(data), comparison.samples, comparison.agreement(),
-        [st.as_dict() for st in comparison.stats], pairs, dense_total, sparse_total,
+        str(dense), str(sparse), str(data), comparison.samples, comparison.top1(), comparison.agreement(),
+        comparison.outputs(), pairs, dense_total, sparse_total,
         dense_accuracy, sparse_accuracy, round(time.perf_counter() - start, 3),
     )

@@ -26,7 +26,9 @@ from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
 from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
+from onnxsparse.data.calibration import CalibrationSet, feed_batches
 from onnxsparse.graph import ImportedModel
+from onnxsparse.metrics import wilson_interval
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
 from onnxsparse.plain import json_default
@@ -35,6 +37,9 @@ from onnxsparse.sparsity.masks import zeros_for
 from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
 logger = logging.getLogger(__name__)
+
+MIN_MEANINGFUL_VERIFY = 50  # verification samples under which the gate's figure is flagged as uncertain
+FALLBACK_VERIFY_SAMPLES = 256  # training samples the gate reads when there is no verification split
 
 
 @dataclass
@@ -169,7 +174,7 @@ def prune(
     if report_path is not None:
         check_output_path(report_path, inputs=sources, force=True)
     dist = dist or DistContext()
-    ctx = _prepare(model, model_path, calib, config, preprocess, timer, dist, progress, run_dir, resume)
+    ctx, calib_set = _prepare(model, model_path, calib, config, preprocess, timer, dist, progress, run_dir, resume)
     with timer("calibration data"):
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes = _pattern_notes(config)
@@ -185,7 +190,7 @@ def prune(
     dist.broadcast_module(ctx.student)  # rank 0's weights on every rank, whatever float noise did
     if not dist.is_main:
         return PruneResult(None, config.sparsity, float("nan"), [], {"rank": dist.rank})
-    run = _Run(ctx.imported, ctx.student.to("cpu").eval(), ctx.calib, config, ctx.device, model_path, output,
+    run = _Run(ctx.imported, ctx.student.to("cpu").eval(), calib_set, config, ctx.device, model_path, output,
                result, signals, notes, timer, started)
     dry_dir = tempfile.TemporaryDirectory() if output is None else None
     save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
@@ -204,8 +209,9 @@ def prune(
 
 
 def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preprocess, timer: Phases,
-             dist: DistContext, progress: bool, run_dir, resume: bool) -> PruneContext:
-    """Import, calibration data, device, teacher and student, run directory: what a method gets."""
+             dist: DistContext, progress: bool, run_dir, resume: bool) -> tuple[PruneContext, CalibrationSet]:
+    """Import, calibration data, device, teacher and student, run directory: what a method gets, and the whole
+    calibration set (the verification split is the gate's alone)."""
     from onnxsparse.data import PreprocessConfig, load_calibration
 
     with timer("import"):
@@ -219,7 +225,8 @@ def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preproc
     with timer("calibration data"):
         calib_set = load_calibration(
             calib, imported.proto, model_path=model_path, preprocess=preprocess or PreprocessConfig(),
-            max_samples=config.max_samples, holdout_size=config.holdout_size, seed=config.seed,
+            max_samples=config.max_samples, selection_size=config.selection_size, verify_size=config.verify_size,
+            seed=config.seed,
         )
     _check_distributed(dist, config, run_dir, resume)
     device = dist.device if dist.active else resolve_device(config.device)
@@ -233,8 +240,10 @@ def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preproc
         runs = RunDir(run_dir, _fingerprint(model_path, imported, calib, config, preprocess), resume=resume)
     elif resume:
         raise OnnxSparseError("resume needs a run directory")
-    return PruneContext(imported, teacher, student, calib_set, config, device, progress=progress and dist.is_main,
-                        run_dir=runs, dist=dist)
+    # Methods are handed no verification samples: the gate's figure is measured on samples no decision saw.
+    ctx = PruneContext(imported, teacher, student, calib_set.without_verification(), config, device,
+                       progress=progress and dist.is_main, run_dir=runs, dist=dist)
+    return ctx, calib_set
 
 
 def _pattern_notes(config: PruneConfig) -> list[str]:
@@ -277,12 +286,16 @@ class _Run:
             "onnxsparse.target_sparsity": f"{self.config.sparsity:.6g}",
         }
 
-    def verify_feeds(self):
-        """Up to ``verify_samples`` holdout feeds (training feeds when there is no holdout split)."""
-        from onnxsparse.data.calibration import feed_batches
+    @property
+    def verify_split(self) -> str:
+        """The split the gate reads: verification, which no decision saw; the training split only when the
+        calibration data left none (the report and stderr then say the gate's figure is not independent)."""
+        return "verification" if self.calib.n_verification else "train"
 
-        arrays = self.calib.holdout if self.calib.n_holdout else self.calib.train
-        n = self.config.verify_samples
+    def verify_feeds(self):
+        split = self.verify_split
+        arrays = getattr(self.calib, split)
+        n = self.calib.n_verification or min(self.calib.n_train, FALLBACK_VERIFY_SAMPLES)
         return feed_batches({name: a[:n] for name, a in arrays.items()}, self.calib.dtypes, self.config.batch_size)
 
 
@@ -292,8 +305,12 @@ class _Gate:
     def __init__(self, run: _Run):
         self.run = run
         self.verification: dict = {}
-        self.report: dict = {"min_agreement": run.config.min_agreement,
-                             "split": "holdout" if run.calib.n_holdout else "train"}
+        self.report: dict = {"min_agreement": run.config.min_agreement, "split": run.verify_split}
+        warning = _gate_warning(run.verify_split, run.calib.n_verification)
+        if warning:
+            self.report["warning"] = warning
+            run.notes.append(warning)
+            logger.warning(warning)
 
     def __call__(self, path: Path) -> None:
         run = self.run
@@ -301,13 +318,25 @@ class _Gate:
             path, run.model_path if run.model_path is not None else run.imported.proto, run.verify_feeds(),
             student=run.student, input_names=run.calib.input_names, device="cpu",
             tolerance=run.config.verify_tolerance, ort_device=run.device,
-            kinds=[(s.kind, s.axis) for s in run.signals],
         )
         self.verification = checked.as_dict()
         passed = checked.agreement is None or checked.agreement >= run.config.min_agreement
-        self.report.update({"agreement": checked.agreement, "measure": checked.measure, "passed": passed})
+        self.report.update({"agreement": checked.agreement, "measure": checked.measure, "passed": passed,
+                            "samples": checked.samples,
+                            "interval_95": (wilson_interval(checked.agreement, checked.samples)
+                                            if checked.agreement is not None else None)})
         if not passed:
             raise QualityGateFailed(checked.agreement, run.config.min_agreement, checked.measure, checked.samples)
+
+
+def _gate_warning(split: str, n: int) -> str | None:
+    if split != "verification":
+        return ("the calibration data left no verification split: the quality gate measures on training samples, "
+                "which the method fitted; its figure is optimistic (give more calibration samples or --verify-size)")
+    if n < MIN_MEANINGFUL_VERIFY:
+        return (f"the verification split has {n} samples (fewer than {MIN_MEANINGFUL_VERIFY}): the quality gate's "
+                "figure is uncertain, see quality_gate.interval_95 (give more calibration samples or --verify-size)")
+    return None
 
 
 def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_path) -> PruneResult:
@@ -372,7 +401,8 @@ def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": config.as_dict(),
-        "calibration": {"train": calib.n_train, "holdout": calib.n_holdout, "pipeline": calib.pipeline,
+        "calibration": {"train": calib.n_train, "selection": calib.n_selection,
+                        "verification": calib.n_verification, "pipeline": calib.pipeline,
                         "skipped": calib.skipped},
         "graph": {"opset": imported.opset, "torch_opset": imported.torch_opset, "batchnorm": imported.has_batchnorm,
                   "notes": imported.notes},

@@ -29,7 +29,7 @@ from onnxsparse.exporter import ort_session
 
 log = logging.getLogger(__name__)
 
-SAMPLES = 8  # calibration samples per model: 4 train, 4 holdout
+SAMPLES = 8  # calibration samples per model: 4 train, 4 selection
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,9 @@ def _setup(name: str, tmp_path: Path) -> tuple[onnx.ModelProto, Path | onnx.Mode
 
 
 def _config(sparsity: float, **kwargs) -> PruneConfig:
-    # random calibration data and 4 holdout samples say nothing about quality: the gate is off here (its own
+    # random calibration data and 4 selection samples say nothing about quality: the gate is off here (its own
     # tests are in test_quality.py); validity, exact zeros and export fidelity are what this corpus checks
-    return PruneConfig(sparsity=sparsity, max_samples=SAMPLES, holdout_size=SAMPLES // 2, batch_size=4,
+    return PruneConfig(sparsity=sparsity, max_samples=SAMPLES, selection_size=SAMPLES // 2, batch_size=4,
                        min_agreement=0.0, **kwargs)
 
 
@@ -220,7 +220,7 @@ def test_bert_default_method_from_a_reader(tmp_path):
     unipts = UniPTSConfig(population=4, parents=2, crossover=1, mutation=1, generations=1, epochs=1.0,
                           fitness_samples=8, batch_size=4)
     out = tmp_path / "out.onnx"
-    config = PruneConfig(sparsity=0.5, batch_size=4, holdout_size=8, unipts=unipts, min_agreement=0.0)
+    config = PruneConfig(sparsity=0.5, batch_size=4, selection_size=8, unipts=unipts, min_agreement=0.0)
     result = prune(model, out, reader, config, progress=False)
     assert result.report["method"] == "unipts" and result.report["calibration"]["train"] == 8
     pruned = onnx.load(str(out))

@@ -15,7 +15,7 @@ from onnxsparse.data import (
     CalibrationSet,
     PreprocessConfig,
     check_batch_size,
-    default_holdout_size,
+    default_selection_size,
     load_calibration,
 )
 from onnxsparse.errors import OnnxSparseError
@@ -91,7 +91,7 @@ def test_non_float_input_with_image_folder(tmp_path):
     "kwargs, match",
     [
         ({"max_samples": 0}, "--max-samples must be a positive integer"),
-        ({"holdout_size": -1}, "--holdout-size must be an integer >= 0"),
+        ({"selection_size": -1}, "--selection-size must be an integer >= 0"),
         ({"seed": 1.5}, "--seed must be an integer"),
         ({"preprocess": {"preset": "imagenet"}}, "preprocess must be a PreprocessConfig"),
     ],
@@ -105,10 +105,10 @@ def test_argument_validation(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "n, expected", [(2, 1), (10, 5), (64, 32), (100, 32), (320, 32), (500, 50), (9999, 1000), (100_000, 1000)]
+    "n, expected", [(2, 0), (10, 3), (64, 21), (100, 32), (320, 32), (500, 50), (9999, 1000), (100_000, 1000)]
 )
-def test_default_holdout_size(n, expected):
-    assert default_holdout_size(n) == expected
+def test_default_selection_size(n, expected):
+    assert default_selection_size(n) == expected
 
 
 def test_fewer_than_two_samples():
@@ -116,57 +116,72 @@ def test_fewer_than_two_samples():
         load_calibration(samples(1), IMAGE)
 
 
-def test_holdout_leaving_no_training_data():
-    with pytest.raises(OnnxSparseError, match="holdout_size 5 leaves no training samples: .* has 5 sample"):
-        load_calibration(samples(5), IMAGE, holdout_size=5)
-    with pytest.raises(OnnxSparseError, match=r"holdout_size 5 leaves .* has 9 sample\(s\), 5 used \(max_samples\)"):
-        load_calibration(samples(9), IMAGE, holdout_size=5, max_samples=5)
+def test_selection_leaving_no_training_data():
+    with pytest.raises(OnnxSparseError, match="--selection-size 5 and --verify-size 1 leave no training samples: .* "
+                                              "has 5 sample"):
+        load_calibration(samples(5), IMAGE, selection_size=5)
+    with pytest.raises(OnnxSparseError, match=r"--selection-size 3 and --verify-size 2 leave .* has 9 sample\(s\), "
+                                              r"5 used \(max_samples\); their sum must be below 5"):
+        load_calibration(samples(9), IMAGE, selection_size=3, verify_size=2, max_samples=5)
     with pytest.raises(OnnxSparseError, match="--max-samples 1 is too small"):
         load_calibration(samples(9), IMAGE, max_samples=1)
 
 
-def test_max_samples_caps_train_plus_holdout():
+def test_max_samples_caps_train_plus_selection():
     cs = load_calibration(samples(1000), IMAGE, max_samples=100)
-    assert (cs.n_train, cs.n_holdout) == (68, 32)
+    assert (cs.n_train, cs.n_selection, cs.n_verification) == (36, 32, 32)
     assert cs.pipeline["split"]["max_samples"] == 100
 
 
 def test_split_without_replacement_and_sizes():
-    cs = load_calibration(samples(200), IMAGE, seed=1)
-    assert (cs.n_train, cs.n_holdout) == (168, 32)
-    train, holdout = ids(cs.train["x"]), ids(cs.holdout["x"])
-    assert len(set(train)) == 168 and len(set(holdout)) == 32 and not set(train) & set(holdout)
+    cs = load_calibration(samples(200), IMAGE, seed=1, verify_size=40)
+    assert (cs.n_train, cs.n_selection, cs.n_verification) == (128, 32, 40)
+    train, selection, verification = ids(cs.train["x"]), ids(cs.selection["x"]), ids(cs.verification["x"])
+    assert (len(set(train)), len(set(selection)), len(set(verification))) == (128, 32, 40)
+    assert not set(train) & set(selection) and not set(train) & set(verification)
+    assert not set(selection) & set(verification)
     assert cs.pipeline["split"] == {
-        "seed": 1, "available": 200, "train": 168, "holdout": 32, "max_samples": None,
-        "holdout_size": {"value": 32, "source": "default"},
+        "seed": 1, "available": 200, "train": 128, "selection": 32, "verification": 40, "max_samples": None,
+        "selection_size": {"value": 32, "source": "default"}, "verify_size": {"value": 40, "source": "user"},
     }
 
 
-def test_holdout_is_stable_when_max_samples_changes():
-    small = load_calibration(samples(100), IMAGE, max_samples=30, holdout_size=20, seed=4)
-    large = load_calibration(samples(100), IMAGE, max_samples=70, holdout_size=20, seed=4)
-    assert (small.n_train, large.n_train) == (10, 50)
-    assert ids(small.holdout["x"]) == ids(large.holdout["x"])
+def test_method_view_has_no_verification_samples():
+    cs = load_calibration(samples(200), IMAGE, seed=1)
+    view = cs.without_verification()
+    assert cs.n_verification == 32 and view.n_verification == 0
+    assert view.verification["x"].shape == (0, 3, 4, 4)
+    np.testing.assert_array_equal(view.selection["x"], cs.selection["x"])
+    np.testing.assert_array_equal(view.train["x"], cs.train["x"])
+
+
+def test_selection_is_stable_when_max_samples_changes():
+    small = load_calibration(samples(100), IMAGE, max_samples=30, selection_size=20, verify_size=5, seed=4)
+    large = load_calibration(samples(100), IMAGE, max_samples=70, selection_size=20, verify_size=5, seed=4)
+    assert (small.n_train, large.n_train) == (5, 45)
+    assert ids(small.selection["x"]) == ids(large.selection["x"])
+    assert ids(small.verification["x"]) == ids(large.verification["x"])
     assert set(ids(small.train["x"])) <= set(ids(large.train["x"]))
 
 
-def test_holdout_zero():
-    cs = load_calibration(samples(4), IMAGE, holdout_size=0)
-    assert cs.n_holdout == 0 and cs.holdout["x"].shape == (0, 3, 4, 4)
-    assert list(cs.batches("holdout", 2, shuffle=False, seed=0)) == []
-    assert list(cs.feeds("holdout", 2)) == []
+def test_selection_zero():
+    cs = load_calibration(samples(4), IMAGE, selection_size=0)
+    assert cs.n_selection == 0 and cs.selection["x"].shape == (0, 3, 4, 4)
+    assert list(cs.batches("selection", 2, shuffle=False, seed=0)) == []
+    assert list(cs.feeds("selection", 2)) == []
 
 
 def test_image_split_is_seeded(tmp_path):
     for i in range(12):
         Image.fromarray(np.full((4, 4, 3), i * 20, np.uint8)).save(tmp_path / f"{i:02d}.png")
     config = PreprocessConfig(workers=0, scale=1.0)
-    a = load_calibration(tmp_path, IMAGE, preprocess=config, holdout_size=4, seed=2)
-    b = load_calibration(tmp_path, IMAGE, preprocess=config, holdout_size=4, seed=2)
-    c = load_calibration(tmp_path, IMAGE, preprocess=config, holdout_size=4, seed=3)
-    np.testing.assert_array_equal(a.holdout["x"], b.holdout["x"])
-    assert sorted(ids(a.holdout["x"])) != sorted(ids(c.holdout["x"]))
-    everything = sorted(ids(a.holdout["x"]) + ids(a.train["x"]))
+    a = load_calibration(tmp_path, IMAGE, preprocess=config, selection_size=4, seed=2)
+    b = load_calibration(tmp_path, IMAGE, preprocess=config, selection_size=4, seed=2)
+    c = load_calibration(tmp_path, IMAGE, preprocess=config, selection_size=4, seed=3)
+    np.testing.assert_array_equal(a.selection["x"], b.selection["x"])
+    assert sorted(ids(a.selection["x"])) != sorted(ids(c.selection["x"]))
+    assert (a.n_train, a.n_selection, a.n_verification) == (4, 4, 4)
+    everything = sorted(ids(a.selection["x"]) + ids(a.train["x"]) + ids(a.verification["x"]))
     assert everything == [i * 20 for i in range(12)]
 
 
@@ -175,7 +190,7 @@ def test_image_split_is_seeded(tmp_path):
 
 @pytest.fixture(scope="module")
 def calib() -> CalibrationSet:
-    return load_calibration(samples(20), IMAGE, holdout_size=5, seed=0)
+    return load_calibration(samples(20), IMAGE, selection_size=5, verify_size=0, seed=0)
 
 
 def test_batches_in_order_and_drop_last(calib):
@@ -207,7 +222,7 @@ def test_rank_sharding_covers_everything_evenly(calib):
 
 
 def test_batches_validate_arguments(calib):
-    with pytest.raises(OnnxSparseError, match="split must be one of train, holdout, got 'test'"):
+    with pytest.raises(OnnxSparseError, match="split must be one of train, selection, verification, got 'test'"):
         list(calib.batches("test", 2, shuffle=False, seed=0))
     with pytest.raises(OnnxSparseError, match="batch_size must be a positive integer"):
         list(calib.batches("train", 0, shuffle=False, seed=0))
@@ -216,22 +231,22 @@ def test_batches_validate_arguments(calib):
 def test_augmentation_only_for_training_split(tmp_path):
     for i in range(6):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
-    cs = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0), holdout_size=2)
+    cs = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0), selection_size=2)
     assert cs.augment
     plain = torch.cat([b[0] for b in cs.batches("train", 8, shuffle=False, seed=0)])
     augmented = torch.cat([b[0] for b in cs.batches("train", 8, shuffle=False, seed=0, augment=True)])
     again = torch.cat([b[0] for b in cs.batches("train", 8, shuffle=False, seed=0, augment=True)])
     assert not torch.equal(plain, augmented)
     assert torch.equal(augmented, again)
-    holdout = torch.cat([b[0] for b in cs.batches("holdout", 8, shuffle=False, seed=0, augment=True)])
-    np.testing.assert_array_equal(holdout.numpy(), cs.holdout["x"])
-    off = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0, augment=False), holdout_size=2)
+    selection = torch.cat([b[0] for b in cs.batches("selection", 8, shuffle=False, seed=0, augment=True)])
+    np.testing.assert_array_equal(selection.numpy(), cs.selection["x"])
+    off = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0, augment=False), selection_size=2)
     assert torch.equal(torch.cat([b[0] for b in off.batches("train", 8, shuffle=False, seed=0, augment=True)]), plain)
 
 
 def test_feeds_cast_to_declared_dtype():
     model = make_model(["N", 3, 4, 4], TensorProto.FLOAT16)
-    cs = load_calibration(samples(7), model, holdout_size=2)
+    cs = load_calibration(samples(7), model, selection_size=2, verify_size=0)
     feeds = list(cs.feeds("train", 2))
     assert [f["x"].shape[0] for f in feeds] == [2, 2, 1]
     assert all(f["x"].dtype == np.float16 for f in feeds)
@@ -242,8 +257,8 @@ def test_feeds_run_in_onnxruntime(calib):
     import onnxruntime as ort
 
     session = ort.InferenceSession(IMAGE.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = [session.run(None, feed)[0] for feed in calib.feeds("holdout", 2)]
-    np.testing.assert_array_equal(np.concatenate(outputs), calib.holdout["x"])
+    outputs = [session.run(None, feed)[0] for feed in calib.feeds("selection", 2)]
+    np.testing.assert_array_equal(np.concatenate(outputs), calib.selection["x"])
 
 
 def test_check_batch_size(calib):
@@ -253,8 +268,8 @@ def test_check_batch_size(calib):
     with pytest.raises(OnnxSparseError, match="--batch-size must be a positive integer"):
         check_batch_size(3, 0)
     calib.check_batch_size(15)
-    with pytest.raises(OnnxSparseError, match="holdout split has 5 sample"):
-        calib.check_batch_size(8, split="holdout")
+    with pytest.raises(OnnxSparseError, match="selection split has 5 sample"):
+        calib.check_batch_size(8, split="selection")
 
 
 def test_pipeline_is_json(calib):
@@ -264,7 +279,7 @@ def test_pipeline_is_json(calib):
 
 def test_calibration_set_validates():
     arrays = {"x": np.zeros((2, 3), np.float32)}
-    with pytest.raises(OnnxSparseError, match="holdout has arrays for"):
+    with pytest.raises(OnnxSparseError, match="selection has arrays for"):
         CalibrationSet(arrays, {}, ("x",), False, {}, {})
     with pytest.raises(OnnxSparseError, match="float32"):
         CalibrationSet({"x": np.zeros((2, 3))}, {"x": np.zeros((0, 3))}, ("x",), False, {}, {})
@@ -278,7 +293,7 @@ def test_calibration_set_validates():
 def test_batches_on_cuda_with_augmentation(tmp_path):
     for i in range(6):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
-    cs = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0), holdout_size=2)
+    cs = load_calibration(tmp_path, IMAGE, preprocess=PreprocessConfig(workers=0), selection_size=2)
     cpu = [b[0] for b in cs.batches("train", 3, shuffle=True, seed=1, augment=True)]
     gpu = [b[0] for b in cs.batches("train", 3, shuffle=True, seed=1, augment=True, device="cuda")]
     assert all(t.is_cuda for t in gpu)

@@ -14,8 +14,16 @@ import torch
 from onnx import TensorProto, helper
 from PIL import Image
 
-from onnxsparse.data import PreprocessConfig, load_calibration
+from onnxsparse.data import PreprocessConfig
+from onnxsparse.data import load_calibration as _load_calibration
 from onnxsparse.errors import OnnxSparseError
+
+
+def load_calibration(*args, **kwargs):
+    """These tests are about decoding images: no verification split unless a test asks for one (the three-way
+    split has its own tests in test_data_calibration.py)."""
+    kwargs.setdefault("verify_size", 0)
+    return _load_calibration(*args, **kwargs)
 
 
 def make_model(shape, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
@@ -53,10 +61,10 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 
 
 def load_all(folder, shape, **options):
-    """Everything in one array (holdout + train), in the order of the sorted file names."""
+    """Everything in one array (selection + train), in the order of the sorted file names."""
     workers = options.pop("workers", 0)
     cs = load_calibration(
-        folder, make_model(shape), preprocess=PreprocessConfig(workers=workers, **options), holdout_size=1
+        folder, make_model(shape), preprocess=PreprocessConfig(workers=workers, **options), selection_size=1
     )
     return cs
 
@@ -68,7 +76,7 @@ def load_all(folder, shape, **options):
 def test_formats(tmp_path, ext):
     write_images(tmp_path, 3, ext=ext)
     cs = load_all(tmp_path, ["N", 3, 10, 12])
-    assert cs.n_train + cs.n_holdout == 3
+    assert cs.n_train + cs.n_selection == 3
     assert cs.train["x"].shape == (2, 3, 10, 12)
     assert sum(cs.skipped.values()) == 0
 
@@ -137,7 +145,7 @@ def test_float_tiff_is_skipped_as_unsupported(tmp_path):
     write_images(tmp_path, 2, size=(4, 4))
     cs = load_all(tmp_path, ["N", 3, 4, 4])
     assert cs.skipped["unsupported_mode"] == 1
-    assert cs.n_train + cs.n_holdout == 2
+    assert cs.n_train + cs.n_selection == 2
 
 
 def test_bgr_nhwc_and_normalisation(tmp_path):
@@ -179,7 +187,7 @@ def test_imagenet_preset_matches_torchvision(tmp_path):
         random_rgb(rng, h, w).save(tmp_path / f"{i}.jpg", quality=90)
     cs = load_calibration(
         tmp_path, make_model(["N", 3, 224, 224]), preprocess=PreprocessConfig(preset="imagenet", workers=0),
-        holdout_size=2,
+        selection_size=2,
     )
     reference = transforms.Compose([
         transforms.Resize(256),
@@ -191,7 +199,7 @@ def test_imagenet_preset_matches_torchvision(tmp_path):
     for i in range(len(sizes)):
         with Image.open(tmp_path / f"{i}.jpg") as img:
             expected[i] = reference(img.convert("RGB")).numpy()
-    got = np.concatenate([cs.holdout["x"], cs.train["x"]])
+    got = np.concatenate([cs.selection["x"], cs.train["x"]])
     assert got.shape == (len(sizes), 3, 224, 224)
     # The split order is a seeded permutation: match every sample to its reference.
     matched = set()
@@ -213,7 +221,7 @@ def test_recursive_search_ignores_hidden_and_other_files(tmp_path):
     write_images(tmp_path / ".hidden", 5, size=(4, 4))
     (tmp_path / "._img.jpg").write_bytes(b"AppleDouble junk")
     cs = load_all(tmp_path, ["N", 3, 4, 4])
-    assert cs.n_train + cs.n_holdout == 3
+    assert cs.n_train + cs.n_selection == 3
     assert sum(cs.skipped.values()) == 0
     assert cs.pipeline["source"] == {"kind": "image folder", "path": str(tmp_path), "files": 3}
 
@@ -223,7 +231,7 @@ def test_workers_give_identical_results(tmp_path):
     in_process = load_all(tmp_path, ["N", 3, 5, 5], resize=6, workers=0)
     pooled = load_all(tmp_path, ["N", 3, 5, 5], resize=6, workers=2)
     np.testing.assert_array_equal(in_process.train["x"], pooled.train["x"])
-    np.testing.assert_array_equal(in_process.holdout["x"], pooled.holdout["x"])
+    np.testing.assert_array_equal(in_process.selection["x"], pooled.selection["x"])
     assert pooled.pipeline["decode"]["workers"] == 2
 
 
@@ -262,7 +270,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
     _bad_files(tmp_path)
     with caplog.at_level(logging.WARNING):
         cs = load_all(tmp_path, ["N", 3, 8, 8], workers=2)
-    assert cs.n_train + cs.n_holdout == 4
+    assert cs.n_train + cs.n_selection == 4
     assert cs.skipped == {"unreadable": 2, "truncated": 2, "too_large": 1, "unsupported_mode": 0}
     assert cs.pipeline["skipped"] == cs.skipped
     assert "skipped 5 of 9 image files (2 unreadable, 2 truncated, 1 too_large)" in caplog.text
@@ -309,9 +317,9 @@ def test_bad_files_are_replaced_when_subsampling(tmp_path):
     for i in range(4):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"nope")
     cs = load_calibration(
-        tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=8, holdout_size=3
+        tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=8, selection_size=3
     )
-    assert (cs.n_train, cs.n_holdout) == (5, 3)
+    assert (cs.n_train, cs.n_selection) == (5, 3)
     assert cs.skipped["unreadable"] <= 4
 
 
@@ -335,12 +343,12 @@ def test_decoded_cache_is_capped_without_max_samples(tmp_path, monkeypatch, capl
     write_images(tmp_path, 10, size=(8, 8))
     with caplog.at_level(logging.INFO):
         cs = load_calibration(tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0))
-    assert (cs.n_train, cs.n_holdout) == (3, 3)
+    assert (cs.n_train, cs.n_selection) == (4, 2)
     assert "using 6 of 10 samples" in caplog.text
     cs = load_calibration(
         tmp_path, make_model(["N", 3, 8, 8]), preprocess=PreprocessConfig(workers=0), max_samples=10
     )
-    assert cs.n_train + cs.n_holdout == 10
+    assert cs.n_train + cs.n_selection == 10
 
 
 FASHION_CALIB = Path(__file__).resolve().parents[1] / "samples" / "fashion_mnist" / "calib"

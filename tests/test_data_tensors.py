@@ -10,8 +10,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from onnxsparse.data import PreprocessConfig, load_calibration
+from onnxsparse.data import PreprocessConfig
+from onnxsparse.data import load_calibration as _load_calibration
 from onnxsparse.errors import OnnxSparseError
+
+
+def load_calibration(*args, **kwargs):
+    """These tests are about reading sources: no verification split unless a test asks for one (the three-way
+    split has its own tests in test_data_calibration.py)."""
+    kwargs.setdefault("verify_size", 0)
+    return _load_calibration(*args, **kwargs)
 
 
 def make_model(inputs: dict[str, list], dtype=TensorProto.FLOAT) -> onnx.ModelProto:
@@ -37,9 +45,9 @@ def ids(cs, split, name="x"):
 
 def test_single_npy_batch(tmp_path):
     np.save(tmp_path / "calib.npy", samples(10))
-    cs = load_calibration(tmp_path / "calib.npy", IMAGE, holdout_size=3)
-    assert (cs.n_train, cs.n_holdout) == (7, 3)
-    assert sorted(ids(cs, "train") + ids(cs, "holdout")) == list(range(10))
+    cs = load_calibration(tmp_path / "calib.npy", IMAGE, selection_size=3)
+    assert (cs.n_train, cs.n_selection) == (7, 3)
+    assert sorted(ids(cs, "train") + ids(cs, "selection")) == list(range(10))
     assert cs.augment is False and cs.skipped == {}
     assert cs.pipeline["source"]["kind"] == "npy file"
 
@@ -49,26 +57,26 @@ def test_npy_folder_of_samples_and_batches(tmp_path):
     np.save(tmp_path / "a.npy", samples(1)[0])  # one sample, rank 3
     np.save(tmp_path / "sub" / "b.npy", samples(4) + 1)  # a batch of 4, rank 4
     np.save(tmp_path / "c.npy", samples(1, dtype=np.float64)[0] + 5)
-    cs = load_calibration(tmp_path, IMAGE, holdout_size=2)
-    assert sorted(ids(cs, "train") + ids(cs, "holdout")) == [0, 1, 2, 3, 4, 5]
+    cs = load_calibration(tmp_path, IMAGE, selection_size=2)
+    assert sorted(ids(cs, "train") + ids(cs, "selection")) == [0, 1, 2, 3, 4, 5]
     assert cs.train["x"].dtype == np.float32
     assert cs.pipeline["source"] == {"kind": "tensor folder", "path": str(tmp_path), "files": 3}
 
 
 def test_single_npz_file_for_multi_input_model(tmp_path):
     np.savez(tmp_path / "calib.npz", a=samples(6), b=np.ones((6, 5), np.float32), label=np.zeros(6))
-    cs = load_calibration(tmp_path / "calib.npz", TWO, holdout_size=2)
+    cs = load_calibration(tmp_path / "calib.npz", TWO, selection_size=2)
     assert cs.input_names == ("a", "b")
     assert cs.train["a"].shape == (4, 3, 4, 4) and cs.train["b"].shape == (4, 5)
-    assert cs.holdout["b"].shape == (2, 5)
+    assert cs.selection["b"].shape == (2, 5)
 
 
 def test_npz_folder_keyed_by_input_name(tmp_path):
     for i in range(3):
         np.savez(tmp_path / f"s{i}.npz", b=np.full((5,), i, np.float32), a=samples(1)[0] + i)
-    cs = load_calibration(tmp_path, TWO, holdout_size=1)
+    cs = load_calibration(tmp_path, TWO, selection_size=1)
     # Samples stay aligned across inputs.
-    for split in ("train", "holdout"):
+    for split in ("train", "selection"):
         arrays = getattr(cs, split)
         np.testing.assert_array_equal(arrays["a"][:, 0, 0, 0], arrays["b"][:, 0])
 
@@ -81,7 +89,7 @@ def test_npz_missing_input(tmp_path):
 
 def test_npz_with_one_array_for_single_input_model(tmp_path):
     np.savez(tmp_path / "s.npz", samples(3))  # key "arr_0"
-    cs = load_calibration(tmp_path / "s.npz", IMAGE, holdout_size=1)
+    cs = load_calibration(tmp_path / "s.npz", IMAGE, selection_size=1)
     assert cs.n_train == 2
 
 
@@ -115,7 +123,7 @@ def test_npy_wrong_dtype(tmp_path, dtype):
 
 def test_npy_float16_accepted(tmp_path):
     np.save(tmp_path / "h.npy", samples(4, dtype=np.float16))
-    assert load_calibration(tmp_path / "h.npy", IMAGE, holdout_size=1).train["x"].dtype == np.float32
+    assert load_calibration(tmp_path / "h.npy", IMAGE, selection_size=1).train["x"].dtype == np.float32
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -183,7 +191,7 @@ def test_preprocessing_options_are_ignored_with_warning(tmp_path, caplog):
 def test_non_image_inputs_from_tensors(tmp_path):
     model = make_model({"tokens": ["N", 16]})
     cs = load_calibration({"tokens": np.random.default_rng(0).normal(size=(40, 16))}, model)
-    assert cs.n_holdout == 20 and cs.n_train == 20  # default holdout, capped at half
+    assert cs.n_selection == 13 and cs.n_train == 27  # default selection, capped at a third
     assert cs.pipeline["source"] == {"kind": "feed dict"}
 
 
@@ -236,12 +244,12 @@ def test_integer_inputs_are_kept_exact(tmp_path, source):
                     return next(self.it, None)
 
             data = Reader()
-    cs = load_calibration(data, model, holdout_size=4, preprocess=PreprocessConfig(mean=(0.5,), std=(0.2,)))
+    cs = load_calibration(data, model, selection_size=4, preprocess=PreprocessConfig(mean=(0.5,), std=(0.2,)))
     assert cs.train["input_ids"].dtype == np.int64 and cs.train["attention_mask"].dtype == np.int32
     assert cs.train["keep"].dtype == np.bool_
-    order = np.concatenate([np.flatnonzero((feed["input_ids"] == row).all(axis=1)) for row in cs.holdout["input_ids"]])
+    order = np.concatenate([np.flatnonzero((feed["input_ids"] == row).all(axis=1)) for row in cs.selection["input_ids"]])
     for name in ("input_ids", "attention_mask", "keep"):
-        np.testing.assert_array_equal(cs.holdout[name], feed[name][order].astype(cs.holdout[name].dtype))
+        np.testing.assert_array_equal(cs.selection[name], feed[name][order].astype(cs.selection[name].dtype))
     feeds = next(cs.feeds("train", 8))
     assert feeds["input_ids"].dtype == np.int64 and feeds["attention_mask"].dtype == np.int32
     batch = next(cs.batches("train", 8, shuffle=True, seed=0, augment=True))
@@ -283,8 +291,8 @@ class Reader:
 
 def test_reader_protocol_is_read_once():
     reader = Reader([{"x": samples(3)}, {"x": samples(2)[0]}, {"x": torch.from_numpy(samples(4))}])
-    cs = load_calibration(reader, IMAGE, holdout_size=2)
-    assert cs.n_train + cs.n_holdout == 8
+    cs = load_calibration(reader, IMAGE, selection_size=2)
+    assert cs.n_train + cs.n_selection == 8
     assert reader.calls == 4
     # The data is cached: iterating again does not touch the reader.
     list(cs.batches("train", 2, shuffle=True, seed=0))
@@ -304,7 +312,7 @@ def test_reader_with_rewind_is_rewound_after_reading():
             self.batches = list(self.original)
 
     reader = Rewindable([{"x": samples(3)}])
-    load_calibration(reader, IMAGE, holdout_size=1)
+    load_calibration(reader, IMAGE, selection_size=1)
     assert reader.rewound == 1 and len(reader.batches) == 1
 
 
@@ -320,10 +328,10 @@ def test_reader_with_wrong_keys():
 
 def test_iterable_of_feed_dicts_and_generator():
     feeds = [{"a": samples(2), "b": np.ones((2, 5))} for _ in range(3)]
-    cs = load_calibration(feeds, TWO, holdout_size=2)
+    cs = load_calibration(feeds, TWO, selection_size=2)
     assert cs.n_train == 4
-    cs = load_calibration((f for f in feeds), TWO, holdout_size=2, max_samples=3)
-    assert (cs.n_train, cs.n_holdout) == (1, 2)
+    cs = load_calibration((f for f in feeds), TWO, selection_size=2, max_samples=3)
+    assert (cs.n_train, cs.n_selection) == (1, 2)
 
 
 def test_stream_stops_at_max_samples():
@@ -336,8 +344,8 @@ def test_stream_stops_at_max_samples():
             yield {"x": samples(1)[0] + i}
             i += 1
 
-    cs = load_calibration(endless(), IMAGE, max_samples=7, holdout_size=2)
-    assert (cs.n_train, cs.n_holdout) == (5, 2)
+    cs = load_calibration(endless(), IMAGE, max_samples=7, selection_size=2)
+    assert (cs.n_train, cs.n_selection) == (5, 2)
     assert len(consumed) == 7
 
 
@@ -347,7 +355,7 @@ def test_batch_size_mismatch_between_inputs():
 
 
 def test_array_source_and_bad_items():
-    cs = load_calibration(samples(5), IMAGE, holdout_size=1)
+    cs = load_calibration(samples(5), IMAGE, selection_size=1)
     assert cs.n_train == 4
     with pytest.raises(OnnxSparseError, match="single array but the model has 2 inputs"):
         load_calibration(samples(5), TWO)
@@ -376,31 +384,31 @@ class PairDataset(torch.utils.data.Dataset):
 
 def test_torch_dataset_reads_only_what_the_split_needs():
     dataset = PairDataset(100)
-    cs = load_calibration(dataset, IMAGE, max_samples=10, holdout_size=4, seed=3)
-    assert (cs.n_train, cs.n_holdout) == (6, 4)
+    cs = load_calibration(dataset, IMAGE, max_samples=10, selection_size=4, seed=3)
+    assert (cs.n_train, cs.n_selection) == (6, 4)
     assert len(dataset.reads) == 10
-    assert sorted(ids(cs, "train") + ids(cs, "holdout")) == sorted(dataset.reads)
-    again = load_calibration(PairDataset(100), IMAGE, max_samples=10, holdout_size=4, seed=3)
+    assert sorted(ids(cs, "train") + ids(cs, "selection")) == sorted(dataset.reads)
+    again = load_calibration(PairDataset(100), IMAGE, max_samples=10, selection_size=4, seed=3)
     np.testing.assert_array_equal(cs.train["x"], again.train["x"])
 
 
 def test_torch_dataloader_and_iterable_dataset():
     loader = torch.utils.data.DataLoader(PairDataset(10), batch_size=4)
-    cs = load_calibration(loader, IMAGE, holdout_size=3)
-    assert cs.n_train + cs.n_holdout == 10
+    cs = load_calibration(loader, IMAGE, selection_size=3)
+    assert cs.n_train + cs.n_selection == 10
     assert cs.pipeline["source"] == {"kind": "iterable", "type": "DataLoader"}
 
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter({"x": torch.zeros(3, 4, 4)} for _ in range(5))
 
-    assert load_calibration(Stream(), IMAGE, holdout_size=1).n_train == 4
+    assert load_calibration(Stream(), IMAGE, selection_size=1).n_train == 4
 
 
 def test_seeded_split_of_tensors_is_deterministic():
-    a = load_calibration(samples(50), IMAGE, holdout_size=10, seed=7)
-    b = load_calibration(samples(50), IMAGE, holdout_size=10, seed=7)
-    c = load_calibration(samples(50), IMAGE, holdout_size=10, seed=8)
-    assert ids(a, "holdout") == ids(b, "holdout")
-    assert ids(a, "holdout") != ids(c, "holdout")
-    assert not set(ids(a, "holdout")) & set(ids(a, "train"))
+    a = load_calibration(samples(50), IMAGE, selection_size=10, seed=7)
+    b = load_calibration(samples(50), IMAGE, selection_size=10, seed=7)
+    c = load_calibration(samples(50), IMAGE, selection_size=10, seed=8)
+    assert ids(a, "selection") == ids(b, "selection")
+    assert ids(a, "selection") != ids(c, "selection")
+    assert not set(ids(a, "selection")) & set(ids(a, "train"))

@@ -39,8 +39,8 @@ def test_kthvalue_mask_is_the_stable_argsort_mask_with_ties():
 def _calib(n: int = 20) -> CalibrationSet:
     rng = np.random.default_rng(0)
     train = {"x": rng.standard_normal((n, 3, 8, 8)).astype(np.float32)}
-    holdout = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
-    return CalibrationSet(train, holdout, ("x",), True, {}, {}, layouts={"x": "nchw"})
+    selection = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    return CalibrationSet(train, selection, ("x",), True, {}, {}, layouts={"x": "nchw"})
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -112,7 +112,7 @@ def test_out_of_memory_names_phase_and_flag(tmp_path, monkeypatch, phase, flag):
         monkeypatch.setattr(search, "apply_correction", oom)
     feeds = [{"input": np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
-    config = PruneConfig(sparsity=0.5, batch_size=16, correction_samples=32, holdout_size=8,
+    config = PruneConfig(sparsity=0.5, batch_size=16, correction_samples=32, selection_size=8,
                          unipts=UniPTSConfig(search=False, iterations=2, batch_size=16))
     with pytest.raises(OnnxSparseError, match=f"out of memory on cpu during {phase} with {flag} per batch; "
                                               f"lower {flag.split()[0]}"):
@@ -123,7 +123,7 @@ def test_out_of_memory_names_phase_and_flag(tmp_path, monkeypatch, phase, flag):
 def test_cuda_prune_verifies_on_cuda_provider_or_falls_back(tmp_path):
     feeds = [{"input": np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
-    config = PruneConfig(sparsity=0.5, device="cuda", batch_size=16, holdout_size=16,
+    config = PruneConfig(sparsity=0.5, device="cuda", batch_size=16, selection_size=16,
                          unipts=UniPTSConfig(generations=2, population=6, iterations=8, batch_size=16))
     result = prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds, config, progress=False)
     assert result.report["device"].startswith("cuda")

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config() -> PruneConfig:
-    return PruneConfig(sparsity=0.7, seed=0, device="cpu", batch_size=16, holdout_size=32, verify_samples=32,
+    return PruneConfig(sparsity=0.7, seed=0, device="cpu", batch_size=16, selection_size=32, verify_size=32,
                        unipts=UniPTSConfig(generations=3, population=6, parents=2, crossover=2, mutation=2,
                                            iterations=24, batch_size=16, fitness_samples=32))
 
@@ -149,7 +149,7 @@ def test_torchrun_cli_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "onnxsparse", "prune", str(model_path), "--sparsity", "0.7", "--calib", str(tmp_path / "calib.npy"),
            "-o", str(tmp_path / "out.onnx"), "--device", "cpu", "--batch-size", "16", "--iterations", "8",
-           "--search-generations", "2", "--population", "6", "--holdout-size", "32", "-q"]
+           "--search-generations", "2", "--population", "6", "--selection-size", "32", "-q"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("PASSED") == 1  # rank 0 alone reports

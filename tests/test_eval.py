@@ -142,10 +142,10 @@ def test_compare_cli_exit_codes(setup):
     _, data, labels, dense, sparse = setup
     ok = _run("compare", dense, sparse, "--data", data, "--min-agreement", "0.6")
     assert ok.exit_code == 0, ok.output
-    assert "top-1 agreement   66.67%" in ok.output and "PASSED" in ok.output
+    assert "agreement         66.67% (lowest per output)" in ok.output and "PASSED" in ok.output
     bad = _run("compare", dense, sparse, "--data", data, "--min-agreement", "0.9")
     assert bad.exit_code == 1, bad.output
-    assert "FAILED: top-1 agreement 66.67% < --min-agreement 90.00%" in bad.output
+    assert "FAILED: agreement 66.67% < --min-agreement 90.00%" in bad.output
     assert "Traceback" not in bad.output
     as_json = _run("compare", dense, sparse, "--data", data, "--labels", labels, "--min-agreement", "0.9", "--json")
     assert as_json.exit_code == 1
@@ -222,8 +222,8 @@ def test_eval_compare_and_prune_preprocess_a_file_identically(tmp_path, shape, i
         Image.fromarray(image).save(data / f"{i}.png")
     model = _identity_model(shape)
     preprocess = PreprocessConfig(augment=False, workers=0, **options)
-    prune_side = load_calibration(data, model, preprocess=preprocess, holdout_size=1)
-    samples = np.concatenate([prune_side.train["x"], prune_side.holdout["x"]])
+    prune_side = load_calibration(data, model, preprocess=preprocess, selection_size=1, verify_size=1)
+    samples = np.concatenate([prune_side.train["x"], prune_side.selection["x"], prune_side.verification["x"]])
     (feed, _), = iter_batches(scan_folder(data, require_labels=False), image_pipeline(model, None, preprocess), 8,
                               workers=0)
     eval_side = load_images(model, data, preprocess=preprocess, require_labels=False)
@@ -274,7 +274,7 @@ def _report(info: dict) -> dict:
 def test_find_curve_prefers_the_per_epoch_curve():
     from onnxsparse.report_plot import find_curve
 
-    curve = [{"epoch": e, "step": 10 * e, "loss": 1.0 / (e + 1), "holdout_top1_agreement": 0.9} for e in range(3)]
+    curve = [{"epoch": e, "step": 10 * e, "loss": 1.0 / (e + 1), "selection_top1_agreement": 0.9} for e in range(3)]
     info = {"allocation": {"history": [{"generation": 0, "best": -1.0}]}, "training": {"curve": curve}}
     where, x, rows = find_curve(info)
     assert (where, x, rows) == ("training.curve", "epoch", curve)
@@ -286,7 +286,7 @@ def test_report_png_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     from onnxsparse.report_plot import plot_path, write_report_plot
 
-    info = {"training": {"curve": [{"epoch": e, "loss": 2.0 - e, "holdout_top1_agreement": 0.5 + e / 10}
+    info = {"training": {"curve": [{"epoch": e, "loss": 2.0 - e, "selection_top1_agreement": 0.5 + e / 10}
                                    for e in range(4)]}}
     out = write_report_plot(_report(info), plot_path(tmp_path / "r.json"))
     assert out == tmp_path / "r.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

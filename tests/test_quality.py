@@ -1,5 +1,5 @@
-"""Correction never makes a model worse on the holdout, and the quality gate never says PASSED below
---min-agreement (issue: the models users bring)."""
+"""Correction never makes a model worse on the selection split, the quality gate reads a verification split no
+decision saw and never says PASSED below --min-agreement, and ``compare`` measures agreement as the gate does."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 import graphs
-from onnxsparse import PruneConfig, prune
+from onnxsparse import PruneConfig, UniPTSConfig, prune
+from onnxsparse.evaluate import compare
 from onnxsparse.errors import QualityGateFailed
 from onnxsparse.exporter.verify import output_agreement
 from onnxsparse.importer import import_model
@@ -84,6 +85,23 @@ def test_relative_batchnorm_is_a_no_op_on_the_dense_model_and_matches_moments():
     assert torch.isfinite(sparse_out).all() and not torch.equal(dense_out, sparse_out)
 
 
+def _two_outputs() -> onnx.ModelProto:
+    """_mlp with a second, dense output: the hidden activations as (N, 32, 1)."""
+    model = _mlp()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], np.int64), "axes"))
+    model.graph.node.append(onnx.helper.make_node("Unsqueeze", ["r", "axes"], ["hidden"], name="unsqueeze"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, ["N", 32, 1]))
+    return model
+
+
+def test_binary_agreement_is_the_jaccard_index_of_positive_decisions():
+    a = np.array([[0.9, 0.2, 0.7, 0.1]], np.float32)
+    b = np.array([[0.8, 0.6, 0.3, 0.2]], np.float32)
+    value, measure = output_agreement(a, b, "binary")  # positives {0, 2} vs {0, 1}: 1 of 3
+    assert value == pytest.approx(1 / 3) and measure.startswith("Jaccard")
+    assert output_agreement(a * 0, b * 0, "binary")[0] == 1.0  # neither decides positive: they agree
+
+
 def test_output_agreement_by_kind():
     a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], dtype=np.float32)
     b = np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.1, 0.9]], dtype=np.float32)
@@ -101,19 +119,79 @@ def _feeds(n=6, seed=0):
     return [{"input": (2.0 + 3.0 * rng.standard_normal((8, 1, 12, 12))).astype(np.float32)} for _ in range(n)]
 
 
-def test_magnitude_correction_is_never_worse_than_none_on_the_holdout(tmp_path):
+def test_magnitude_correction_is_never_worse_than_none_on_the_selection(tmp_path):
     model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
     result = prune(model, tmp_path / "a.onnx", _feeds(), PruneConfig(sparsity=0.5, method="magnitude",
                                                                      min_agreement=0.0), progress=False)
     correction = result.report["method_info"]["correction"]
     assert set(correction["scores"]) == {"none", "channel", "relative", "reestimate"}
     assert correction["scores"][correction["chosen"]] >= correction["scores"]["none"]
-    assert correction["measured_on"] == "holdout"
-    plain = prune(model, tmp_path / "b.onnx", _feeds(), PruneConfig(sparsity=0.5, method="magnitude",
-                                                                    correction=False, min_agreement=0.0),
-                  progress=False)
-    # the chosen correction was scored on the same holdout the verification uses
-    assert result.report["verification"]["agreement"] >= plain.report["verification"]["agreement"] - 1e-9
+    assert correction["measured_on"] == "selection"
+    assert result.report["quality_gate"]["split"] == "verification"
+    calibration = result.report["calibration"]
+    assert calibration["verification"] > 0 and calibration["selection"] > 0
+    assert result.report["verification"]["samples"] == calibration["verification"]
+
+
+def _decisions(info):
+    """A method report without its wall-clock measurements."""
+    if isinstance(info, dict):
+        return {k: _decisions(v) for k, v in info.items() if "time" not in k and "seconds" not in k}
+    if isinstance(info, list):
+        return [_decisions(v) for v in info]
+    return info
+
+
+def _poisoned(x: np.ndarray, seed: int) -> np.ndarray:
+    """``x`` with the samples the verification split takes (the first of the seeded permutation) replaced."""
+    from onnxsparse.data.calibration import default_verify_size
+
+    index = np.random.default_rng(seed).permutation(len(x))[: default_verify_size(len(x))]
+    out = x.copy()
+    out[index] = np.random.default_rng(99).uniform(-50, 50, out[index].shape).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("method", ["magnitude", "unipts"])
+def test_no_decision_reads_the_verification_split(tmp_path, method):
+    """Poisoning the verification samples changes the gate's figure and nothing else: the same weights are
+    written and every choice the method reports (correction, start, keep rule) is the same."""
+    model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
+    x = (2.0 + 3.0 * np.random.default_rng(0).standard_normal((96, 1, 12, 12))).astype(np.float32)
+    unipts = UniPTSConfig(iterations=6, generations=1, population=4, parents=2, crossover=1, mutation=1,
+                          fitness_samples=32, time_budget=None)
+    config = PruneConfig(sparsity=0.6, method=method, min_agreement=0.0, batch_size=16, unipts=unipts)
+    clean = prune(model, tmp_path / "clean.onnx", {"input": x}, config, progress=False)
+    dirty = prune(model, tmp_path / "dirty.onnx", {"input": _poisoned(x, config.seed)}, config, progress=False)
+    assert clean.report["calibration"]["verification"] == 32
+    assert _decisions(clean.report["method_info"]) == _decisions(dirty.report["method_info"])
+    assert (tmp_path / "clean.onnx").read_bytes() == (tmp_path / "dirty.onnx").read_bytes()
+    # the gate read the poisoned samples: its comparison of the two models moved
+    assert clean.report["verification"]["outputs"] != dirty.report["verification"]["outputs"]
+
+
+def test_compare_and_prune_report_the_same_agreement(tmp_path):
+    """The gate's figure is what ``compare --min-agreement`` reads, on the same samples: here a model with a
+    class output behind a Softmax and a dense output, so the lowest per-output agreement is not top-1."""
+    model = _two_outputs()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((120, 16)).astype(np.float32)
+    out, report = tmp_path / "s.onnx", tmp_path / "r.json"
+    result = prune(model, out, {"x": x}, PruneConfig(sparsity=0.7, method="magnitude", min_agreement=0.0),
+                   progress=False, report_path=report)
+    index = np.random.default_rng(0).permutation(len(x))[: result.report["calibration"]["verification"]]
+    np.save(tmp_path / "verification.npy", x[index])
+    dense_path = tmp_path / "dense.onnx"
+    onnx.save(model, dense_path)
+    compared = compare(dense_path, out, tmp_path / "verification.npy")
+    gate = result.report["quality_gate"]
+    assert compared.agreement == pytest.approx(gate["agreement"], abs=1e-12)
+    assert [o["agreement"] for o in compared.outputs] == pytest.approx(
+        [o["agreement"] for o in result.report["verification"]["outputs"]], abs=1e-12)
+    assert [o["measure"] for o in compared.outputs] == ["top-1 agreement", "R^2 (1 - SSE/SST)"]
+    cli = CliRunner().invoke(main, ["compare", str(dense_path), str(out), "--data", str(tmp_path / "verification.npy"),
+                                    "--min-agreement", f"{gate['agreement'] + 1e-6:.9f}"])
+    assert cli.exit_code == 1 and "FAILED: agreement" in cli.output
 
 
 def _mlp() -> onnx.ModelProto:

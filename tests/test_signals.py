@@ -9,8 +9,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxsparse.importer import import_model
-from onnxsparse.methods.signals import describe_outputs
-from onnxsparse.methods.unipts.objective import Agreement, Distillation, bernoulli_kl, sequence_kl
+from onnxsparse.signals import describe_outputs
+from onnxsparse.metrics import Agreement
+from onnxsparse.methods.unipts.objective import Distillation, bernoulli_kl, sequence_kl
 from onnxsparse.methods.unipts.search import fit_to_target, integer_zeros
 from onnxsparse.sparsity.allocation import layer_caps
 
@@ -155,7 +156,7 @@ class _Nhwc(torch.nn.Module):
 
 
 def test_flip_agreement_tells_mirror_sensitive_outputs_apart():
-    from onnxsparse.methods.signals import OutputSignal, Signals
+    from onnxsparse.signals import OutputSignal, Signals
     from onnxsparse.methods.unipts.dst import FLIP_AGREEMENT, flip_agreement
 
     g = torch.Generator().manual_seed(0)

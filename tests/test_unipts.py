@@ -17,10 +17,10 @@ from torch.nn.utils import parametrize
 import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.unipts.dst import HoldoutScorer, TrainPlan, lr_at, train
-from onnxsparse.methods.signals import raw_output_kind
+from onnxsparse.methods.unipts.dst import SelectionScorer, TrainPlan, lr_at, train
+from onnxsparse.signals import raw_output_kind
+from onnxsparse.metrics import Agreement
 from onnxsparse.methods.unipts.objective import (
-    Agreement,
     Distillation,
     base_decayed_kl,
     default_gamma,
@@ -226,8 +226,8 @@ def test_feature_term_adds_the_layer_outputs_distance():
 
 
 def test_per_sample_distances_average_to_the_score_and_pair_up():
-    from onnxsparse.methods.signals import OutputSignal, Signals
-    from onnxsparse.methods.unipts.objective import PairedComparison, paired_improvement
+    from onnxsparse.signals import OutputSignal, Signals
+    from onnxsparse.metrics import PairedComparison, paired_improvement
 
     g = torch.Generator().manual_seed(0)
     signals = Signals([OutputSignal("seq", 0, "sequence", "", axis=2), OutputSignal("map", 1, "dense", ""),
@@ -315,11 +315,11 @@ class _NanAfter(Distillation):
 def test_nan_loss_rolls_back_then_stops():
     teacher, student, batches = _toy()
     plan = TrainPlan(iterations=8, iterations_per_epoch=4, warmup=1, lr=0.05, momentum=0.9, weight_decay=0.0)
-    result = train(student, teacher, batches, _NanAfter({6}), plan, holdout=None, autocast=contextlib.nullcontext)
+    result = train(student, teacher, batches, _NanAfter({6}), plan, selection=None, autocast=contextlib.nullcontext)
     assert result.iterations == 8 and len(result.rollbacks) == 1 and result.rollbacks[0]["step"] == 5
     teacher, student, batches = _toy()
     with pytest.raises(OnnxSparseError, match="diverged"):
-        train(student, teacher, batches, _NanAfter(set(range(1, 100))), plan, holdout=None,
+        train(student, teacher, batches, _NanAfter(set(range(1, 100))), plan, selection=None,
               autocast=contextlib.nullcontext)
 
 
@@ -328,14 +328,14 @@ def test_training_reduces_distillation_loss():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    holdout = HoldoutScorer(teacher, lambda: [b for b in batches(0)], signals=True, autocast=contextlib.nullcontext)
-    before = holdout(student).mean_kl
+    selection = SelectionScorer(teacher, lambda: [b for b in batches(0)], signals=True, autocast=contextlib.nullcontext)
+    before = selection(student).mean_kl
     plan = TrainPlan(iterations=60, iterations_per_epoch=4, warmup=4, lr=0.05, momentum=0.9, weight_decay=0.0)
     loss = Distillation(False, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
-    result = train(student, teacher, batches, loss, plan, holdout=holdout, autocast=contextlib.nullcontext)
+    result = train(student, teacher, batches, loss, plan, selection=selection, autocast=contextlib.nullcontext)
     assert len(result.curve) == 15
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]
-    assert holdout(student).mean_kl < before
+    assert selection(student).mean_kl < before
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -350,7 +350,7 @@ def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=keep_bn), path)
     x = np.random.default_rng(0).standard_normal((80, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.9, holdout_size=16, unipts=UniPTSConfig(**TINY))
+    config = PruneConfig(sparsity=0.9, selection_size=16, unipts=UniPTSConfig(**TINY))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     report = result.report
     assert report["verification"]["export_max_rel_error"] < 1e-3
@@ -374,7 +374,7 @@ def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
     assert starts <= {"magnitude+correction", "reconstruct", "reconstruct, uniform allocation"}
     assert info["start"]["chosen"] in starts
     correction = info["start"]["correction"]
-    if keep_bn:  # every BatchNorm mode was scored on the holdout, and the best one kept
+    if keep_bn:  # every BatchNorm mode was scored on the selection, and the best one kept
         assert set(correction["scores"]) == {"none", "channel", "relative", "reestimate"}
         assert correction["scores"][correction["chosen"]] == max(correction["scores"].values())
         if correction["chosen"] in ("relative", "reestimate"):
@@ -389,7 +389,7 @@ def test_same_seed_same_result(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     runs = []
     for name in ("a.onnx", "b.onnx"):
         prune(path, tmp_path / name, {"input": x}, config, progress=False)
@@ -404,7 +404,7 @@ def test_end_to_end_non_logit_output_uses_normalised_mse(tmp_path):
     path = tmp_path / "conv.onnx"
     onnx.save(graphs.conv_bn_relu(), path)
     x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, None, {"x": x}, config, progress=False)
     info = result.report["method_info"]
     assert info["training"]["loss"].startswith("normalised MSE") and not info["training"]["logits"]
@@ -429,7 +429,7 @@ def test_end_to_end_2_4_pattern(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, pattern="2:4", holdout_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, pattern="2:4", selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     info = result.report["method_info"]["allocation"]
     assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
@@ -458,7 +458,7 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
         Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     seen = {}
     for augment in (False, True):
-        config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
+        config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
         result = prune(path, tmp_path / f"{augment}.onnx", folder, config, progress=False)
         seen[augment] = result.report["method_info"]["training"]
     assert seen[False]["augment"] is False and seen[False]["flip"] is False and seen[False]["flip_agreement"] is None
@@ -479,7 +479,7 @@ def test_fitness_samples_shrink_to_fit_the_budget(tmp_path):
     infos = {}
     for budget in (None, 0.01):
         unipts = UniPTSConfig(**{**TINY, "fitness_samples": 80, "epochs": 1.0, "time_budget": budget})
-        config = PruneConfig(sparsity=0.7, holdout_size=16, unipts=unipts)
+        config = PruneConfig(sparsity=0.7, selection_size=16, unipts=unipts)
         infos[budget] = prune(path, tmp_path / f"{budget}.onnx", {"input": x}, config,
                               progress=False).report["method_info"]["allocation"]
     assert infos[None]["fitness_samples"] == 80 and "fitness_samples_cut" not in infos[None]
@@ -515,13 +515,13 @@ def test_default_epochs_extend_when_the_budget_has_room(tmp_path):
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32)
     tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own epochs
-    config = PruneConfig(sparsity=0.8, holdout_size=24, unipts=UniPTSConfig(**tiny))
+    config = PruneConfig(sparsity=0.8, selection_size=24, unipts=UniPTSConfig(**tiny))
     training = prune(path, None, {"input": x}, config, progress=False).report["method_info"]["training"]
     per_epoch = training["iterations_per_epoch"]
     assert per_epoch == 11  # 176 training samples / 16: the step-10 measure falls in the warm-up epoch
     assert training["extended_from"] == QUICK_EPOCHS * per_epoch
     assert training["iterations"] == training["planned_iterations"] == EXTENDED_EPOCHS * per_epoch
     assert training["gamma"] == pytest.approx(default_gamma(EXTENDED_EPOCHS))
-    explicit = PruneConfig(sparsity=0.8, holdout_size=24, unipts=UniPTSConfig(**{**tiny, "epochs": QUICK_EPOCHS}))
+    explicit = PruneConfig(sparsity=0.8, selection_size=24, unipts=UniPTSConfig(**{**tiny, "epochs": QUICK_EPOCHS}))
     training = prune(path, None, {"input": x}, explicit, progress=False).report["method_info"]["training"]
     assert training["extended_from"] is None and training["iterations"] == QUICK_EPOCHS * per_epoch

@@ -125,7 +125,7 @@ def _write_set(root: Path, count: int, seed0: int, make: Callable[[int], object]
     """``count`` images; class ``i % len(classes)`` for image ``i`` (labelled: in class folders), a random class
     for unlabelled sets. That class is drawn from its own stream: drawn from the renderer's generator (seed
     ``seed0 + i``) it shared the first draw with the line's background colour (correlation 0.87 on the text
-    lines), a shortcut a pruned student learned on the calibration set (holdout agreement 0.96, test 68.6%)."""
+    lines), a shortcut a pruned student learned on the calibration set (selection agreement 0.96, test 68.6%)."""
     for i in range(count):
         label = classes[i % len(classes)] if labelled else \
             classes[int(np.random.default_rng([seed0 + i, _LABEL_STREAM]).integers(len(classes)))]
@@ -247,7 +247,7 @@ REC_PREPROCESS = PreprocessConfig(input_size=(48, 320), scale=1 / 255, channel_o
 
 
 # Calibration sets of the PP-OCRv4 cases are small so that one magnitude run (import, calibration, the
-# statistics-correction choice on the holdout, verification) and its evaluation take about a minute on one
+# statistics-correction choice on the selection, verification) and its evaluation take about a minute on one
 # core: the correction passes cost one torch forward per calibration image per candidate (measured on the
 # detector at 256x256: 44 s of CPU for 64 pages). The recogniser with 256 lines instead of 64 spent 197 s per
 # UniPTS fitness candidate (224 training lines through the torch model), 20 minutes before its search.

@@ -1,6 +1,6 @@
 """Calibration data: image folders, tensor files, readers and datasets, preprocessed for the model.
 
-``load_calibration`` reads a source into a :class:`CalibrationSet` (train and holdout splits);
+``load_calibration`` reads a source into a :class:`CalibrationSet` (train and selection splits);
 ``PreprocessConfig`` holds the user's preprocessing options, resolved against the model by
 ``resolve_preprocess``; ``augment_batch`` is the training-time augmentation for image batches.
 """
@@ -9,7 +9,7 @@ from onnxsparse.data.augment import augment_batch
 from onnxsparse.data.calibration import (
     CalibrationSet,
     check_batch_size,
-    default_holdout_size,
+    default_selection_size,
     load_calibration,
 )
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SKIP_REASONS
@@ -37,7 +37,7 @@ __all__ = [
     "Setting",
     "augment_batch",
     "check_batch_size",
-    "default_holdout_size",
+    "default_selection_size",
     "input_specs",
     "load_calibration",
     "parse_floats",

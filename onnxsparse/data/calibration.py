@@ -1,4 +1,4 @@
-"""Loading calibration data from any supported source into a train/holdout CalibrationSet."""
+"""Loading calibration data from any supported source into a train/selection CalibrationSet."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,17 +32,23 @@ from onnxsparse.errors import OnnxSparseError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "holdout")
+# train: what methods fit on; selection: every choice a method makes (correction, start, keep rule); verification:
+# the quality gate and the report's headline agreement alone. Disjoint; methods are handed no verification samples.
+SPLITS = ("train", "selection", "verification")
 
-# Decoded images kept in memory when max_samples is not given (train + holdout, float32).
+# Decoded images kept in memory when max_samples is not given (train + selection, float32).
 DEFAULT_IMAGE_CACHE_BYTES = 2 * 1024**3
 
 MIN_SAMPLES = 2
 
 
-def default_holdout_size(n: int) -> int:
-    """10% of the samples, at least 32 and at most 1000, and never more than half of them."""
-    return min(max(math.ceil(0.1 * n), 32), 1000, n // 2)
+def default_selection_size(n: int) -> int:
+    """10% of the samples, at least 32 and at most 1000, and never more than a third of them (the selection and
+    the verification split take this much each; training keeps the rest)."""
+    return min(max(math.ceil(0.1 * n), 32), 1000, n // 3)
+
+
+default_verify_size = default_selection_size
 
 
 def check_batch_size(n_samples: int, batch_size: int, *, split: str = "train") -> None:
@@ -50,35 +57,40 @@ def check_batch_size(n_samples: int, batch_size: int, *, split: str = "train") -
     if n_samples < batch_size:
         raise OnnxSparseError(
             f"the calibration {split} split has {n_samples} sample(s), fewer than the batch size {batch_size}; "
-            "add calibration data, lower --batch-size, or lower the holdout size"
+            "add calibration data, lower --batch-size, or lower the selection size"
         )
 
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Preprocessed calibration tensors split into a training part and a holdout part.
+    """Preprocessed calibration tensors split into three disjoint parts: training, selection and verification.
 
     Arrays are float32 in the model's layout (integer and bool inputs: exactly their declared dtype),
-    keyed by input name, in ``input_names`` order. The
-    holdout part only measures dense-vs-sparse agreement; augmentation never touches it.
+    keyed by input name, in ``input_names`` order. Methods train on ``train`` and make every choice on
+    ``selection``; ``verification`` is read by the quality gate alone, and :meth:`without_verification` is
+    what a method is handed. Augmentation touches the training split only.
     ``layouts`` names the layout of each image input (needed to augment); ``dtypes`` holds the
     declared element type of each input (``feeds`` casts to it).
     """
 
     train: dict[str, np.ndarray]
-    holdout: dict[str, np.ndarray]
+    selection: dict[str, np.ndarray]
     input_names: tuple[str, ...]
     augment: bool
     pipeline: dict
     skipped: dict
     layouts: dict[str, str] = field(default_factory=dict)
     dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    verification: dict[str, np.ndarray] | None = None  # None: no verification samples
 
     def __post_init__(self) -> None:
         names = tuple(self.input_names)
         object.__setattr__(self, "input_names", names)
         if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
             raise OnnxSparseError(f"input_names must be distinct strings, got {names!r}")
+        if self.verification is None and isinstance(self.train, Mapping):
+            object.__setattr__(self, "verification", {
+                name: a[:0] for name, a in self.train.items() if isinstance(a, np.ndarray)})
         for split in SPLITS:
             arrays = getattr(self, split)
             if set(arrays) != set(names):
@@ -98,11 +110,12 @@ class CalibrationSet:
             if len(counts) != 1:
                 raise OnnxSparseError(f"{split} inputs have different sample counts: {sorted(counts)}")
         for name in names:
-            if self.train[name].shape[1:] != self.holdout[name].shape[1:]:
-                raise OnnxSparseError(
-                    f"train and holdout samples of {name!r} differ in shape: "
-                    f"{self.train[name].shape[1:]} vs {self.holdout[name].shape[1:]}"
-                )
+            for split in SPLITS[1:]:
+                if self.train[name].shape[1:] != getattr(self, split)[name].shape[1:]:
+                    raise OnnxSparseError(
+                        f"train and {split} samples of {name!r} differ in shape: "
+                        f"{self.train[name].shape[1:]} vs {getattr(self, split)[name].shape[1:]}"
+                    )
         if not isinstance(self.augment, bool):
             raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
         if self.augment and not (len(names) == 1 and self.layouts.get(names[0]) in ("nchw", "nhwc")):
@@ -117,13 +130,21 @@ class CalibrationSet:
         return len(self.train[self.input_names[0]])
 
     @property
-    def n_holdout(self) -> int:
-        return len(self.holdout[self.input_names[0]])
+    def n_selection(self) -> int:
+        return len(self.selection[self.input_names[0]])
+
+    @property
+    def n_verification(self) -> int:
+        return len(self.verification[self.input_names[0]])
+
+    def without_verification(self) -> CalibrationSet:
+        """This set with an empty verification split: what a method (anything that decides) is handed."""
+        return dataclasses.replace(self, verification={n: a[:0] for n, a in self.verification.items()})
 
     def _arrays(self, split: str) -> dict[str, np.ndarray]:
         if split not in SPLITS:
             raise OnnxSparseError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        return self.train if split == "train" else self.holdout
+        return getattr(self, split)
 
     def check_batch_size(self, batch_size: int, split: str = "train") -> None:
         """Raise if ``split`` has fewer samples than ``batch_size``."""
@@ -147,7 +168,7 @@ class CalibrationSet:
         """Batches of torch tensors in ``input_names`` order, on ``device``.
 
         ``shuffle`` permutes the order with ``seed``; augmentation applies when ``augment`` is True,
-        the set allows it (``self.augment``) and the split is "train" (never the holdout); ``flip`` adds the
+        the set allows it (``self.augment``) and the split is "train" (never the selection); ``flip`` adds the
         horizontal flip to the crop (off for models whose outputs a mirrored input changes). With
         ``world_size`` > 1 the (shuffled) order is padded by wrapping around to a multiple of
         ``world_size`` and rank ``rank`` takes every ``world_size``-th sample, so all ranks get the
@@ -263,18 +284,45 @@ def scan_calibration_folder(root: Path) -> _Folder:
     return _Folder(root, ordered(images), ordered(tensors), ordered(others))
 
 
-def _split_sizes(
-    n: int, max_samples: int | None, holdout_size: int | None, where: str, cap: int | None = None
-) -> tuple[int, int]:
-    """(holdout, train) sample counts for ``n`` available samples.
+@dataclass(frozen=True)
+class SplitSizes:
+    verification: int
+    selection: int
+    train: int
 
-    ``max_samples`` caps the samples used (holdout + train); without it, ``cap`` does (the memory
-    budget for decoded images). The holdout size defaults to :func:`default_holdout_size` of that.
+    @property
+    def held_out(self) -> int:
+        return self.verification + self.selection
+
+    @property
+    def total(self) -> int:
+        return self.verification + self.selection + self.train
+
+    def indices(self, order) -> tuple:
+        """(train, selection, verification) index sets of a permutation: verification first, then selection."""
+        v, h = self.verification, self.held_out
+        return order[h : h + self.train], order[v:h], order[:v]
+
+    def slices(self) -> tuple[slice, slice, slice]:
+        """:meth:`indices` of positions already in permuted order (views, not copies)."""
+        return (
+            slice(self.held_out, self.total), slice(self.verification, self.held_out), slice(0, self.verification))
+
+
+def _split_sizes(
+    n: int, max_samples: int | None, selection_size: int | None, verify_size: int | None, where: str,
+    cap: int | None = None,
+) -> SplitSizes:
+    """Verification, selection and train sample counts for ``n`` available samples.
+
+    ``max_samples`` caps the samples used (all three splits); without it, ``cap`` does (the memory
+    budget for decoded images). The selection and verification sizes default to
+    :func:`default_selection_size` of that.
     """
     if n < MIN_SAMPLES:
         raise OnnxSparseError(
             f"{where} has {n} usable sample(s); calibration needs at least {MIN_SAMPLES} "
-            "(one for training, one for the holdout)"
+            "(one for training, one for the selection)"
         )
     use = n
     if max_samples is not None:
@@ -282,7 +330,7 @@ def _split_sizes(
         if use < MIN_SAMPLES:
             raise OnnxSparseError(
                 f"--max-samples {max_samples} is too small; calibration needs at least {MIN_SAMPLES} samples "
-                "(one for training, one for the holdout)"
+                "(one for training, one for the selection)"
             )
     elif cap is not None and n > cap:
         use = cap
@@ -290,24 +338,29 @@ def _split_sizes(
             "using %d of %d samples to keep decoded images within %.1f GiB; pass max_samples to change",
             use, n, DEFAULT_IMAGE_CACHE_BYTES / 1024**3,
         )
-    holdout = default_holdout_size(use) if holdout_size is None else holdout_size
-    if holdout >= use:
+    selection = default_selection_size(use) if selection_size is None else selection_size
+    verification = default_verify_size(use) if verify_size is None else verify_size
+    if selection + verification >= use:
         used = f"{where} has {n} sample(s)" + (f", {use} used (max_samples)" if use < n else "")
         raise OnnxSparseError(
-            f"holdout_size {holdout} leaves no training samples: {used}; use a holdout size below {use}"
+            f"--selection-size {selection} and --verify-size {verification} leave no training samples: {used}; "
+            f"their sum must be below {use}"
         )
-    return holdout, use - holdout
+    return SplitSizes(verification, selection, use - selection - verification)
 
 
 def _validate_args(
-    preprocess: PreprocessConfig, max_samples: int | None, holdout_size: int | None, seed: int
+    preprocess: PreprocessConfig, max_samples: int | None, selection_size: int | None, verify_size: int | None,
+    seed: int,
 ) -> None:
     if not isinstance(preprocess, PreprocessConfig):
         raise OnnxSparseError(f"preprocess must be a PreprocessConfig, got {type(preprocess).__name__}")
     if max_samples is not None:
         positive_int(max_samples, "--max-samples")
-    if holdout_size is not None and (not is_int(holdout_size) or holdout_size < 0):
-        raise OnnxSparseError(f"--holdout-size must be an integer >= 0, got {holdout_size!r}")
+    if selection_size is not None and (not is_int(selection_size) or selection_size < 0):
+        raise OnnxSparseError(f"--selection-size must be an integer >= 0, got {selection_size!r}")
+    if verify_size is not None and (not is_int(verify_size) or verify_size < 0):
+        raise OnnxSparseError(f"--verify-size must be an integer >= 0, got {verify_size!r}")
     if not is_int(seed):
         raise OnnxSparseError(f"--seed must be an integer, got {seed!r}")
 
@@ -321,14 +374,16 @@ def _check_inputs(specs: list[InputSpec]) -> None:
             )
 
 
-def _split_info(n: int, holdout: int, train: int, seed: int, max_samples, holdout_size) -> dict:
+def _split_info(n: int, sizes: SplitSizes, seed: int, max_samples, selection_size, verify_size) -> dict:
     return {
         "seed": seed,
         "available": n,
-        "train": train,
-        "holdout": holdout,
+        "train": sizes.train,
+        "selection": sizes.selection,
+        "verification": sizes.verification,
         "max_samples": max_samples,
-        "holdout_size": {"value": holdout, "source": "user" if holdout_size is not None else "default"},
+        "selection_size": {"value": sizes.selection, "source": "user" if selection_size is not None else "default"},
+        "verify_size": {"value": sizes.verification, "source": "user" if verify_size is not None else "default"},
     }
 
 
@@ -339,7 +394,8 @@ def load_calibration(
     model_path: str | os.PathLike | None = None,
     preprocess: PreprocessConfig = PreprocessConfig(),
     max_samples: int | None = None,
-    holdout_size: int | None = None,
+    selection_size: int | None = None,
+    verify_size: int | None = None,
     seed: int = 0,
 ) -> CalibrationSet:
     """Load, preprocess and split calibration data for ``model``.
@@ -347,14 +403,15 @@ def load_calibration(
     ``source`` is a folder of images (searched recursively), a folder of .npy/.npz files, one
     .npy/.npz file, a dict of input name -> batch array, an array (single-input models), an
     onnxruntime CalibrationDataReader-like object (``get_next()``), an iterable of feed dicts, or a
-    torch Dataset/DataLoader. ``max_samples`` caps the samples used (train + holdout; streams stop
-    reading there); the holdout split (``holdout_size``, default 10% within 32..1000, at most half)
-    is drawn first from a permutation seeded with ``seed``, the training split follows.
+    torch Dataset/DataLoader. ``max_samples`` caps the samples used (train + selection; streams stop
+    reading there); the verification split (``verify_size``) is drawn first from a permutation seeded with
+    ``seed``, the selection split (``selection_size``) next (each by default 10% within 32..1000, at most a
+    third), the training split takes the rest.
     """
-    _validate_args(preprocess, max_samples, holdout_size, seed)
+    _validate_args(preprocess, max_samples, selection_size, verify_size, seed)
     specs = input_specs(model)
     _check_inputs(specs)
-    options = (preprocess, max_samples, holdout_size, seed)
+    options = (preprocess, max_samples, selection_size, verify_size, seed)
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source), specs, model, model_path, options)
     if isinstance(source, (Mapping, np.ndarray, torch.Tensor)):
@@ -385,7 +442,7 @@ def load_calibration(
 
 def _load_path(path: Path, specs, model: onnx.ModelProto, model_path, options: tuple) -> CalibrationSet:
     """A folder of images or of .npy/.npz files, or one .npy/.npz file; ``options``: (preprocess, max_samples,
-    holdout_size, seed)."""
+    selection_size, verify_size, seed)."""
     if not path.exists():
         raise OnnxSparseError(f"calibration source {path} does not exist")
     if path.is_dir():
@@ -438,29 +495,35 @@ def _from_collector(
     source_info: dict,
     preprocess: PreprocessConfig,
     max_samples: int | None,
-    holdout_size: int | None,
+    selection_size: int | None,
+    verify_size: int | None,
     seed: int,
 ) -> CalibrationSet:
     where = source_info.get("path") or f"the {source_info['kind']}"
     n = collector.count
-    holdout, train = _split_sizes(n, max_samples, holdout_size, where)
+    sizes = _split_sizes(n, max_samples, selection_size, verify_size, where)
     arrays = collector.arrays()
     order = np.random.default_rng(seed).permutation(n)
-    holdout_index, train_index = order[:holdout], order[holdout : holdout + train]
-    calib = _tensor_set(arrays, train_index, holdout_index, specs, source_info, preprocess,
-                        _split_info(n, holdout, train, seed, max_samples, holdout_size))
-    log.info(
-        "calibration data: %d samples from %s -> %d train, %d holdout (seed %d)", n, where, train, holdout, seed
-    )
+    calib = _tensor_set(arrays, sizes.indices(order), specs, source_info, preprocess,
+                        _split_info(n, sizes, seed, max_samples, selection_size, verify_size))
+    _log_split(f"{n} samples from {where}", sizes, seed)
     return calib
 
 
-def _tensor_set(arrays: dict[str, np.ndarray], train_index, holdout_index, specs: list[InputSpec],
+def _log_split(what: str, sizes: SplitSizes, seed: int) -> None:
+    log.info("calibration data: %s -> %d train, %d selection, %d verification (seed %d)",
+             what, sizes.train, sizes.selection, sizes.verification, seed)
+
+
+def _tensor_set(arrays: dict[str, np.ndarray], indices: tuple, specs: list[InputSpec],
                 source_info: dict, preprocess: PreprocessConfig, split: dict) -> CalibrationSet:
-    """A CalibrationSet of already-preprocessed tensors (no augmentation, nothing skipped)."""
+    """A CalibrationSet of already-preprocessed tensors (no augmentation, nothing skipped); ``indices``: the
+    train, selection and verification index sets."""
+    train_index, selection_index, verification_index = indices
     return CalibrationSet(
         train={name: a[train_index] for name, a in arrays.items()},
-        holdout={name: a[holdout_index] for name, a in arrays.items()},
+        selection={name: a[selection_index] for name, a in arrays.items()},
+        verification={name: a[verification_index] for name, a in arrays.items()},
         input_names=tuple(s.name for s in specs),
         augment=False,
         pipeline={
@@ -482,24 +545,25 @@ def _load_dataset(
     specs: list[InputSpec],
     preprocess: PreprocessConfig,
     max_samples: int | None,
-    holdout_size: int | None,
+    selection_size: int | None,
+    verify_size: int | None,
     seed: int,
 ) -> CalibrationSet:
     """A map-style torch Dataset: only the items the split needs are read, in seeded order."""
     what = type(dataset).__name__
     n = len(dataset)
-    holdout, train = _split_sizes(n, max_samples, holdout_size, f"the {what}")
-    order = np.random.default_rng(seed).permutation(n)[: holdout + train]
-    collector = collect_stream(dataset_items(dataset, order), specs, what, holdout + train)
+    sizes = _split_sizes(n, max_samples, selection_size, verify_size, f"the {what}")
+    order = np.random.default_rng(seed).permutation(n)[: sizes.total]
+    collector = collect_stream(dataset_items(dataset, order), specs, what, sizes.total)
     arrays = collector.arrays()
-    if collector.count != holdout + train:
+    if collector.count != sizes.total:
         raise OnnxSparseError(
-            f"{what} items should each be one sample; {holdout + train} items gave {collector.count} samples"
+            f"{what} items should each be one sample; {sizes.total} items gave {collector.count} samples"
         )
-    calib = _tensor_set(arrays, slice(holdout, None), slice(None, holdout), specs,
+    calib = _tensor_set(arrays, sizes.slices(), specs,
                         {"kind": "torch Dataset", "type": what, "length": n}, preprocess,
-                        _split_info(n, holdout, train, seed, max_samples, holdout_size))
-    log.info("calibration data: %s of %d items -> %d train, %d holdout (seed %d)", what, n, train, holdout, seed)
+                        _split_info(n, sizes, seed, max_samples, selection_size, verify_size))
+    _log_split(f"{what} of {n} items", sizes, seed)
     return calib
 
 
@@ -510,7 +574,8 @@ def _load_images(
     model_path: str | os.PathLike | None,
     preprocess: PreprocessConfig,
     max_samples: int | None,
-    holdout_size: int | None,
+    selection_size: int | None,
+    verify_size: int | None,
     seed: int,
 ) -> CalibrationSet:
     if len(specs) != 1:
@@ -530,26 +595,26 @@ def _load_images(
     if n_files < MIN_SAMPLES:
         raise OnnxSparseError(
             f"{where} has {n_files} image file; calibration needs at least {MIN_SAMPLES} "
-            "(one for training, one for the holdout)"
+            "(one for training, one for the selection)"
         )
     cap = max(MIN_SAMPLES, DEFAULT_IMAGE_CACHE_BYTES // (4 * math.prod(resolved.sample_shape)))
-    holdout, train = _split_sizes(n_files, max_samples, holdout_size, where, cap=cap)
+    sizes = _split_sizes(n_files, max_samples, selection_size, verify_size, where, cap=cap)
     order = np.random.default_rng(seed).permutation(n_files)
-    buffer = np.empty((holdout + train, *resolved.sample_shape), np.float32)
+    buffer = np.empty((sizes.total, *resolved.sample_shape), np.float32)
     stats = decode_files(
-        [str(folder.images[i]) for i in order], resolved.plan(), holdout + train,
+        [str(folder.images[i]) for i in order], resolved.plan(), sizes.total,
         lambda k, pixels: resolved.to_input(pixels, out=buffer[k]), workers=preprocess.workers,
     )
     _log_decoding(stats, folder.root)
-    if stats.decoded < holdout + train:
+    if stats.decoded < sizes.total:
         # Ran out of readable files: split what decoded.
-        holdout, train = _split_sizes(stats.decoded, max_samples, holdout_size, f"{where} (readable images)")
-        buffer = buffer[: holdout + train]
+        sizes = _split_sizes(stats.decoded, max_samples, selection_size, verify_size, f"{where} (readable images)")
+        buffer = buffer[: sizes.total]
     pipeline = {
         "source": {"kind": "image folder", "path": str(folder.root), "files": n_files},
         "preprocess": resolved.as_dict(),
         "augment": preprocess.augment,
-        "split": _split_info(n_files, holdout, train, seed, max_samples, holdout_size),
+        "split": _split_info(n_files, sizes, seed, max_samples, selection_size, verify_size),
         "decode": {
             "workers": stats.workers,
             "images": stats.decoded,
@@ -558,13 +623,12 @@ def _load_images(
         },
         "skipped": dict(stats.skipped),
     }
-    log.info(
-        "calibration data: %d images from %s -> %d train, %d holdout (seed %d)",
-        stats.decoded, folder.root, train, holdout, seed,
-    )
+    _log_split(f"{stats.decoded} images from {folder.root}", sizes, seed)
+    train_index, selection_index, verification_index = sizes.slices()
     return CalibrationSet(
-        train={spec.name: buffer[holdout : holdout + train]},
-        holdout={spec.name: buffer[:holdout]},
+        train={spec.name: buffer[train_index]},
+        selection={spec.name: buffer[selection_index]},
+        verification={spec.name: buffer[verification_index]},
         input_names=(spec.name,),
         augment=preprocess.augment,
         pipeline=pipeline,

@@ -1,12 +1,11 @@
 """Checks before anything is written: ONNX checker, onnxruntime load, and output comparisons.
 
-Two comparisons on the holdout feeds:
+Two comparisons on the selection feeds:
 * export fidelity: the sparse model in onnxruntime against the torch student it was written from
   (a mismatch means a write-back bug: the file is refused);
-* dense vs sparse in onnxruntime, per output: an agreement figure by the output's kind (top-1 agreement for
-  class outputs, per-position top-1 agreement for sequence outputs, R^2 = 1 - SSE / SST for binary and dense
-  outputs: a task-neutral measure), cosine similarity and absolute differences. ``agreement`` is the lowest of
-  them: the figure the quality gate (``--min-agreement``) reads.
+* dense vs sparse in onnxruntime, per output: the agreement of :mod:`onnxsparse.metrics` by the output's kind
+  (:func:`onnxsparse.signals.onnx_output_kinds`), cosine similarity and absolute differences. ``agreement`` is
+  the lowest of them: the figure the quality gate (``--min-agreement``) reads, as ``compare`` does.
 """
 
 from __future__ import annotations
@@ -24,7 +23,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from onnxsparse import metrics
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.signals import onnx_output_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -176,20 +177,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def output_agreement(a: np.ndarray, b: np.ndarray, kind: str, axis: int = -1) -> tuple[float | None, str]:
-    """Agreement of output ``b`` with the dense ``a`` (full arrays, batch first) by the output's kind."""
+    """Agreement of ONNX output ``b`` with the dense ``a`` (full arrays, batch first) by the output's kind
+    (binary outputs are probabilities here: decided at 0.5)."""
     if a.size == 0:
         return None, ""
-    if kind in ("class", "sequence") and np.issubdtype(a.dtype, np.floating) and a.ndim >= 2:
-        axis = axis if -a.ndim <= axis < a.ndim else -1
-        if a.shape[axis] > 1:
-            what = "top-1 agreement" if kind == "class" else "per-position top-1 agreement"
-            return float((a.argmax(axis) == b.argmax(axis)).mean()), what
-    a64, b64 = a.astype(np.float64).reshape(-1), b.astype(np.float64).reshape(-1)
-    sst = float(((a64 - a64.mean()) ** 2).sum())
-    sse = float(((a64 - b64) ** 2).sum())
-    if sst <= 0:
-        return (1.0 if sse == 0 else 0.0), "R^2 (1 - SSE/SST)"
-    return max(1.0 - sse / sst, 0.0), "R^2 (1 - SSE/SST)"
+    return metrics.agreement(a, b, kind, axis, metrics.PROBABILITY_THRESHOLD)
 
 
 def compare_sessions(
@@ -200,9 +192,10 @@ def compare_sessions(
     input_names: tuple[str, ...] = (),
     device: torch.device | str = "cpu",
     kinds: list[tuple[str, int]] | None = None,
+    model: onnx.ModelProto | None = None,
 ) -> Verification:
-    """``kinds``: (kind, class axis) per output, from :mod:`onnxsparse.methods.signals`; without it a 2-D float
-    first output with more than one column counts as class output and everything else as dense."""
+    """``kinds``: (kind, class axis) per output; without them they are read from the dense ``model``'s graph
+    and outputs (:func:`onnxsparse.signals.onnx_output_kinds`), as ``compare`` reads them."""
     names = [o.name for o in sparse.get_outputs()]
     dense_out: list[list[np.ndarray]] = [[] for _ in names]
     sparse_out: list[list[np.ndarray]] = [[] for _ in names]
@@ -224,6 +217,8 @@ def compare_sessions(
                 scale = max(1.0, float(np.abs(t).max()) if t.size else 1.0)
                 fidelity = max(fidelity, float(np.abs(t - ref).max()) / scale if t.size else 0.0)
     result = Verification(samples=samples, export_max_rel_error=fidelity if student is not None else None)
+    if kinds is None and model is not None and all(dense_out):
+        kinds = onnx_output_kinds(model, [chunks[0] for chunks in dense_out])
     for i, name in enumerate(names):
         if not dense_out[i]:
             continue
@@ -240,7 +235,7 @@ def compare_sessions(
         agreement, measure = output_agreement(full_a, full_b, kind, axis)
         result.outputs.append(OutputComparison(name, _cosine(a, b), float(diff.max()), float(diff.mean()),
                                                kind, agreement, measure))
-        if kind == "class" and result.top1_agreement is None and measure == "top-1 agreement":
+        if kind == "class" and result.top1_agreement is None and measure == metrics.MEASURES["class"]:
             result.top1_agreement = agreement
         if agreement is not None and (result.agreement is None or agreement < result.agreement):
             result.agreement, result.measure = agreement, f"{measure} of output {name!r}"
@@ -264,13 +259,15 @@ def verify_file(
     kinds: list[tuple[str, int]] | None = None,
     ort_device: torch.device | str | None = None,
 ) -> Verification:
-    """``ort_device``: where onnxruntime runs (CUDA when the run was on CUDA and the provider is there)."""
+    """``ort_device``: where onnxruntime runs (CUDA when the run was on CUDA and the provider is there);
+    ``kinds`` as in :func:`compare_sessions` (default: read from the dense model's graph)."""
     checker = check_model_file(path)
+    graph = dense if isinstance(dense, onnx.ModelProto) else onnx.load(str(dense), load_external_data=False)
     feeds = list(feeds)
     # The dense session runs now and is gone before the sparse one loads; a few samples need no prepacking.
     dense_sess = _Replay(ort_session(dense, ort_device, prepack=False, exact=True), feeds)
     sparse_sess = ort_session(path, ort_device, prepack=False, exact=True)
-    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds)
+    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds, graph)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:
         raise OnnxSparseError(

@@ -17,13 +17,15 @@ from onnxsparse.device import oom_phase
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
-from onnxsparse.methods.signals import Signals
+from onnxsparse.signals import Signals
 from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, choose_correction, correction_modes
 
 if TYPE_CHECKING:
     from onnxsparse.data import CalibrationSet
 
 logger = logging.getLogger(__name__)
+
+FALLBACK_SELECTION_SAMPLES = 256  # training samples that score choices when there is no selection split
 
 
 @dataclass
@@ -45,23 +47,23 @@ class PruneContext:
 
     def output_signals(self) -> Signals:
         if self.signals is None:
-            from onnxsparse.methods.signals import describe_outputs
+            from onnxsparse.signals import describe_outputs
 
             first = next(iter(self.train_batches(min(8, self.calib.n_train))))
             self.signals = describe_outputs(self.imported, self.teacher, first)
         return self.signals
 
-    def holdout_scorer(self):
-        """Agreement with the teacher on the holdout split (the training split when there is none), cached."""
+    def selection_scorer(self):
+        """Agreement with the teacher on the selection split (the training split when there is none), cached."""
         if self._scorer is None:
-            from onnxsparse.methods.scoring import FixedBatches, HoldoutScorer
+            from onnxsparse.methods.scoring import FixedBatches, SelectionScorer
 
-            split = "holdout" if self.calib.n_holdout > 0 else "train"
-            n = self.calib.n_holdout if split == "holdout" else min(self.calib.n_train, self.config.verify_samples)
+            split = "selection" if self.calib.n_selection > 0 else "train"
+            n = self.calib.n_selection if split == "selection" else min(self.calib.n_train, FALLBACK_SELECTION_SAMPLES)
             source = FixedBatches(self, split, n, self.config.batch_size)
-            self._scorer = HoldoutScorer(self.teacher, source, signals=self.output_signals(),
+            self._scorer = SelectionScorer(self.teacher, source, signals=self.output_signals(),
                                          autocast=contextlib.nullcontext)
-            self._scorer.split = split if split == "holdout" else "train (no holdout split)"
+            self._scorer.split = split if split == "selection" else "train (no selection split)"
         return self._scorer
 
     @property
@@ -84,12 +86,12 @@ class PruneContext:
 
     def correct(self, module: nn.Module | None = None) -> CorrectionChoice:
         """The statistics correction of ``module`` (default: the student) that agrees best with the dense
-        model on the holdout, "none" included: correction never makes the model worse on the holdout.
+        model on the selection, "none" included: correction never makes the model worse on the selection.
         ``--no-correction`` applies none."""
         module = self.student if module is None else module
         if not self.config.correction:
             return CorrectionChoice("none", {}, CorrectionReport(), "--no-correction")
-        scorer = self.holdout_scorer()
+        scorer = self.selection_scorer()
         modes = correction_modes(self.imported.has_batchnorm, self.layers)
         with oom_phase("statistics correction"):
             return choose_correction(module, self.teacher, self.layers, modes, bn_batches=self.train_batches,

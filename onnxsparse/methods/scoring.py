@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from onnxsparse.methods.signals import Signals
-from onnxsparse.methods.unipts.objective import Agreement
+from onnxsparse.signals import Signals
+from onnxsparse.metrics import Agreement
 
 
 _CACHE_BYTES = 1 << 30  # inputs kept on the device up to this size
@@ -34,7 +34,7 @@ class FixedBatches:
 
     def __init__(self, ctx, split: str, n: int, batch_size: int):
         self.ctx, self.split, self.n, self.batch_size = ctx, split, n, batch_size
-        arrays = ctx.calib.train if split == "train" else ctx.calib.holdout
+        arrays = ctx.calib.train if split == "train" else ctx.calib.selection
         nbytes = sum(a[:n].nbytes for a in arrays.values())
         self.cached = take_samples(self._read(), n) if nbytes <= _CACHE_BYTES else None
 
@@ -45,7 +45,7 @@ class FixedBatches:
         return self.cached if self.cached is not None else take_samples(self._read(), self.n)
 
 
-class HoldoutScorer:
+class SelectionScorer:
     """Agreement of the student with teacher outputs cached once, on a fixed list of batches."""
 
     def __init__(self, teacher: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,

@@ -355,7 +355,7 @@ class CorrectionChoice:
     mode: str
     scores: dict[str, float]
     report: CorrectionReport
-    measured_on: str = "holdout"
+    measured_on: str = "selection"
 
     def as_dict(self) -> dict:
         return {"chosen": self.mode, "scores": self.scores, "measured_on": self.measured_on,
@@ -379,7 +379,7 @@ def choose_correction(
     bn_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None,
     channel_inputs: tuple[torch.Tensor, ...] | None,
     score: Callable[[], float],
-    measured_on: str = "holdout",
+    measured_on: str = "selection",
 ) -> CorrectionChoice:
     """Score every mode (see :func:`apply_correction`) on ``student`` from the same state, then apply the best.
     Ties keep the earlier mode.

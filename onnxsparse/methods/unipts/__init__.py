@@ -7,18 +7,18 @@ Phases (``MethodResult.info`` reports each):
    the dense teacher after statistics correction; the uniform and global-magnitude allocations are scored the
    same way and the fittest is kept. Every candidate respects the per-layer caps (``max_layer_sparsity``, and
    the global target for the first, last and small layers: :func:`onnxsparse.sparsity.allocation.layer_caps`);
-2. start: two starting points for distillation, scored on the calibration holdout: the magnitude-pruned model
+2. start: two starting points for distillation, scored on the calibration selection: the magnitude-pruned model
    after the statistics correction that agrees best, and the layer-wise reconstruction of the same allocation
    (:func:`onnxsparse.methods.reconstruct.reconstruct_all`); the better one is trained;
 3. training: dynamic sparse training with the per-output objective (:mod:`.dst`, :mod:`.objective`), on the
-   signal each output describes (:mod:`onnxsparse.methods.signals`: logits behind a Softmax, per position for
+   signal each output describes (:mod:`onnxsparse.signals`: logits behind a Softmax, per position for
    sequences, ...), plus the distance of every prunable layer's output to the teacher's (``feature_weight``;
    the paper distils the outputs alone);
 4. finish: masks baked (exactly the allotted zeros per layer), the statistics correction chosen again on the
-   holdout ("none" included), and the trained model kept only if it agrees with the dense model on the holdout
-   better than the starting point by a margin the holdout can resolve (``KEEP_TRAINED_Z`` standard errors of
+   selection ("none" included), and the trained model kept only if it agrees with the dense model on the selection
+   better than the starting point by a margin the selection can resolve (``KEEP_TRAINED_Z`` standard errors of
    the paired per-sample difference, or ``KEEP_TRAINED_MARGIN`` of the start's distance), unless a sign test
-   resolves it as farther on most holdout samples: UniPTS never ends below its own start on the holdout.
+   resolves it as farther on most selection samples: UniPTS never ends below its own start on the selection.
 
 The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by default): the search takes at most
 ``SEARCH_SHARE`` of it, training shortens itself to what is left.
@@ -49,7 +49,8 @@ from onnxsparse.methods.unipts.dst import (
     train,
     training_batches,
 )
-from onnxsparse.methods.unipts.objective import Agreement, Distillation, default_gamma, paired_improvement
+from onnxsparse.metrics import Agreement, paired_improvement
+from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
@@ -70,9 +71,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
 SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
 MIN_FITNESS_SAMPLES = 32  # fewer make the fitness a coin toss between close allocations
-# The trained model replaces its start when closer to the dense model on the holdout by more than KEEP_TRAINED_Z
+# The trained model replaces its start when closer to the dense model on the selection by more than KEEP_TRAINED_Z
 # standard errors (one-sided 95%) or by more than KEEP_TRAINED_MARGIN of the start's distance. Measured: on the
-# PP-OCRv4 recogniser's 32-line holdout, gains of 0.6-7.7% kept trained models that read up to 4.5 test lines
+# PP-OCRv4 recogniser's 32-line selection, gains of 0.6-7.7% kept trained models that read up to 4.5 test lines
 # fewer than their start; on the PP-OCR classifier's 52 lines gains of 29-37% were not significant (heavy-tailed
 # per-sample KL) while the trained models read 1-7 points more test lines (benchmarks/RESULTS.md)
 KEEP_TRAINED_Z = 1.645
@@ -294,7 +295,7 @@ class UniPTS:
 
     @staticmethod
     def _start(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, pattern_masks):
-        """Score the starting points on the holdout and leave the student at the best one: the magnitude-pruned
+        """Score the starting points on the selection and leave the student at the best one: the magnitude-pruned
         model after its best statistics correction (pruned weights then get their dense values back, for
         dynamic sparse training), and the layer-wise reconstruction of the chosen allocation and, where that
         differs, of the uniform one (the fitness scores allocations by magnitude pruning, which is not what
@@ -303,10 +304,10 @@ class UniPTS:
         from onnxsparse.methods.reconstruct import reconstruct_all
 
         layers = ctx.layers
-        holdout = ctx.holdout_scorer()
+        selection = ctx.selection_scorer()
         masks = evaluator.prune(zeros) if pattern_masks is None else evaluator.apply_masks(pattern_masks)
         choice = ctx.correct()
-        scores = {"magnitude+correction": holdout(ctx.student)}
+        scores = {"magnitude+correction": selection(ctx.student)}
         states = {"magnitude+correction": copy_state(ctx.student)}
         starts = {"magnitude+correction": (zeros, masks)}
         allocations = {"reconstruct": zeros}
@@ -319,17 +320,17 @@ class UniPTS:
             evaluator.restore()
             with torch.no_grad():
                 rec_masks, rows, _ = reconstruct_all(ctx, zeros_to_sparsities(alloc, layers), pattern_masks)
-            scores[name], states[name], starts[name] = holdout(ctx.student), copy_state(ctx.student), (alloc, rec_masks)
+            scores[name], states[name], starts[name] = selection(ctx.student), copy_state(ctx.student), (alloc, rec_masks)
             fitted[name] = sum(1 for r in rows if r.get("fitted"))
         chosen = max(scores, key=lambda k: (scores[k].score, k != "magnitude+correction"))
         load_state(ctx.student, states[chosen])
         zeros, masks = starts[chosen]
         if chosen == "magnitude+correction":
             evaluator.restore_pruned(masks)  # pruned weights get their dense values back
-        report = {"chosen": chosen, "measured_on": holdout.split,
+        report = {"chosen": chosen, "measured_on": selection.split,
                   "candidates": {k: v.as_dict() for k, v in scores.items()},
                   "correction": choice.as_dict(), "reconstructed_layers": fitted}
-        _announce(ctx, f"UniPTS start: {chosen} (holdout " + ", ".join(
+        _announce(ctx, f"UniPTS start: {chosen} (selection " + ", ".join(
             f"{k} {v.score:.4g}" for k, v in scores.items()) + ")")
         return report, states[chosen], zeros, masks
 
@@ -337,7 +338,7 @@ class UniPTS:
         for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
             attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
                          mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
-        holdout = ctx.holdout_scorer()
+        selection = ctx.selection_scorer()
         plan = self._plan(ctx, cfg, started)
         gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))
         loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature,
@@ -348,11 +349,11 @@ class UniPTS:
         flip, flip_measured = self._flip(ctx, signals) if augment else (False, None)
         epoch_batches = training_batches(ctx, train_bs, augment, flip)
 
-        before = holdout(ctx.student)
+        before = selection(ctx.student)
         resume = ctx.run_dir.load("training") if ctx.run_dir is not None else None
         checkpoint = (lambda state: ctx.run_dir.save("training", state)) if ctx.run_dir is not None else None
         with _progress(ctx, plan.iterations, "unipts train") as bar:
-            trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, holdout=holdout,
+            trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, selection=selection,
                             autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
                             checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
                             freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
@@ -364,7 +365,7 @@ class UniPTS:
             "momentum": plan.momentum, "weight_decay": plan.weight_decay, "batch_size": train_bs,
             "warmup_iterations": plan.warmup, "iterations_per_epoch": plan.iterations_per_epoch,
             "augment": augment, "flip": flip, "flip_agreement": flip_measured, "batchnorm": cfg.batchnorm,
-            "max_grad_norm": cfg.max_grad_norm, "holdout_before": before.as_dict(), **trained.as_dict(),
+            "max_grad_norm": cfg.max_grad_norm, "selection_before": before.as_dict(), **trained.as_dict(),
         }
         return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
 
@@ -398,13 +399,13 @@ class UniPTS:
 
     @staticmethod
     def _finish(ctx: PruneContext, start_state: dict[str, torch.Tensor], start_report: dict) -> tuple[dict, str]:
-        """Statistics correction of the trained model chosen on the holdout, then the trained model against the
-        starting point: the trained one is kept only if the holdout resolves it as closer to the dense model
-        (:meth:`PairedComparison.better`: a holdout of a few dozen samples cannot tell a small gain from noise,
+        """Statistics correction of the trained model chosen on the selection, then the trained model against the
+        starting point: the trained one is kept only if the selection resolves it as closer to the dense model
+        (:meth:`PairedComparison.better`: a selection of a few dozen samples cannot tell a small gain from noise,
         and the start, a deterministic fit, is the safer of two indistinguishable models)."""
-        holdout = ctx.holdout_scorer()
+        selection = ctx.selection_scorer()
         choice = ctx.correct()
-        trained = holdout(ctx.student)
+        trained = selection(ctx.student)
         start = start_report["candidates"][start_report["chosen"]]
         decision: dict = {"rule": f"trained kept if closer on average by more than {KEEP_TRAINED_Z} standard "
                                   f"errors or by more than {KEEP_TRAINED_MARGIN:.0%} of the start's distance, "
@@ -414,13 +415,13 @@ class UniPTS:
         if start_state is not None:
             trained_state = copy_state(ctx.student)
             load_state(ctx.student, start_state)
-            paired = paired_improvement(trained, holdout(ctx.student))
+            paired = paired_improvement(trained, selection(ctx.student))
             decision.update(paired.as_dict())
             if paired.better(KEEP_TRAINED_Z, KEEP_TRAINED_MARGIN) and math.isfinite(trained.score):
                 load_state(ctx.student, trained_state)
             else:
                 kept = "start"
-                _announce(ctx, f"UniPTS: the holdout does not resolve the trained model as closer to the dense one "
+                _announce(ctx, f"UniPTS: the selection does not resolve the trained model as closer to the dense one "
                                f"than its start (mean per-sample gain {paired.gain:.4g} = "
                                f"{paired.relative_gain:.1%}, standard error {paired.standard_error:.3g}; closer on "
                                f"{paired.closer}, farther on {paired.farther} samples); the start "
@@ -432,6 +433,6 @@ class UniPTS:
         bad = [n for n, p in ctx.student.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise OnnxSparseError(f"UniPTS produced non-finite weights ({', '.join(bad[:3])}); nothing was written")
-        agreement = ctx.holdout_scorer()(ctx.student)
+        agreement = ctx.selection_scorer()(ctx.student)
         if not math.isfinite(agreement.score):
-            raise OnnxSparseError("UniPTS produced non-finite outputs on the holdout samples; nothing was written")
+            raise OnnxSparseError("UniPTS produced non-finite outputs on the selection samples; nothing was written")

@@ -32,8 +32,9 @@ from torch import nn
 
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.scoring import HoldoutScorer
-from onnxsparse.methods.unipts.objective import Distillation, default_gamma, normalised_mse
+from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse import metrics
+from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
@@ -155,17 +156,10 @@ def flip_agreement(teacher: nn.Module, signals, batches: Iterable[tuple[torch.Te
             targets = (a, a.flip(positions[-1])) if positions else (a,)
             sums = totals.setdefault(i, [0.0] * len(targets))
             for k, target in enumerate(targets):
-                sums[k] += _agreement(target, b, kind, axis) * a.shape[0]
+                value, _ = metrics.agreement(target, b, kind, axis)
+                sums[k] += (0.0 if value is None else value) * a.shape[0]
         n += batch[0].shape[0]
     return min(max(sums) / n for sums in totals.values()) if totals else 1.0
-
-
-def _agreement(a: torch.Tensor, b: torch.Tensor, kind: str, axis: int) -> float:
-    if kind in ("class", "sequence"):
-        return float((a.argmax(axis) == b.argmax(axis)).float().mean())
-    if kind == "binary":
-        return float(((a > 0) == (b > 0)).float().mean())
-    return max(1.0 - float(normalised_mse([b], [a])), 0.0)  # R^2 of b against a
 
 
 def _resident_budget(device: torch.device) -> int:
@@ -219,7 +213,7 @@ def train(
     loss_fn: Distillation,
     plan: TrainPlan,
     *,
-    holdout: HoldoutScorer | None,
+    selection: SelectionScorer | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     progress=None,
     stop: Callable[[], bool] = lambda: False,
@@ -255,7 +249,7 @@ def train(
             # DDP notes that a 1x1 kernel's gradient has the contiguous strides of its channels-last
             # parameter (the same memory layout, other strides for the size-1 axes): harmless
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, holdout=holdout,
+            return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, selection=selection,
                           autocast=autocast, progress=progress, stop=stop, resume=resume,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, dist=dist,
                           freeze_batchnorm=freeze_batchnorm, max_grad_norm=max_grad_norm)
@@ -296,7 +290,7 @@ class _Budget:
             _synchronize(self.device)
             per = (time.perf_counter() - self.timed_from[1]) / 8
             remaining = self.budget_s - (time.perf_counter() - self.start)
-            # an epoch-end holdout pass is about 1/3 of an iteration per batch: keep 10% for it
+            # an epoch-end selection pass is about 1/3 of an iteration per batch: keep 10% for it
             fit = int(self.dist.broadcast_float(step + max(int(0.9 * remaining / max(per, 1e-9)), 0)))
             if fit < total:
                 logger.info("training shortened to %d iterations to fit the time budget", fit)
@@ -362,7 +356,7 @@ def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, lay
     return state, step, total
 
 
-def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, holdout, autocast, progress,
+def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, selection, autocast, progress,
            stop, resume, checkpoint, checkpoint_every, dist, freeze_batchnorm, max_grad_norm) -> TrainResult:
     total = plan.iterations
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
@@ -419,7 +413,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
                 progress.update(good_step - step)
             step = good_step
             continue
-        result.curve.append(_epoch_row(ran, epoch, step, optimizer, loss_fn, start, holdout, student, dist))
+        result.curve.append(_epoch_row(ran, epoch, step, optimizer, loss_fn, start, selection, student, dist))
         if progress is not None:
             loss = result.curve[-1]["loss"]
             progress.set_postfix(loss=f"{loss:.4g}" if loss is not None else "-")
@@ -453,8 +447,8 @@ def _record_divergence(result: TrainResult, optimizer, ran: _Epoch, epoch: int, 
         )
 
 
-def _epoch_row(ran: _Epoch, epoch: int, step: int, optimizer, loss_fn, start: float, holdout, student, dist) -> dict:
-    """The training curve's row for a finished epoch (the holdout agreement when there is a holdout)."""
+def _epoch_row(ran: _Epoch, epoch: int, step: int, optimizer, loss_fn, start: float, selection, student, dist) -> dict:
+    """The training curve's row for a finished epoch (the selection agreement when there is a selection)."""
     row = {
         "epoch": epoch,
         "step": step,
@@ -463,7 +457,7 @@ def _epoch_row(ran: _Epoch, epoch: int, step: int, optimizer, loss_fn, start: fl
         "tau": loss_fn.tau(epoch),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if holdout is not None:
-        agreement = holdout(student)
-        row.update({f"holdout_{k}": v for k, v in agreement.as_dict().items() if k != "samples"})
+    if selection is not None:
+        agreement = selection(student)
+        row.update({f"selection_{k}": v for k, v in agreement.as_dict().items() if k != "samples"})
     return row

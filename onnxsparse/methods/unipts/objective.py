@@ -1,6 +1,6 @@
 """Base-decayed distillation objective (UniPTS section 1) and label-free agreement measures, per output.
 
-What is compared for each output is described once per run by :mod:`onnxsparse.methods.signals` (the logits
+What is compared for each output is described once per run by :mod:`onnxsparse.signals` (the logits
 behind a trailing Softmax, not the probabilities). Per kind:
 
 * ``class`` ``(N, C)`` logits: the base-decayed KL::
@@ -22,11 +22,10 @@ layers): a signal per layer, which the outputs alone give only through the whole
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-from onnxsparse.methods.signals import Signals
+from onnxsparse.metrics import _classes_last
+from onnxsparse.signals import Signals
 from onnxsparse.sparsity.correction import submodule_hooks
 
 import torch
@@ -58,11 +57,6 @@ def base_decayed_kl(z_s: torch.Tensor, z_t: torch.Tensor, tau_e: float, temperat
     return F.kl_div(
         F.log_softmax(z_s.float(), 1) / tau_e, F.softmax(z_t.float() / temperature, 1), reduction="sum"
     ) * temperature ** 2 / b
-
-
-def _classes_last(z: torch.Tensor, axis: int) -> torch.Tensor:
-    """``z`` with its class axis last, flattened to ``(positions, C)``."""
-    return z.movedim(axis, -1).reshape(-1, z.shape[axis])
 
 
 def sequence_kl(z_s: torch.Tensor, z_t: torch.Tensor, axis: int, tau_e: float, temperature: float) -> torch.Tensor:
@@ -167,186 +161,3 @@ class Distillation:
             else:
                 terms.append(normalised_mse([s], [t]))
         return terms[0] if len(terms) == 1 else torch.stack(terms).mean()
-
-
-class _Term:
-    """Running sums for one compared tensor."""
-
-    def __init__(self, kind: str, axis: int):
-        self.kind, self.axis = kind, axis
-        self.divergence = 0.0  # summed KL (class / sequence / binary)
-        self.positions = 0  # distributions (class, sequence) or elements (binary) seen
-        self.agree = 0
-        self.sse = self.st = self.s1 = 0.0
-        self.count = 0
-        # per sample: its mean KL over positions (class / sequence / binary), its squared error (dense)
-        self.samples: list[torch.Tensor] = []
-
-    def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
-        s, t = s.float(), t.float()
-        n = max(t.shape[0], 1) if t.dim() else 1
-        if self.kind in ("class", "sequence"):
-            s2, t2 = _classes_last(s, self.axis if self.kind == "sequence" else 1), \
-                _classes_last(t, self.axis if self.kind == "sequence" else 1)
-            log_s, log_t = F.log_softmax(s2, 1), F.log_softmax(t2, 1)
-            rows = (log_t.exp() * (log_t - log_s)).sum(1)  # batch-major: the batch axis is never the class axis
-            self.divergence += float(rows.sum())
-            self.samples.append(rows.double().reshape(n, -1).mean(1).cpu())
-            self.agree += int((s2.argmax(1) == t2.argmax(1)).sum())
-            self.positions += s2.shape[0]
-            return
-        if self.kind == "binary":
-            q = torch.sigmoid(t)
-            elements = (F.binary_cross_entropy_with_logits(s, q, reduction="none")
-                        - F.binary_cross_entropy_with_logits(t, q, reduction="none"))
-            self.divergence += float(elements.sum())
-            self.samples.append(elements.double().reshape(n, -1).mean(1).cpu())
-            self.agree += int(((s > 0) == (t > 0)).sum())
-            self.positions += t.numel()
-            return
-        s, t = s.double(), t.double()
-        errors = (s - t) ** 2
-        self.sse += float(errors.sum())
-        self.samples.append(errors.reshape(n, -1).sum(1).cpu())
-        self.st += float((t ** 2).sum())
-        self.s1 += float(t.sum())
-        self.count += t.numel()
-
-    def per_sample(self) -> torch.Tensor:
-        """Each sample's share of :attr:`distance`: their mean is the distance."""
-        values = torch.cat(self.samples) if self.samples else torch.zeros(0, dtype=torch.float64)
-        if self.kind != "dense":
-            return values
-        var = self.st - self.s1 * self.s1 / max(self.count, 1)
-        return values * values.numel() / max(var, _EPS)
-
-    @property
-    def kl(self) -> float | None:
-        return self.divergence / self.positions if self.kind != "dense" and self.positions else None
-
-    @property
-    def top1(self) -> float | None:
-        return self.agree / self.positions if self.kind != "dense" and self.positions else None
-
-    @property
-    def nmse(self) -> float | None:
-        if self.kind != "dense" or not self.count:
-            return None
-        var = self.st - self.s1 * self.s1 / max(self.count, 1)
-        return self.sse / max(var, _EPS)
-
-    @property
-    def distance(self) -> float:
-        value = self.nmse if self.kind == "dense" else self.kl
-        return float("inf") if value is None else value
-
-
-class Agreement:
-    """Label-free closeness of student outputs to cached teacher outputs, accumulated over batches.
-
-    Per compared tensor: mean KL and top-1 agreement for class and sequence logits (per position), mean
-    Bernoulli KL and sign agreement for binary logits, the normalised MSE (1 - R^2) for dense outputs.
-    ``score`` is higher-is-better: minus the mean of the per-output distances.
-    """
-
-    def __init__(self, signals: Signals | bool):
-        self.signals = Signals.of(signals)
-        self.terms: list[_Term] = []
-        self.n = 0
-
-    @property
-    def logits(self) -> bool:
-        return self.signals.logits
-
-    @torch.no_grad()
-    def add(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> None:
-        if not self.terms:
-            self.terms = [_Term(self.signals.kind(i), self.signals.axis(i)) for i in range(len(teacher))]
-        self.n += student[0].shape[0] if student[0].dim() else 1
-        for term, s, t in zip(self.terms, student, teacher):
-            term.add(s, t)
-
-    def _mean(self, values: list[float | None]) -> float | None:
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
-
-    @property
-    def mean_kl(self) -> float | None:
-        return self._mean([t.kl for t in self.terms if t.kind in ("class", "sequence")])
-
-    @property
-    def top1(self) -> float | None:
-        """Top-1 agreement of the class/sequence outputs (the lowest where there are several)."""
-        values = [t.top1 for t in self.terms if t.kind in ("class", "sequence") and t.top1 is not None]
-        return min(values) if values else None
-
-    @property
-    def nmse(self) -> float | None:
-        return self._mean([t.nmse for t in self.terms if t.kind == "dense"])
-
-    @property
-    def score(self) -> float:
-        if not self.terms:
-            return float("-inf")
-        value = -sum(t.distance for t in self.terms) / len(self.terms)
-        return value if value == value else float("-inf")  # NaN -> worst
-
-    def per_sample(self) -> torch.Tensor:
-        """Each sample's distance to the teacher (mean over the outputs): their mean is ``-score``."""
-        return torch.stack([t.per_sample() for t in self.terms]).mean(0) if self.terms else torch.zeros(0)
-
-    def as_dict(self) -> dict:
-        out: dict = {}
-        if self.mean_kl is not None:
-            out["kl"] = self.mean_kl
-            out["top1_agreement"] = self.top1
-        binary = [t for t in self.terms if t.kind == "binary"]
-        if binary:
-            out["binary_kl"] = self._mean([t.kl for t in binary])
-        if self.nmse is not None:
-            out["nmse"] = self.nmse
-        out["samples"] = self.n
-        return out
-
-
-@dataclass(frozen=True)
-class PairedComparison:
-    """A candidate against a baseline on the same samples, from their per-sample distances to the teacher."""
-
-    gain: float  # mean of (baseline - candidate): > 0 when the candidate is closer on average
-    standard_error: float  # of that mean (0 for a single sample)
-    baseline: float  # the baseline's mean distance
-    closer: int  # samples on which the candidate is closer
-    farther: int  # ... and farther (ties count for neither)
-
-    @property
-    def relative_gain(self) -> float:
-        return self.gain / self.baseline if self.baseline > 0 else 0.0  # a baseline at distance 0 cannot be beaten
-
-    def better(self, z: float, margin: float) -> bool:
-        """Closer on average by more than ``z`` standard errors, or by more than ``margin`` of the baseline's
-        distance, unless a sign test resolves it as farther on most samples. The second route is for small
-        holdouts with heavy-tailed distances, where a model closer by a third is not "significant" yet is the
-        better one; gains under the margin that the standard error cannot resolve are treated as noise. The sign
-        test guards both routes against the same tail the other way, a mean moved by a few samples while most
-        samples got farther: it vetoes when the surplus of farther samples exceeds ``z`` standard deviations of
-        a fair coin's (measured on the PP-OCR line classifier: at 0.9, 19% closer on average but farther on 40
-        of 52 holdout samples, 4.3 points under its start on the test lines, vetoed; at 0.7, 49% closer and
-        farther on 29 of 52, 1.2 points above its start, kept)."""
-        resolved_farther = self.farther - self.closer > z * math.sqrt(self.closer + self.farther)
-        return (self.gain > 0 and (self.gain > z * self.standard_error or self.relative_gain > margin)
-                and not resolved_farther)
-
-    def as_dict(self) -> dict:
-        return {"improvement": self.gain, "relative_improvement": self.relative_gain,
-                "standard_error": self.standard_error, "closer_samples": self.closer, "farther_samples": self.farther}
-
-
-def paired_improvement(candidate: Agreement, baseline: Agreement) -> PairedComparison:
-    """How much closer to the teacher ``candidate`` is than ``baseline`` on the same samples."""
-    base = baseline.per_sample()
-    diff = base - candidate.per_sample()
-    if diff.numel() == 0:
-        return PairedComparison(0.0, 0.0, 0.0, 0, 0)
-    se = float(diff.std(unbiased=True) / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
-    return PairedComparison(float(diff.mean()), se, float(base.mean()), int((diff > 0).sum()), int((diff < 0).sum()))

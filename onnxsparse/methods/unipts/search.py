@@ -25,9 +25,9 @@ from torch import nn
 from onnxsparse.device import oom_phase
 from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
-from onnxsparse.methods.signals import Signals
-from onnxsparse.methods.unipts.objective import Agreement
-from onnxsparse.methods.scoring import HoldoutScorer, take_samples
+from onnxsparse.signals import Signals
+from onnxsparse.metrics import Agreement
+from onnxsparse.methods.scoring import SelectionScorer, take_samples
 from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
@@ -199,7 +199,7 @@ class FitnessEvaluator:
                 layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
                 for layer in self.layers
             }
-        self.scorer = HoldoutScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
+        self.scorer = SelectionScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
 
     def restore(self) -> None:
         load_state(self.student, self.snapshot)
@@ -207,7 +207,7 @@ class FitnessEvaluator:
     def keep_samples(self, n: int) -> None:
         """Score on the first ``n`` fitness samples only (teacher outputs recomputed for them)."""
         self.batches = take_samples(self.batches, n)
-        self.scorer = HoldoutScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
+        self.scorer = SelectionScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
         self.timings = {}
 
     @property

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -147,6 +148,30 @@ class Signals:
             return outputs
         return [captured.get(i, outputs[s.index]) if s.module_path is not None else outputs[s.index]
                 for i, s in enumerate(self.signals)]
+
+
+def onnx_output_kinds(model: onnx.ModelProto, outputs: Sequence) -> list[tuple[str, int]]:
+    """(kind, class axis) of every graph output of ``model`` from the graph and the dense model's ``outputs``
+    (arrays, batch first), as the quality gate and ``compare`` measure them: behind a Sigmoid ``binary``; behind
+    a Softmax/LogSoftmax ``class`` for ``(N, C > 1)`` outputs, else ``sequence`` over the softmax's axis when
+    the softmax is the output's producer (its last axis otherwise); raw ``(N, C > 1)`` float outputs ``class``;
+    everything else ``dense``."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    kinds = []
+    for value, out in zip(model.graph.output, outputs):
+        shape = tuple(getattr(out, "shape", ()))
+        floating = np.issubdtype(np.asarray(out).dtype, np.floating) if shape else False
+        behind = _activation_behind(model, value.name)
+        two_d = floating and len(shape) == 2 and shape[1] > 1
+        if behind is not None and floating and behind[1].op_type == "Sigmoid":
+            kinds.append(("binary", -1))
+        elif behind is not None and floating and len(shape) > 2:
+            node = behind[1]
+            axis = _softmax_axis(node, opset, len(shape)) if node.output[0] == value.name else len(shape) - 1
+            kinds.append(("sequence", axis) if axis > 0 and shape[axis] > 1 else ("dense", -1))
+        else:
+            kinds.append(("class", 1) if two_d else ("dense", -1))
+    return kinds
 
 
 def raw_output_kind(t: torch.Tensor) -> str:
