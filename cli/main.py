@@ -99,8 +99,8 @@ def main() -> None:
 @click.option("--recipe", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="UniPTS budget preset: quick, or the paper's 25x25 search and 100 epochs.")
 @click.option("--epochs", type=float, default=None,
-              help="UniPTS: distillation epochs over the calibration set (quick recipe: 40, extended to 80 where "
-                   "the time budget's measure of the first steps says they fit; a value given here is kept).")
+              help="UniPTS: distillation epochs over the calibration set (quick recipe: what its work plan fits, "
+                   "at most 80, counted from the model's size and the sample count).")
 @click.option("--iterations", type=int, default=None, help="UniPTS: training iterations (overrides --epochs).")
 @click.option("--search-generations", type=int, default=None, help="UniPTS: allocation-search generations.")
 @click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
@@ -110,8 +110,8 @@ def main() -> None:
               help="UniPTS: weight of the layer-output distillation term beside the outputs' (default 1; 0 with "
                    "--recipe paper, and 0 turns it off).")
 @click.option("--time-budget", type=float, default=None,
-              help="UniPTS: seconds for search + training; the recipe shrinks to fit (quick recipe: 480; "
-                   "0: no cap, the recipe's full search and epochs).")
+              help="UniPTS: optional cap, in seconds, on search + training (default: none; the work plan decides). "
+                   "A run it cuts is reported as cut and is not reproducible.")
 @click.option("--correction-samples", type=int, default=256, show_default=True,
               help="Calibration samples used to fit the per-channel correction (one batch).")
 @click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,

@@ -37,13 +37,6 @@ def _number(value, flag: str, lo: float, hi: float, *, lo_open: bool = False, hi
     _check(ok, f"{flag} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
 
 
-# The quick recipe's epochs, and how far it extends them when the time budget has room. Measured (benchmarks/
-# RESULTS.md): 80 epochs lift the BatchNorm-kept sample at 0.9 from 91.87 to 91.95; forced on models whose
-# training the budget then cut (the PP-OCR line classifier), they cost it 1.3 points at 0.7
-QUICK_EPOCHS = 40.0
-EXTENDED_EPOCHS = 80.0
-
-
 @dataclass(frozen=True)
 class UniPTSConfig:
     """UniPTS hyperparameters. Defaults are the quick recipe; :meth:`paper` gives the official one."""
@@ -59,8 +52,7 @@ class UniPTSConfig:
     regrow: float = 0.05  # R = regrow * N weights, and the "reduce" step prunes P + regrow
     max_layer_sparsity: float = 0.99  # s_max of the clamp
     fitness_samples: int = 256
-    # distillation + dynamic sparse training. None: QUICK_EPOCHS, extended to EXTENDED_EPOCHS where --time-budget's
-    # measure of the first steps (still in the warm-up epoch) says they fit; a number: that many (fewer to fit)
+    # distillation + dynamic sparse training. None: what the work plan fits (methods/unipts/plan.py, at most 80)
     epochs: float | None = None
     iterations: int | None = None  # overrides epochs
     batch_size: int = 64
@@ -77,10 +69,9 @@ class UniPTSConfig:
     # weight of the layer-output term (normalised MSE of every prunable layer's output against the teacher's)
     # beside the output distillation; 0: outputs only, as in the paper
     feature_weight: float = 1.0
-    # seconds for search + training; the recipe scales itself down to fit (None: no cap). 480 s keeps a
-    # PP-LCNet-size model (224x224, 1.7 M prunable weights) under 10 minutes end to end on a 2-core CPU, at the
-    # price of fewer search generations and training epochs than the recipe names (see benchmarks/RESULTS.md)
-    time_budget: float | None = 480.0
+    # an optional wall-clock cap, in seconds, on search + training (None: none; the work plan alone decides). A run
+    # it cuts depends on the machine's speed: not reproducible, and the report says so
+    time_budget: float | None = None
     # random crops (+ flips where the teacher is mirror-invariant) of the training split. Off: on the sample it
     # changed nothing (0.9: 91.39 with, 91.45 without; BN kept 91.53 / 91.58), on the PP-OCR line classifier it
     # trained the student to chance (0.7: 96.6% without, 87.8-92.0% keeping the start), on the PP-OCRv4

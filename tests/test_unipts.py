@@ -349,8 +349,8 @@ def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
 
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=keep_bn), path)
-    x = np.random.default_rng(0).standard_normal((80, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.9, selection_size=16, unipts=UniPTSConfig(**TINY))
+    x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
+    config = PruneConfig(sparsity=0.9, selection_size=16, verify_size=16, unipts=UniPTSConfig(**TINY))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     report = result.report
     assert report["verification"]["export_max_rel_error"] < 1e-3
@@ -467,61 +467,67 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
     assert on["flip"] == (on["flip_agreement"] >= FLIP_AGREEMENT)
 
 
-def test_fitness_samples_shrink_to_fit_the_budget(tmp_path):
-    """When the candidates scored before the search would overrun the search's share of the time budget, the
-    fitness uses fewer samples (never fewer than MIN_FITNESS_SAMPLES); without a budget it keeps them all."""
-    from onnxsparse.methods.unipts import MIN_FITNESS_SAMPLES
-    from onnxsparse.pipeline import prune
+def test_work_plan_is_counted_not_timed():
+    from onnxsparse.methods.unipts.plan import MAX_EPOCHS, WORK_BUDGET, plan_work
 
-    path = tmp_path / "tiny.onnx"
-    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
-    x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
-    infos = {}
-    for budget in (None, 0.01):
-        unipts = UniPTSConfig(**{**TINY, "fitness_samples": 80, "epochs": 1.0, "time_budget": budget})
-        config = PruneConfig(sparsity=0.7, selection_size=16, unipts=unipts)
-        infos[budget] = prune(path, tmp_path / f"{budget}.onnx", {"input": x}, config,
-                              progress=False).report["method_info"]["allocation"]
-    assert infos[None]["fitness_samples"] == 80 and "fitness_samples_cut" not in infos[None]
-    assert infos[0.01]["fitness_samples"] == MIN_FITNESS_SAMPLES
-    assert "fitness on 32 samples" in infos[0.01]["fitness_samples_cut"]
+    def plan(macs, mode="none", **kw):
+        args = dict(n_train=800, batch_size=64, fitness_samples=256, population=12, generations=8, mode=mode,
+                    search=True)
+        return plan_work(macs, macs // 100, **{**args, **kw})
+
+    small = plan(10_000_000)
+    assert small.generations == 8 and small.iterations == MAX_EPOCHS * 12 and small.reason == ""
+    assert plan(10_000_000) == small  # the same counts give the same plan, on any machine
+    big = plan(150_000_000)
+    assert 0 < big.generations < 8 and big.iterations < small.iterations
+    assert big.search_work + big.training_work <= WORK_BUDGET
+    assert "search generations fit" in big.reason and "epochs fit the work budget" in big.reason
+    costly = plan(150_000_000, mode="relative")
+    assert costly.generations < big.generations  # a correction mode that costs more passes buys fewer candidates
+    huge = plan(100_000_000_000)
+    assert huge.generations == 0 and huge.iterations == huge.iterations_per_epoch  # never less than one epoch
+    assert plan(10_000_000, search=False).generations == 0
 
 
-def test_budget_extends_training_only_in_the_warm_up_and_when_it_fits():
+def test_time_budget_is_a_cap_that_says_it_cut():
     from onnxsparse.distributed import DistContext
     from onnxsparse.methods.unipts.dst import _Budget
 
-    def decide(budget_s, extend_to, warmup_ends, total=40):
-        budget = _Budget(budget_s, time.perf_counter(), torch.device("cpu"), DistContext(), extend_to=extend_to,
-                         warmup_ends=warmup_ends)
+    def decide(budget_s, total=40):
+        budget = _Budget(budget_s, time.perf_counter(), torch.device("cpu"), DistContext())
         for step in range(1, 12):
             new = budget.total_after(step, total)
             if new != total:
                 return new
         return total
 
-    assert decide(1e6, 80, 14) == 80  # measured at step 10, still warming up, and 80 fit easily
-    assert decide(1e6, 80, 10) == 40  # the warm-up (so the lr schedule's length) is over by then
-    assert decide(1e6, None, 14) == 40  # explicit epochs: never extended
-    assert 10 <= decide(1e-6, 80, 14) < 40  # no time left: shortened, as before
+    assert decide(None) == 40 and decide(1e6) == 40  # no cap, or one with room: the plan as counted
+    assert 10 <= decide(1e-6) < 40  # no time left: shortened
 
 
-def test_default_epochs_extend_when_the_budget_has_room(tmp_path):
-    from onnxsparse.config import EXTENDED_EPOCHS, QUICK_EPOCHS
-    from onnxsparse.methods.unipts.objective import default_gamma
+@pytest.mark.slow
+def test_quick_recipe_gives_the_same_bytes_under_load(tmp_path):
+    """The default plan reads no clock: two runs of the same command, one beside CPU-burning processes, write
+    byte-identical models."""
+    import subprocess
+    import sys
+
     from onnxsparse.pipeline import prune
 
     path = tmp_path / "tiny.onnx"
-    onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
-    x = np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32)
-    tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own epochs
-    config = PruneConfig(sparsity=0.8, selection_size=24, unipts=UniPTSConfig(**tiny))
-    training = prune(path, None, {"input": x}, config, progress=False).report["method_info"]["training"]
-    per_epoch = training["iterations_per_epoch"]
-    assert per_epoch == 11  # 176 training samples / 16: the step-10 measure falls in the warm-up epoch
-    assert training["extended_from"] == QUICK_EPOCHS * per_epoch
-    assert training["iterations"] == training["planned_iterations"] == EXTENDED_EPOCHS * per_epoch
-    assert training["gamma"] == pytest.approx(default_gamma(EXTENDED_EPOCHS))
-    explicit = PruneConfig(sparsity=0.8, selection_size=24, unipts=UniPTSConfig(**{**tiny, "epochs": QUICK_EPOCHS}))
-    training = prune(path, None, {"input": x}, explicit, progress=False).report["method_info"]["training"]
-    assert training["extended_from"] is None and training["iterations"] == QUICK_EPOCHS * per_epoch
+    onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=True), path)
+    x = np.random.default_rng(0).standard_normal((160, 1, 12, 12)).astype(np.float32)
+    tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own plan
+    config = PruneConfig(sparsity=0.8, unipts=UniPTSConfig(**tiny))
+    quiet = prune(path, tmp_path / "quiet.onnx", {"input": x}, config, progress=False).report["method_info"]
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        loaded = prune(path, tmp_path / "loaded.onnx", {"input": x}, config, progress=False).report["method_info"]
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert (tmp_path / "quiet.onnx").read_bytes() == (tmp_path / "loaded.onnx").read_bytes()
+    assert quiet["allocation"]["plan"] == loaded["allocation"]["plan"]
+    assert quiet["training"]["iterations"] == quiet["allocation"]["plan"]["iterations"]
+    assert not quiet["training"]["cut_by_time_budget"]

@@ -20,8 +20,10 @@ Phases (``MethodResult.info`` reports each):
    the paired per-sample difference, or ``KEEP_TRAINED_MARGIN`` of the start's distance), unless a sign test
    resolves it as farther on most selection samples: UniPTS never ends below its own start on the selection.
 
-The quick recipe has a time budget (``UniPTSConfig.time_budget``, 480 s by default): the search takes at most
-``SEARCH_SHARE`` of it, training shortens itself to what is left.
+The quick recipe plans its search generations and training iterations from counted work (:mod:`.plan`: the
+model's multiply-accumulates and output elements, sample counts), so the same command, seed, device and thread
+count give the same model on any machine. ``UniPTSConfig.time_budget`` is an optional wall-clock cap on top: a
+run it cuts says so (report and stderr) and is not reproducible.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from onnxsparse.config import EXTENDED_EPOCHS, QUICK_EPOCHS, UniPTSConfig
+from onnxsparse.config import UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.methods.scoring import FixedBatches
@@ -50,7 +52,9 @@ from onnxsparse.methods.unipts.dst import (
     training_batches,
 )
 from onnxsparse.metrics import Agreement, paired_improvement
+from onnxsparse.methods.unipts import plan as plan_module
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
+from onnxsparse.methods.unipts.plan import WorkPlan, plan_work, work_per_sample
 from onnxsparse.methods.unipts.search import (
     EvolutionarySearch,
     FitnessEvaluator,
@@ -69,8 +73,6 @@ from onnxsparse.timing import Phases
 logger = logging.getLogger(__name__)
 
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
-SEARCH_SHARE = 0.3  # of --time-budget, when the search runs
-MIN_FITNESS_SAMPLES = 32  # fewer make the fitness a coin toss between close allocations
 # The trained model replaces its start when closer to the dense model on the selection by more than KEEP_TRAINED_Z
 # standard errors (one-sided 95%) or by more than KEEP_TRAINED_MARGIN of the start's distance. Measured: on the
 # PP-OCRv4 recogniser's 32-line selection, gains of 0.6-7.7% kept trained models that read up to 4.5 test lines
@@ -117,11 +119,17 @@ class UniPTS:
         info: dict = {"device": str(ctx.device), "autocast": "bf16" if autocast is not contextlib.nullcontext else None,
                       "threads": torch.get_num_threads() if ctx.device.type == "cpu" else None,
                       "signals": signals.as_list(), "time_budget_s": cfg.time_budget}
+        first = next(iter(ctx.train_batches(1)))
+        macs, activations = work_per_sample(ctx.teacher, layers, first)
+        self._plan_for = lambda mode: plan_work(
+            macs, activations, n_train=ctx.calib.n_train, batch_size=cfg.batch_size,
+            fitness_samples=min(cfg.fitness_samples, ctx.calib.n_train), population=cfg.population,
+            generations=cfg.generations, mode=mode, search=cfg.search and ctx.config.nm is None and len(layers) > 1)
         if cfg.time_budget is not None:
             eta = datetime.now() + timedelta(seconds=cfg.time_budget)
-            _announce(ctx, f"UniPTS time budget {cfg.time_budget:.0f} s for search + training (search at most "
-                           f"{SEARCH_SHARE * cfg.time_budget:.0f} s): done by about {eta:%H:%M:%S}, then "
-                           "verification (--time-budget changes it)")
+            _announce(ctx, f"UniPTS time budget {cfg.time_budget:.0f} s for search + training: the run is cut "
+                           f"by about {eta:%H:%M:%S} where the planned work takes longer (a cut run is not "
+                           "reproducible)")
 
         with phases("allocation"):
             fitness_batches = FixedBatches(ctx, "train", min(cfg.fitness_samples, ctx.calib.n_train),
@@ -142,7 +150,7 @@ class UniPTS:
 
         with phases("training"):
             info["training"], info["resumed"] = self._train(ctx, cfg, signals, masks, sparsities, autocast,
-                                                            started, resumed)
+                                                            started, resumed, info["allocation"]["correction_mode"])
 
         with phases("finish"):
             final_masks = current_masks(ctx.student, layers)
@@ -175,11 +183,9 @@ class UniPTS:
         numels = [layer.numel for layer in layers]
         caps, protected = allocation.layer_caps(ctx.imported.proto, layers, target, cfg.max_layer_sparsity)
         fitness: dict[str, dict] = {}
-        sizing = None
         if nm is None:
             uniform = sparsities_to_zeros(allocation.uniform(layers, target), layers)
-            known, sizing = self._size_fitness(ctx, cfg, evaluator, uniform, started)
-            evaluator.mode, scored = self._fitness_correction(ctx, evaluator, uniform, known=known)
+            evaluator.mode, scored = self._fitness_correction(ctx, evaluator, uniform)
             magnitude = allocation.global_magnitude(ctx.student, layers, target)
             s = fit_to_target(np.array([magnitude[l.name] for l in layers]), numels, target, caps)
             candidates: dict[str, np.ndarray] = {
@@ -196,8 +202,9 @@ class UniPTS:
             agreement = scored[evaluator.mode]
             fitness = {"pattern": {"fitness": agreement.score, **agreement.as_dict()}}
         search_info: dict = {"ran": False}
+        plan = self._plan_for(evaluator.mode)
         if nm is None and cfg.search and len(layers) > 1:
-            found, search_info = self._search(ctx, cfg, evaluator, numels, caps, started)
+            found, search_info = self._search(ctx, cfg, evaluator, numels, caps, started, plan)
             if found is not None:
                 candidates["search"] = found.zeros
                 fitness["search"] = {"fitness": found.fitness, **found.details}
@@ -207,7 +214,7 @@ class UniPTS:
             search_info.update({"pattern": ctx.config.pattern,
                                 "dense_layers": patterns.dense_layers(layers, ctx.config.pattern)})
         search_info.update({
-            **(sizing or {}),
+            "plan": plan.as_dict(),
             "fitness_samples": evaluator.n_samples,
             "fitness_measure": "negative mean distance to the dense model per output (KL for class/sequence "
                                "logits, Bernoulli KL for binary logits, normalised MSE for dense outputs)",
@@ -225,68 +232,43 @@ class UniPTS:
         return zeros, pattern_masks, search_info, False
 
     @staticmethod
-    def _size_fitness(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, uniform,
-                      started: float) -> tuple[dict[str, Agreement], dict | None]:
-        """Time one candidate (the uniform allocation, no correction); when the candidates scored before the
-        search (each correction mode, then global magnitude) would take more than the search's share of the
-        budget, score on fewer samples (at least MIN_FITNESS_SAMPLES). Returns the measured agreement by mode
-        (empty after a cut: it was on the other samples) and the report of the cut, if any."""
-        evaluator.mode = "none"
-        measured = {"none": evaluator(uniform)}
-        if cfg.time_budget is None:
-            return measured, None
-        count = 1 + (len(correction_modes(ctx.imported.has_batchnorm, ctx.layers)) if ctx.config.correction else 1)
-        share = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
-        projected = count * evaluator.seconds_per_candidate
-        n = evaluator.n_samples
-        if projected <= share or n <= MIN_FITNESS_SAMPLES:
-            return measured, None
-        keep = max(MIN_FITNESS_SAMPLES, int(n * share / projected))
-        reason = (f"{count} candidates at {evaluator.seconds_per_candidate:.1f} s on {n} samples would exceed "
-                  f"the search's share of --time-budget ({share:.0f} s left): fitness on {keep} samples")
-        _announce(ctx, f"UniPTS {reason}")
-        evaluator.keep_samples(keep)
-        return {}, {"fitness_samples_cut": reason}
-
-    @staticmethod
-    def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, masks=None,
-                            known: dict[str, Agreement] | None = None) -> tuple[str, dict[str, Agreement]]:
+    def _fitness_correction(ctx: PruneContext, evaluator: FitnessEvaluator, zeros,
+                            masks=None) -> tuple[str, dict[str, Agreement]]:
         """The correction mode the fitness uses, chosen once on the uniform (or N:M) allocation, and that
-        allocation's agreement under every mode scored; ``known``: agreements already measured, by mode."""
-        scored = dict(known or {})
+        allocation's agreement under every mode scored."""
+        scored = {}
         modes = correction_modes(ctx.imported.has_batchnorm, ctx.layers) if ctx.config.correction else ("none",)
         for mode in modes:
-            if mode not in scored:
-                evaluator.mode = mode
-                scored[mode] = evaluator.score_masks(masks) if masks is not None else evaluator(zeros)
+            evaluator.mode = mode
+            scored[mode] = evaluator.score_masks(masks) if masks is not None else evaluator(zeros)
         best = max(modes, key=lambda mode: scored[mode].score)  # ties: the earlier, cheaper mode
         return best, scored
 
     @staticmethod
-    def _search(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, numels, caps, started):
+    def _search(ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, numels, caps, started,
+                plan: WorkPlan):
         rng = np.random.default_rng(np.random.SeedSequence([ctx.config.seed, 0x5EA2C4]))
         search = EvolutionarySearch(
             evaluator, numels, target=float(ctx.config.sparsity), regrow=cfg.regrow, s_max=caps,
             population=cfg.population, parents=cfg.parents, crossover=cfg.crossover,
             mutation=cfg.mutation, mutation_prob=cfg.mutation_prob, rng=rng, dist=ctx.dist,
         )
-        generations = cfg.generations
+        generations = plan.generations
+        if generations < 1:  # not one generation fits the search's share of the work budget: no search
+            reason = f"{plan.reason}; the uniform and global-magnitude allocations compete alone"
+            _announce(ctx, f"UniPTS search skipped: {reason}")
+            return None, {"ran": False, "skipped": reason}
         search_budget = None
         if cfg.time_budget is not None:
-            search_budget = max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
-            per_gen = evaluator.seconds_per_candidate * cfg.population
-            generations = min(generations, int(search_budget / max(per_gen, 1e-9)))
-            if generations < 1:  # not one generation fits the search's share of the budget: no search
-                reason = (f"one generation (~{per_gen:.0f} s: {cfg.population} candidates at "
-                          f"{evaluator.seconds_per_candidate:.1f} s) does not fit the search's share of "
-                          f"--time-budget ({search_budget:.0f} s left); the uniform and global-magnitude "
-                          "allocations compete alone")
-                _announce(ctx, f"UniPTS search skipped: {reason}")
-                return None, {"ran": False, "skipped": reason}
+            search_budget = max(plan_module.SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
         with _progress(ctx, generations, "unipts search") as bar:
             found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
+        if found.generations < generations:
+            _announce(ctx, f"UniPTS search cut by --time-budget after {found.generations} of {generations} "
+                           "generations: this run depends on the machine's speed and is not reproducible")
         return found, {
             "ran": True, "generations": found.generations, "planned_generations": generations,
+            "cut_by_time_budget": found.generations < generations,
             "population": cfg.population, "parents": cfg.parents, "crossover": cfg.crossover,
             "mutation": cfg.mutation, "mutation_prob": cfg.mutation_prob, "regrow": cfg.regrow,
             "max_layer_sparsity": cfg.max_layer_sparsity, "evaluations": found.evaluations,
@@ -334,12 +316,13 @@ class UniPTS:
             f"{k} {v.score:.4g}" for k, v in scores.items()) + ")")
         return report, states[chosen], zeros, masks
 
-    def _train(self, ctx: PruneContext, cfg: UniPTSConfig, signals, masks, sparsities, autocast, started, resumed):
+    def _train(self, ctx: PruneContext, cfg: UniPTSConfig, signals, masks, sparsities, autocast, started, resumed,
+               mode: str):
         for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
             attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
                          mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
         selection = ctx.selection_scorer()
-        plan = self._plan(ctx, cfg, started)
+        plan = self._train_plan(ctx, cfg, started, self._plan_for(mode))
         gamma = cfg.gamma if cfg.gamma is not None else default_gamma(max(plan.epochs, 1e-6))
         loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature,
                                feature_weight=cfg.feature_weight,
@@ -381,21 +364,22 @@ class UniPTS:
         return flip, measured
 
     @staticmethod
-    def _plan(ctx: PruneContext, cfg: UniPTSConfig, started: float) -> TrainPlan:
-        train_bs = min(cfg.batch_size, ctx.calib.n_train)
-        per_epoch = max(ctx.calib.n_train // train_bs, 1)
-        epochs = cfg.epochs if cfg.epochs is not None else QUICK_EPOCHS
-        iterations = cfg.iterations if cfg.iterations is not None else int(round(epochs * per_epoch))
+    def _train_plan(ctx: PruneContext, cfg: UniPTSConfig, started: float, work: WorkPlan) -> TrainPlan:
+        """The work plan's iterations, or the ``--epochs``/``--iterations`` given; ``--time-budget`` caps them."""
+        per_epoch = work.iterations_per_epoch
+        if cfg.iterations is not None:
+            iterations = cfg.iterations
+        elif cfg.epochs is not None:
+            iterations = int(round(cfg.epochs * per_epoch))
+        else:
+            iterations = work.iterations
         warmup = min(int(round(cfg.warmup_epochs * per_epoch)), iterations // 4)
-        budget = extend_to = None
+        budget = None
         if cfg.time_budget is not None:
             budget = max(cfg.time_budget - (time.perf_counter() - started), 0.0)
-            if cfg.epochs is None and cfg.iterations is None:  # the recipe's own epochs: extendable
-                extend_to = int(round(EXTENDED_EPOCHS * per_epoch))
         return TrainPlan(iterations=iterations, iterations_per_epoch=per_epoch, warmup=warmup,
                          lr=cfg.lr if cfg.lr is not None else DEFAULT_LR, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, budget_s=budget, extend_to=extend_to,
-                         extend_gamma=cfg.gamma is None)
+                         weight_decay=cfg.weight_decay, budget_s=budget)
 
     @staticmethod
     def _finish(ctx: PruneContext, start_state: dict[str, torch.Tensor], start_report: dict) -> tuple[dict, str]:

@@ -34,7 +34,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import SelectionScorer
 from onnxsparse import metrics
-from onnxsparse.methods.unipts.objective import Distillation, default_gamma
+from onnxsparse.methods.unipts.objective import Distillation
 from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,9 @@ class TrainPlan:
     lr: float
     momentum: float
     weight_decay: float
-    budget_s: float | None = None  # shrink ``iterations`` to fit, measured on the first steps
-    # ... or extend them up to this many where that measure, taken in the warm-up epoch, says they fit
-    extend_to: int | None = None
-    extend_gamma: bool = False  # an extension re-plans the base decay (gamma) over the new length
+    # an optional wall-clock cap (--time-budget): ``iterations`` shrink to fit, measured on the first steps; a run
+    # it cut depends on the machine's speed and is not reproducible (TrainResult.cut says so)
+    budget_s: float | None = None
 
     @property
     def epochs(self) -> float:
@@ -86,13 +85,13 @@ class TrainResult:
     seconds_per_iteration: float = 0.0
     rollbacks: list[dict] = field(default_factory=list)
     stopped: str | None = None
-    extended_from: int | None = None  # the planned iterations before the budget's measure extended them
+    cut: bool = False  # the time budget shortened the plan
 
     def as_dict(self) -> dict:
         return {
             "iterations": self.iterations,
             "planned_iterations": self.planned_iterations,
-            "extended_from": self.extended_from,
+            "cut_by_time_budget": self.cut,
             "seconds_per_iteration": round(self.seconds_per_iteration, 5),
             "rollbacks": self.rollbacks,
             "stopped": self.stopped,
@@ -274,10 +273,8 @@ class _Budget:
     """Shortens the run to fit ``budget_s``: the time per step is measured over 8 steps from the 3rd (the first
     ones pay for warm-up), then the total is fixed once; rank 0's measure decides for every rank."""
 
-    def __init__(self, budget_s: float | None, start: float, device: torch.device, dist: DistContext,
-                 extend_to: int | None = None, warmup_ends: int = 0):
+    def __init__(self, budget_s: float | None, start: float, device: torch.device, dist: DistContext):
         self.budget_s, self.start, self.device, self.dist = budget_s, start, device, dist
-        self.extend_to, self.warmup_ends = extend_to, warmup_ends
         self.timed_from: tuple[int, float] | None = None
 
     def total_after(self, step: int, total: int) -> int:
@@ -293,13 +290,9 @@ class _Budget:
             # an epoch-end selection pass is about 1/3 of an iteration per batch: keep 10% for it
             fit = int(self.dist.broadcast_float(step + max(int(0.9 * remaining / max(per, 1e-9)), 0)))
             if fit < total:
-                logger.info("training shortened to %d iterations to fit the time budget", fit)
+                logger.warning("training shortened to %d of %d iterations by --time-budget: this run depends on the "
+                               "machine's speed and is not reproducible", max(fit, step), total)
                 return max(fit, step)
-            # extending is only allowed while the lr is still warming up (the warm-up does not depend on the
-            # length, the cosine after it does) and in the first epoch (the base decay has not moved yet)
-            if self.extend_to is not None and total < self.extend_to <= fit and step < self.warmup_ends:
-                logger.info("training extended to %d iterations: the time budget has room", self.extend_to)
-                return self.extend_to
         return total
 
 
@@ -368,8 +361,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         student.load_state_dict(resume["student"])
         optimizer.load_state_dict(resume["optimizer"])
         step, base_lr, total = int(resume["step"]), float(resume["base_lr"]), int(resume["total"])
-        if total > plan.iterations:  # extended before the interruption: the same base decay as then
-            _extended(result, loss_fn, plan, plan.iterations, total)
+        result.cut = total < plan.iterations
         result.curve, result.rollbacks = list(resume["curve"]), list(resume["rollbacks"])
         result.planned_iterations = total
         if progress is not None:
@@ -378,8 +370,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     # DDP's constructor makes every rank start from rank 0's parameters and buffers
     model = dist.wrap(student)
     device = params[0].device if params else torch.device("cpu")
-    budget = _Budget(plan.budget_s, start, device, dist, extend_to=plan.extend_to,
-                     warmup_ends=min(plan.warmup, plan.iterations_per_epoch))
+    budget = _Budget(plan.budget_s, start, device, dist)
     good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
     while step < total:
         if dist.any(stop()):
@@ -389,13 +380,11 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         student.train()
         if freeze_batchnorm:
             _batchnorm_eval(student)
-        before = total
         ran, step, total = _run_epoch(model, student, teacher, epoch_batches(epoch), loss_fn, optimizer, params,
                                       layout, epoch, step, total, plan, base_lr, autocast=autocast,
                                       progress=progress, budget=budget, dist=dist, max_grad_norm=max_grad_norm,
                                       device=device)
-        if total > before:
-            _extended(result, loss_fn, plan, before, total)
+        result.cut = result.cut or total < plan.iterations
         if not ran.diverged and ran.n_losses and dist.any(ran.nonfinite):
             ran.diverged = True
         if not ran.diverged and not ran.n_losses:
@@ -424,15 +413,6 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     result.iterations = step
     result.seconds_per_iteration = (time.perf_counter() - start) / max(step, 1)
     return result
-
-
-def _extended(result: TrainResult, loss_fn: Distillation, plan: TrainPlan, planned: int, total: int) -> None:
-    """Training extended from ``planned`` to ``total`` iterations: recorded, and the base decay re-planned over
-    the new length. Extensions happen in the first epoch only (:class:`_Budget`), where the decay has not been
-    applied yet (tau = tau0 at epoch 0 whatever gamma), so re-planning at the epoch's end changes nothing before."""
-    result.extended_from, result.planned_iterations = planned, total
-    if plan.extend_gamma:
-        loss_fn.gamma = default_gamma(total / max(plan.iterations_per_epoch, 1))
 
 
 def _record_divergence(result: TrainResult, optimizer, ran: _Epoch, epoch: int, step: int, dist) -> None:

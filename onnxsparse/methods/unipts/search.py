@@ -27,7 +27,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.signals import Signals
 from onnxsparse.metrics import Agreement
-from onnxsparse.methods.scoring import SelectionScorer, take_samples
+from onnxsparse.methods.scoring import SelectionScorer
 from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
@@ -203,12 +203,6 @@ class FitnessEvaluator:
 
     def restore(self) -> None:
         load_state(self.student, self.snapshot)
-
-    def keep_samples(self, n: int) -> None:
-        """Score on the first ``n`` fitness samples only (teacher outputs recomputed for them)."""
-        self.batches = take_samples(self.batches, n)
-        self.scorer = SelectionScorer(self.teacher, lambda: self.batches, signals=self.signals, autocast=self.autocast)
-        self.timings = {}
 
     @property
     def n_samples(self) -> int:

@@ -1,0 +1,102 @@
+"""The quick recipe's work plan, from counted quantities: the model's multiply-accumulates, sample counts and
+layers, never from wall time, so the same command, seed, device and thread count do the same work anywhere.
+
+Work is counted in MAC-equivalents: one forward pass of one sample costs the multiply-accumulates of its
+prunable layers plus :data:`ACTIVATION_WEIGHT` per element those layers output (the elementwise work around them:
+normalisation, activations; it dominates small depthwise layers), ``work_per_sample``. The recipe spends at most :data:`WORK_BUDGET` of them on search + training
+(:data:`SEARCH_SHARE` of it on the search): a search generation costs ``population`` candidates, each a forward of
+the fitness samples times the correction mode's factor; a training step costs ``TRAIN_STEP_FACTOR`` forwards of a
+batch (the student's forward and backward, the teacher's forward). Training runs :data:`MAX_EPOCHS` epochs where
+that fits, fewer where it does not (at least one); the search runs the recipe's generations where they fit, fewer
+where they do not, none where not one does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+# MAC-equivalents for search + training: a PP-LCNet classifier at 224x224 (0.15 GMAC and 2.5 M output elements
+# per sample) finishes the quick recipe in under 10 minutes on a 2-core CPU (docs/decisions.md)
+WORK_BUDGET = 5e12
+# fitted on single-thread forwards of five CNNs: time ~ MACs + 50 x output elements (docs/decisions.md)
+ACTIVATION_WEIGHT = 50.0
+SEARCH_SHARE = 0.3
+MAX_EPOCHS = 80.0
+TRAIN_STEP_FACTOR = 4.0  # student forward + backward (~3 forwards) and the teacher's forward
+# Cost of a fitness candidate per correction mode, in forwards of the fitness samples: the statistics modes
+# run extra passes (BatchNorm re-estimation, per-channel statistics of every layer's output)
+MODE_FACTORS = {"none": 1.0, "reestimate": 5.0, "channel": 7.0, "relative": 14.0}
+
+
+def work_per_sample(module: nn.Module, layers: Sequence, batch: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(multiply-accumulates, output elements) of one sample's forward pass through the prunable ``layers`` of
+    ``module``: each layer's weight count times the positions its output is computed at (H*W for a convolution,
+    tokens for a MatMul, 1 for a fully connected layer), and the elements it outputs."""
+    counted: dict[str, tuple[int, int]] = {}
+    hooks = []
+    for layer in layers:
+        def hook(_module, _inputs, out, layer=layer):
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            per_sample = out.numel() // max(out.shape[0], 1) if out.dim() else 1
+            channels = out.shape[layer.out_axis_act] if out.dim() > abs(layer.out_axis_act) else 1
+            counted[layer.name] = (layer.numel * max(per_sample // max(channels, 1), 1), per_sample)
+        hooks.append(module.get_submodule(layer.module_path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(*[t[:1] for t in batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(m for m, _ in counted.values()), sum(a for _, a in counted.values())
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    macs_per_sample: int
+    activations_per_sample: int
+    work_per_sample: float  # MAC-equivalents of one sample's forward
+    work_budget: float
+    fitness_samples: int
+    population: int
+    candidate_mode: str
+    generations: int  # search generations that fit (0: no search)
+    iterations_per_epoch: int
+    iterations: int
+    epochs: float
+    search_work: float
+    training_work: float
+    reason: str  # why the generations or epochs are below the recipe's, "" when they are not
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_work(macs_per_sample: int, activations_per_sample: int, *, n_train: int, batch_size: int, fitness_samples: int, population: int,
+              generations: int, mode: str, search: bool, work_budget: float | None = None) -> WorkPlan:
+    """Search generations and training iterations that fit ``work_budget`` (default :data:`WORK_BUDGET`; module
+    docstring)."""
+    work_budget = WORK_BUDGET if work_budget is None else work_budget
+    unit = max(macs_per_sample + ACTIVATION_WEIGHT * activations_per_sample, 1.0)
+    train_bs = min(batch_size, n_train)
+    per_epoch = max(n_train // max(train_bs, 1), 1)
+    candidate = fitness_samples * unit * MODE_FACTORS.get(mode, max(MODE_FACTORS.values()))
+    step = TRAIN_STEP_FACTOR * train_bs * unit
+    reasons = []
+    planned_generations = 0
+    if search:
+        planned_generations = min(generations, int(SEARCH_SHARE * work_budget // (population * candidate)))
+        if planned_generations < generations:
+            reasons.append(f"{planned_generations} of {generations} search generations fit the search's share of "
+                           f"the work budget ({population} candidates at {candidate:.3g} MAC-equivalents each)")
+    search_work = planned_generations * population * candidate
+    full = int(round(MAX_EPOCHS * per_epoch))
+    iterations = min(full, max(int((work_budget - search_work) // step), per_epoch))  # at least one epoch
+    if iterations < full:
+        reasons.append(f"{iterations / per_epoch:.1f} of {MAX_EPOCHS:g} epochs fit the work budget "
+                       f"({step:.3g} MAC-equivalents a step)")
+    return WorkPlan(int(macs_per_sample), int(activations_per_sample), unit, work_budget, fitness_samples, population, mode, planned_generations, per_epoch, iterations,
+                    iterations / per_epoch, search_work, iterations * step, "; ".join(reasons))
