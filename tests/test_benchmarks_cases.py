@@ -463,3 +463,50 @@ def test_report_names_commits_and_flags_peers_below_target():
     assert "| onnxsim Wanda | 0.3100 **below target** |" in text
     assert "| onnxsim SparseGPT | 0.5000 |" in text
     assert "(66 weights in 2 layers)" in text
+
+
+def test_mcnemar_exact_and_paired_counts():
+    from benchmarks.paired import compare, mcnemar_exact, right_per_sample
+    from benchmarks.cases.metrics import MapAgreement, TopOne
+
+    # 24 lines read by one model only, 30 by the other only: p = 2 P(X <= 24), X ~ Bin(54, 1/2)
+    assert mcnemar_exact(24, 30) == pytest.approx(0.4966, abs=1e-4)
+    assert mcnemar_exact(30, 24) == mcnemar_exact(24, 30)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    right_a = np.array([True, True, False, False, True])
+    right_b = np.array([True, False, True, True, True])
+    assert compare(right_a, right_b) == {"samples": 5, "right_a": 3, "right_b": 4, "only_a": 1, "only_b": 2,
+                                         "p_value": 1.0}
+    session = _identity_session(["N", 3])
+    scores = np.array([[0, 1, 0], [2, 0, 0], [0, 0, 1]], np.float32)
+    np.testing.assert_array_equal(right_per_sample(session, scores, [1, 0, 0], TopOne()), [True, True, False])
+    session = _identity_session(["N", 4, 4], "a\nb")
+    probs = _one_hot([[1, 0, 2, 3], [2, 2, 1, 0]])
+    np.testing.assert_array_equal(right_per_sample(session, probs, ["ab ", "a"], TextLines()), [True, False])
+    with pytest.raises(OnnxSparseError, match="scores maps"):
+        right_per_sample(session, probs, None, MapAgreement())
+
+
+def test_augment_agreement_of_a_model_that_ignores_position():
+    import torch
+
+    from benchmarks.augment_agreement import agreement, square_crop
+
+    x = np.random.default_rng(0).random((16, 1, 8, 8)).astype(np.float32)
+    out = square_crop(torch.from_numpy(x), torch.Generator().manual_seed(0))
+    assert out.shape == (16, 1, 8, 8) and not torch.equal(out, torch.from_numpy(x))
+    # a model whose top-1 is the row (first half vs second half) holding more ink: a flip keeps it, crops may not
+    w = np.zeros((64, 2), np.float32)
+    w[:32, 0] = w[32:, 1] = 1
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+                              [onnx.numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = agreement(session, x, seed=0)
+    assert values["horizontal flip"] == 1.0
+    assert set(values) == {"horizontal flip", "crop, aspect 3/4-4/3 of the input's", "crop, square 3/4-4/3"}
+    assert all(0.0 <= v <= 1.0 for v in values.values())
+    assert agreement(session, x, seed=0) == values  # seeded
