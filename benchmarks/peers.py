@@ -37,11 +37,9 @@ SPARSITY_TOLERANCE = 1e-3
 
 
 def available() -> bool:
-    try:
-        import onnxsim  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("onnxsim") is not None
 
 
 def peer_function(method: str) -> Callable[..., onnx.ModelProto]:

@@ -197,7 +197,8 @@ def run_case(name: str, sparsities: tuple[float, ...], methods: tuple[str, ...],
                 values = metric.measure(_session(out, threads), test.inputs, reference)
                 eval_s = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - a failed run is a result too
-                row.update({"error": f"{type(exc).__name__}: {exc}"[:300], "wall_s": round(time.perf_counter() - start, 1)})
+                row.update({"error": f"{type(exc).__name__}: {exc}"[:300],
+                            "wall_s": round(time.perf_counter() - start, 1)})
                 logger.warning("%s %s: %s", name, key, row["error"])
             else:
                 row.update({k: values.get(k) for k in ROW_VALUES.get(main, metric.names)})
