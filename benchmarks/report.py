@@ -5,16 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks.provenance import row_label
+
 BEGIN = "<!-- BEGIN benchmarks/run.py (generated: rerun the command instead of editing) -->"
 END = "<!-- END benchmarks/run.py -->"
 HEADING = "## Methods side by side: accuracy vs sparsity (`benchmarks/run.py`)"
-METHOD_ORDER = ("magnitude", "global-magnitude", "reconstruct", "unipts")
+METHOD_ORDER = ("magnitude", "global-magnitude", "reconstruct", "unipts", "onnxsim-magnitude", "onnxsim-wanda",
+                "onnxsim-sparsegpt")
 LABELS = {
     "magnitude": "magnitude (uniform)",
     "global-magnitude": "global-magnitude",
     "reconstruct": "reconstruct (SparseGPT-style)",
     "unipts": "unipts",
+    "onnxsim-magnitude": "onnxsim magnitude",
+    "onnxsim-wanda": "onnxsim Wanda",
+    "onnxsim-sparsegpt": "onnxsim SparseGPT",
 }
+PEER_PREFIX = "onnxsim-"
 FASHION = ("fashion", "fashion-bn")
 # Cases recorded without a "metric" entry are classifiers scored by top-1.
 TOP1 = {"names": ["top1"], "titles": {"top1": "top-1"}, "percent": True, "against_dense": False}
@@ -98,28 +105,107 @@ def _intro(case: dict, metric: dict) -> str:
     return f"{case['source']}. Dense " + ", ".join(values) + f" on {case['test_images']:,} test images."
 
 
-def _cells(runs: dict, method: str, sparsities: list[float], key: str, metric: dict, timed: bool) -> list[str]:
+def _date(row: dict) -> str:
+    return row.get("date") or row.get("finished") or ""
+
+
+def newest_label(runs: dict) -> str | None:
+    """The commit of a table's most recent row: cells from any other commit are marked with theirs."""
+    if not runs:
+        return None
+    return row_label(max(runs.values(), key=_date))
+
+
+def below_target(row: dict) -> bool:
+    """A peer's output with fewer zeros over our prunable weights than the target."""
+    peer = row.get("peer")
+    return isinstance(peer, dict) and peer.get("reaches_target") is False
+
+
+def _marks(row: dict, newest: str | None) -> str:
+    marks = []
+    label = row_label(row)
+    if label != newest:
+        marks.append(f"[{label}]")
+    if below_target(row):
+        marks.append(f"**below target: {row['peer']['achieved_sparsity']:.3f}**")
+    return "".join(f" {m}" for m in marks)
+
+
+def _cells(runs: dict, method: str, sparsities: list[float], key: str, metric: dict, timed: bool,
+           newest: str | None = None) -> list[str]:
     cells = []
     for s in sparsities:
         r = runs.get(f"{method}@{s:g}")
         if r is None:
             cells.append("not run")
         elif r.get("error"):
-            cells.append(f"error ({_secs(r.get('wall_s'))})" if timed else "error")
+            cells.append((f"error ({_secs(r.get('wall_s'))})" if timed else "error") + _marks(r, newest))
         elif timed:
-            cells.append(f"{_value(r.get(key), metric)} ({_secs(r['wall_s'])})")
+            cells.append(f"{_value(r.get(key), metric)} ({_secs(r['wall_s'])})" + _marks(r, newest))
         else:
-            cells.append(_value(r.get(key), metric))
+            cells.append(_value(r.get(key), metric) + _marks(r, newest))
     return cells
 
 
 def _table(case: dict, key: str, metric: dict, sparsities: list[float], timed: bool) -> list[str]:
     runs = case["runs"]
+    newest = newest_label(runs)
     out = ["| method | " + " | ".join(f"{s:g}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
     dense = 1.0 if metric["against_dense"] else case["dense"][key]
     out.append("| dense | " + " | ".join(_value(dense, metric) for _ in sparsities) + " |")
     for method in _methods(runs):
-        cells = _cells(runs, method, sparsities, key, metric, timed)
+        cells = _cells(runs, method, sparsities, key, metric, timed, newest)
+        out.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def commit_lines(runs: dict) -> list[str]:
+    """Which code made a table: its newest commit, and the other commits its marked cells come from."""
+    newest = newest_label(runs)
+    if newest is None:
+        return []
+    dates: dict[str, list[str]] = {}
+    for r in runs.values():
+        dates.setdefault(row_label(r), []).append(_date(r)[:10])
+
+    def when(label: str) -> str:
+        days = sorted(d for d in dates[label] if d)
+        return "" if not days else f" ({days[0]})" if days[0] == days[-1] else f" ({days[0]} to {days[-1]})"
+
+    if newest == "unrecorded" and len(dates) == 1:
+        return ["Code: not recorded (these rows were written before rows recorded their commit)."]
+    lines = [f"Code: commit `{newest}`{when(newest)}"
+             + (" for every cell." if len(dates) == 1 else "; a cell marked [other] comes from that other commit:")]
+    for label in sorted(set(dates) - {newest}):
+        what = ("rows written before rows recorded their commit" if label == "unrecorded"
+                else f"commit `{label}`")
+        lines.append(f"- [{label}]: {len(dates[label])} cell(s), {what}{when(label)}")
+    if any(label.endswith("+dirty") for label in dates):
+        lines.append("- +dirty: the working tree differed from that commit when the row ran.")
+    return lines
+
+
+def _peer_sparsity(runs: dict, sparsities: list[float]) -> list[str]:
+    """The onnxsim peers' achieved sparsity over the prunable weights our importer counts."""
+    peer_methods = [m for m in _methods(runs) if m.startswith(PEER_PREFIX)]
+    if not peer_methods:
+        return []
+    counted = next((r["peer"] for r in runs.values() if isinstance(r.get("peer"), dict)), None)
+    what = (f" ({counted['prunable_params']:,} weights in {counted['layers']} layers)" if counted else "")
+    out = ["", f"Achieved sparsity of the onnxsim peers' outputs over the prunable weights onnxsparse counts{what}; "
+           "**below target** marks a peer that zeroed fewer than the target fraction:", "",
+           "| peer | " + " | ".join(f"{s:g}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
+    for method in peer_methods:
+        cells = []
+        for s in sparsities:
+            r = runs.get(f"{method}@{s:g}")
+            if r is None:
+                cells.append("not run")
+            elif not isinstance(r.get("peer"), dict):
+                cells.append("error")
+            else:
+                cells.append(f"{r['peer']['achieved_sparsity']:.4f}" + (" **below target**" if below_target(r) else ""))
         out.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
     return out
 
@@ -137,11 +223,16 @@ def case_table(name: str, case: dict) -> list[str]:
     for note in case.get("notes", []):
         out.append(f"Note: {note}.")
     out += ["", f"{_title(metric, main)} of the pruned model, and the wall time of its `prune` run (import, "
-            "calibration decoding, method, write-back, verification):", ""]
+            "calibration decoding, method, write-back, verification; for an onnxsim peer: its pruning call, the "
+            "save and the onnxruntime check, the calibration images decoded once per case beforehand):", ""]
     out += _table(case, main, metric, sparsities, timed=True)
     for key in others:
         out += ["", f"{_title(metric, key)} of the pruned model:", ""]
         out += _table(case, key, metric, sparsities, timed=False)
+    out += _peer_sparsity(runs, sparsities)
+    code = commit_lines(runs)
+    if code:
+        out += ["", *code]
     errors = [f"- {k}: {r['error']}" for k, r in runs.items() if r.get("error")]
     if errors:
         out += ["", "Errors:", *errors]
@@ -159,7 +250,9 @@ def markdown(results: dict) -> str:
         "seed 0 and selection split for every method of a case; default recipes (UniPTS: the quick recipe); "
         "`global-magnitude` and `magnitude` include the pipeline's statistics correction (BatchNorm "
         "re-estimation where the graph kept BatchNorm, per-channel correction elsewhere); `reconstruct` is "
-        "`onnxsparse/methods/reconstruct.py`."
+        "`onnxsparse/methods/reconstruct.py`; the onnxsim rows are onnxsim's own `apply_magnitude_pruning`, "
+        "`apply_wanda_pruning` and `apply_sparsegpt_pruning` at their defaults (`benchmarks/peers.py`), given the "
+        "training split of the same calibration images. Each table names the commit its cells ran at."
     )
     lines += ["", "Runs that produced these numbers (results accumulate in `benchmarks/results.json`):", ""]
     for inv in results.get("invocations", []):
