@@ -85,6 +85,9 @@ def main() -> None:
                    "(onnxruntime densifies them at load).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--deterministic", is_flag=True,
+              help="CUDA: deterministic algorithms, TF32 and bf16 off, so that the same command gives the same bytes "
+                   "(slower). The CPU gives the same bytes without it.")
 @click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
 @click.option("--no-correction", is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
 @_BATCH_SIZE
@@ -146,16 +149,16 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
                run_dir, resume_dir)
 
 
-def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, exclude,
-                  no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs, iterations, search_generations,
-                  population, no_search, lr, time_budget, correction_samples, verify_tolerance,
+def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, deterministic, exclude,
+                  no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs, iterations,
+                  search_generations, population, no_search, lr, time_budget, correction_samples, verify_tolerance,
                   min_agreement, checkpoint_every, augment, feature_weight):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
         raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
     overrides = {k: v for k, v in {
-        "epochs": epochs, "iterations": iterations, "generations": search_generations, "population": population,
+        "epochs": epochs, "iterations": iterations, "generations": search_generations,
         "lr": lr, "time_budget": time_budget, "batch_size": batch_size, "augment": augment,
         "feature_weight": feature_weight,
     }.items() if v is not None}
@@ -164,9 +167,13 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
     if no_search:
         overrides["search"] = False
     unipts = UniPTSConfig.paper(**overrides) if recipe == "paper" else UniPTSConfig(**overrides)
+    if population is not None:
+        unipts = unipts.with_population(population)
     return PruneConfig(
-        sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, exclude=tuple(exclude),
-        correction=not no_correction, batch_size=batch_size, max_samples=max_samples, selection_size=selection_size, verify_size=verify_size,
+        sparsity=sparsity, method=method, pattern=pattern, seed=seed, device=device, deterministic=deterministic,
+        exclude=tuple(exclude),
+        correction=not no_correction, batch_size=batch_size, max_samples=max_samples, selection_size=selection_size,
+        verify_size=verify_size,
         save_format=save_format, correction_samples=correction_samples,
         verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
         unipts=unipts,

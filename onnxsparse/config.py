@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from onnxsparse.errors import OnnxSparseError
 
@@ -35,6 +35,16 @@ def _number(value, flag: str, lo: float, hi: float, *, lo_open: bool = False, hi
     lb = "(" if lo_open else "["
     rb = ")" if hi_open else "]"
     _check(ok, f"{flag} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
+
+
+# UniPTSConfig fields the CLI sets, by the flag that sets them; the others are named as the library's field.
+_UNIPTS_FLAGS = {"population": "--population", "generations": "--search-generations", "epochs": "--epochs",
+                 "iterations": "--iterations", "lr": "--lr", "feature_weight": "--feature-weight",
+                 "time_budget": "--time-budget", "batch_size": "--batch-size", "augment": "--augment"}
+
+
+def _unipts_flag(name: str) -> str:
+    return _UNIPTS_FLAGS.get(name, f"UniPTSConfig.{name}")
 
 
 @dataclass(frozen=True)
@@ -85,34 +95,47 @@ class UniPTSConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
+        flag = _unipts_flag
         for name in ("population", "generations", "parents", "fitness_samples", "batch_size"):
-            _positive_int(getattr(self, name), f"--{name.replace('_', '-')}")
+            _positive_int(getattr(self, name), flag(name))
         for name in ("crossover", "mutation"):
-            _positive_int(getattr(self, name), f"--{name}", minimum=0)
-        _check(self.parents <= self.population, f"--parents must be <= --population ({self.population}), got {self.parents}")
-        _number(self.mutation_prob, "--mutation-prob", 0, 1)
-        _number(self.regrow, "--regrow", 0, 1, hi_open=True)
-        _number(self.max_layer_sparsity, "--max-layer-sparsity", 0, 1, lo_open=True)
+            _positive_int(getattr(self, name), flag(name), minimum=0)
+        _check(self.parents <= self.population,
+               f"{flag('parents')} must be <= {flag('population')} ({self.population}), got {self.parents}")
+        _check(self.crossover + self.mutation <= self.population,
+               f"{flag('population')} must be at least {flag('crossover')} + {flag('mutation')} "
+               f"({self.crossover} + {self.mutation}: the children of each generation), got {self.population}")
+        _number(self.mutation_prob, flag("mutation_prob"), 0, 1)
+        _number(self.regrow, flag("regrow"), 0, 1, hi_open=True)
+        _number(self.max_layer_sparsity, flag("max_layer_sparsity"), 0, 1, lo_open=True)
         if self.epochs is not None:
-            _number(self.epochs, "--epochs", 0, 1e6)
-        _positive_int(self.iterations, "--iterations", allow_none=True, minimum=0)
+            _number(self.epochs, flag("epochs"), 0, 1e6)
+        _positive_int(self.iterations, flag("iterations"), allow_none=True, minimum=0)
         if self.lr is not None:
-            _number(self.lr, "--lr", 0, 10, lo_open=True)
-        _number(self.momentum, "--momentum", 0, 1, hi_open=True)
-        _number(self.weight_decay, "--weight-decay", 0, 1)
-        _number(self.warmup_epochs, "--warmup-epochs", 0, 1e6)
-        _number(self.tau0, "--tau0", 0, 1e3, lo_open=True)
+            _number(self.lr, flag("lr"), 0, 10, lo_open=True)
+        _number(self.momentum, flag("momentum"), 0, 1, hi_open=True)
+        _number(self.weight_decay, flag("weight_decay"), 0, 1)
+        _number(self.warmup_epochs, flag("warmup_epochs"), 0, 1e6)
+        _number(self.tau0, flag("tau0"), 0, 1e3, lo_open=True)
         if self.gamma is not None:
-            _number(self.gamma, "--gamma", 0, 1, lo_open=True)
-        _number(self.temperature, "--temperature", 0, 1e3, lo_open=True)
-        _number(self.pruned_decay, "--pruned-decay", 0, 1)
-        _number(self.feature_weight, "--feature-weight", 0, 1e3)
+            _number(self.gamma, flag("gamma"), 0, 1, lo_open=True)
+        _number(self.temperature, flag("temperature"), 0, 1e3, lo_open=True)
+        _number(self.pruned_decay, flag("pruned_decay"), 0, 1)
+        _number(self.feature_weight, flag("feature_weight"), 0, 1e3)
         if self.time_budget is not None:
-            _number(self.time_budget, "--time-budget", 0, 1e7, lo_open=True)
+            _number(self.time_budget, flag("time_budget"), 0, 1e7, lo_open=True)
         if self.max_grad_norm is not None:
-            _number(self.max_grad_norm, "--max-grad-norm", 0, 1e6, lo_open=True)
+            _number(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
         _check(self.batchnorm in ("frozen", "train"),
-               f"--batchnorm must be 'frozen' or 'train', got {self.batchnorm!r}")
+               f"{flag('batchnorm')} must be 'frozen' or 'train', got {self.batchnorm!r}")
+
+    def with_population(self, population: int) -> UniPTSConfig:
+        """This recipe with a population of ``population``: parents and children scaled in proportion, so that the
+        children still fit (``--population`` alone gives a valid search)."""
+        _positive_int(population, "--population")
+        scale = population / self.population
+        return replace(self, population=population, parents=max(1, min(population, round(self.parents * scale))),
+                       crossover=int(self.crossover * scale), mutation=int(self.mutation * scale))
 
     @classmethod
     def paper(cls, **overrides) -> UniPTSConfig:
@@ -146,6 +169,8 @@ class PruneConfig:
     min_agreement: float = 0.8
     checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
     save_format: str = "dense"
+    # CUDA: deterministic algorithms, TF32 and bf16 autocast off (slower; the CPU is reproducible without it)
+    deterministic: bool = False
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
@@ -169,6 +194,7 @@ class PruneConfig:
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
         _number(self.min_agreement, "--min-agreement", 0, 1)
         _positive_int(self.checkpoint_every, "--checkpoint-every")
+        _check(isinstance(self.deterministic, bool), f"--deterministic must be True or False, got {self.deterministic!r}")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
 

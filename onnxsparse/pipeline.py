@@ -20,7 +20,7 @@ import torch
 import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
-from onnxsparse.device import out_of_memory, resolve_device
+from onnxsparse.device import determinism, out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
@@ -179,7 +179,7 @@ def prune(
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes = _pattern_notes(config)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, ctx.device)
-    with timer("method"):
+    with timer("method"), determinism(config.deterministic, ctx.device):
         try:
             # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
             # (training or statistics correction would otherwise move weights at sparsity 0).

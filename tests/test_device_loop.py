@@ -112,7 +112,7 @@ def test_out_of_memory_names_phase_and_flag(tmp_path, monkeypatch, phase, flag):
         monkeypatch.setattr(search, "apply_correction", oom)
     feeds = [{"input": np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
-    config = PruneConfig(sparsity=0.5, batch_size=16, correction_samples=32, selection_size=8,
+    config = PruneConfig(sparsity=0.5, device="cpu", batch_size=16, correction_samples=32, selection_size=8,
                          unipts=UniPTSConfig(search=False, iterations=2, batch_size=16))
     with pytest.raises(OnnxSparseError, match=f"out of memory on cpu during {phase} with {flag} per batch; "
                                               f"lower {flag.split()[0]}"):
@@ -127,5 +127,6 @@ def test_cuda_prune_verifies_on_cuda_provider_or_falls_back(tmp_path):
                          unipts=UniPTSConfig(generations=2, population=6, iterations=8, batch_size=16))
     result = prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds, config, progress=False)
     assert result.report["device"].startswith("cuda")
-    assert all(row["zeros"] == row["target_zeros"] for row in result.layers)
+    # at least the allotted zeros: a reconstructed start may zero a kept weight too (an input that is always 0)
+    assert all(row["zeros"] >= row["target_zeros"] for row in result.layers)
     assert result.report["verification"]["export_max_rel_error"] <= config.verify_tolerance

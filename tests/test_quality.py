@@ -160,7 +160,7 @@ def test_no_decision_reads_the_verification_split(tmp_path, method):
     x = (2.0 + 3.0 * np.random.default_rng(0).standard_normal((96, 1, 12, 12))).astype(np.float32)
     unipts = UniPTSConfig(iterations=6, generations=1, population=4, parents=2, crossover=1, mutation=1,
                           fitness_samples=32, time_budget=None)
-    config = PruneConfig(sparsity=0.6, method=method, min_agreement=0.0, batch_size=16, unipts=unipts)
+    config = PruneConfig(sparsity=0.6, method=method, device="cpu", min_agreement=0.0, batch_size=16, unipts=unipts)
     clean = prune(model, tmp_path / "clean.onnx", {"input": x}, config, progress=False)
     dirty = prune(model, tmp_path / "dirty.onnx", {"input": _poisoned(x, config.seed)}, config, progress=False)
     assert clean.report["calibration"]["verification"] == 32

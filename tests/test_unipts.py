@@ -518,7 +518,7 @@ def test_quick_recipe_gives_the_same_bytes_under_load(tmp_path):
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=True), path)
     x = np.random.default_rng(0).standard_normal((160, 1, 12, 12)).astype(np.float32)
     tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own plan
-    config = PruneConfig(sparsity=0.8, unipts=UniPTSConfig(**tiny))
+    config = PruneConfig(sparsity=0.8, device="cpu", unipts=UniPTSConfig(**tiny))
     quiet = prune(path, tmp_path / "quiet.onnx", {"input": x}, config, progress=False).report["method_info"]
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:

@@ -63,8 +63,8 @@ def ort_providers(device: torch.device | str | None = None, available: list[str]
         return ["CPUExecutionProvider"]
     available = ort.get_available_providers() if available is None else available
     if "CUDAExecutionProvider" not in available:
-        logger.info("onnxruntime has no CUDAExecutionProvider (install onnxsparse[gpu], see README): "
-                    "verifying on the CPU")
+        logger.warning("the run is on CUDA but onnxruntime has no CUDAExecutionProvider (install onnxsparse[gpu], "
+                       "see README): onnxruntime runs on the CPU")
         return ["CPUExecutionProvider"]
     # TF32 off: verification compares against float32 results with a tolerance of 1e-3
     cuda = {"device_id": device.index or 0, "use_tf32": 0}
@@ -102,10 +102,10 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike, device: torch.device
         try:
             session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception hierarchy
-            logger.info("onnxruntime's CUDA provider failed (%s): verifying on the CPU", exc)
+            logger.warning("onnxruntime's CUDA provider failed (%s): onnxruntime runs on the CPU", exc)
         else:
             if "CUDAExecutionProvider" not in session.get_providers():
-                logger.info("onnxruntime could not start its CUDA provider: running on the CPU")
+                logger.warning("onnxruntime could not start its CUDA provider: running on the CPU")
             return session
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

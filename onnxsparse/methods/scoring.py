@@ -54,7 +54,8 @@ class SelectionScorer:
         self.signals = Signals.of(signals)
         self.autocast = autocast
         self.targets: list[list[torch.Tensor]] = []
-        with torch.no_grad(), autocast():
+        # teacher targets in fp32: the student's autocast must not round what it is measured against
+        with torch.no_grad():
             for batch in batches():
                 self.targets.append([o.detach().float() for o in self.signals.forward(teacher, batch)])
 

@@ -82,9 +82,9 @@ KEEP_TRAINED_Z = 1.645
 KEEP_TRAINED_MARGIN = 0.10
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA devices that support it, nothing elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def autocast_for(device: torch.device, deterministic: bool = False):
+    """bf16 autocast on CUDA devices that support it (not with ``--deterministic``), nothing elsewhere."""
+    if device.type == "cuda" and not deterministic and torch.cuda.is_bf16_supported():
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -112,7 +112,7 @@ class UniPTS:
         started = time.perf_counter()
         phases = Phases()
         layers = ctx.layers
-        autocast = autocast_for(ctx.device)
+        autocast = autocast_for(ctx.device, ctx.config.deterministic)
         if ctx.calib.n_train < 2:
             raise OnnxSparseError(f"UniPTS needs at least 2 calibration training samples, got {ctx.calib.n_train}")
         signals = ctx.output_signals()

@@ -112,9 +112,11 @@ class Distillation:
 
     def forward(self, model: torch.nn.Module, student: torch.nn.Module, teacher: torch.nn.Module,
                 batch: tuple[torch.Tensor, ...], epoch: float) -> torch.Tensor:
-        """The loss of one batch: the teacher's forward without gradients, the student's through ``model``
-        (``student`` itself, or its DistributedDataParallel wrapper) with them."""
-        with torch.no_grad(), layer_outputs(teacher, self.feature_paths) as t_feats:
+        """The loss of one batch: the teacher's forward without gradients and in fp32 whatever autocast the
+        caller runs under (its targets are not rounded to bf16), the student's through ``model`` (``student``
+        itself, or its DistributedDataParallel wrapper) with them."""
+        fp32 = torch.autocast(batch[0].device.type, enabled=False)
+        with torch.no_grad(), fp32, layer_outputs(teacher, self.feature_paths) as t_feats:
             t_out = self.signals.forward(teacher, batch)
         with layer_outputs(student, self.feature_paths) as s_feats:
             s_out = self.signals.forward(model, batch)
