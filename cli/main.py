@@ -17,7 +17,7 @@ import click
 import onnxsparse
 from onnxsparse.config import METHODS, SAVE_FORMATS
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
-from onnxsparse_cli.options import preprocessing, verbosity
+from onnxsparse_cli.options import ExpertOption, help_all, preprocessing, verbosity
 
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -63,7 +63,8 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 110,
+                                           "max_content_width": 110})
 @click.version_option(onnxsparse.__version__, prog_name="onnxsparse")
 def main() -> None:
     """Post-training sparsity for ONNX models (UniPTS), verified with onnxruntime."""
@@ -78,61 +79,59 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Run and verify everything but write no model.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="unipts", show_default=True)
 @click.option("--pattern", default="unstructured", show_default=True,
-              help="unstructured, or N:M (e.g. 2:4): keep the N largest of every M input-channel weights "
-                   "(layer sparsity 1 - N/M; layers whose input channels are not a multiple of M stay dense).")
-@click.option("--save-format", type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
+              help="unstructured, or N:M (2:4: the 2 largest of every 4 input-channel weights).")
+@click.option("--save-format", cls=ExpertOption, type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
               help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
                    "(onnxruntime densifies them at load).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--deterministic", is_flag=True,
+@click.option("--deterministic", cls=ExpertOption, is_flag=True,
               help="CUDA: deterministic algorithms, TF32 and bf16 off, so that the same command gives the same bytes "
                    "(slower). The CPU gives the same bytes without it.")
-@click.option("--exclude", multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
-@click.option("--no-correction", is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
-@_BATCH_SIZE
-@click.option("--max-samples", type=int, default=None, help="Use at most this many calibration samples.")
-@click.option("--selection-size", type=int, default=None,
+@click.option("--exclude", cls=ExpertOption, multiple=True, help="Skip layers whose node name, op type or weight name matches (glob).")
+@click.option("--no-correction", cls=ExpertOption, is_flag=True, help="No BatchNorm re-estimation / per-channel correction.")
+@click.option("--batch-size", cls=ExpertOption, type=int, default=64, show_default=True)
+@click.option("--max-samples", cls=ExpertOption, type=int, default=None, help="Use at most this many calibration samples.")
+@click.option("--selection-size", cls=ExpertOption, type=int, default=None,
               help="Calibration samples kept aside for the method's choices (default: 10%, 32..1000).")
-@click.option("--verify-size", type=int, default=None,
+@click.option("--verify-size", cls=ExpertOption, type=int, default=None,
               help="Calibration samples kept aside for the quality gate alone (default: 10%, 32..1000).")
-@click.option("--augment/--no-augment", "augment", default=None,
+@click.option("--augment/--no-augment", "augment", cls=ExpertOption, default=None,
               help="Random crops (and flips, where the dense model is mirror-invariant) in UniPTS distillation "
                    "[default: off; on with --recipe paper].")
-@click.option("--recipe", type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
+@click.option("--recipe", cls=ExpertOption, type=click.Choice(["quick", "paper"]), default="quick", show_default=True,
               help="UniPTS budget preset: quick, or the paper's 25x25 search and 100 epochs.")
-@click.option("--epochs", type=float, default=None,
+@click.option("--epochs", cls=ExpertOption, type=float, default=None,
               help="UniPTS: distillation epochs over the calibration set (quick recipe: what its work plan fits, "
                    "at most 80, counted from the model's size and the sample count).")
-@click.option("--iterations", type=int, default=None, help="UniPTS: training iterations (overrides --epochs).")
-@click.option("--search-generations", type=int, default=None, help="UniPTS: allocation-search generations.")
-@click.option("--population", type=int, default=None, help="UniPTS: allocation-search population.")
-@click.option("--no-search", is_flag=True, help="UniPTS: skip the allocation search (keeps the fitter of the uniform and global-magnitude allocations).")
-@click.option("--lr", type=float, default=None, help="UniPTS: SGD learning rate (default 0.05; 0.01 with --recipe paper).")
-@click.option("--feature-weight", type=float, default=None,
+@click.option("--iterations", cls=ExpertOption, type=int, default=None, help="UniPTS: training iterations (overrides --epochs).")
+@click.option("--search-generations", cls=ExpertOption, type=int, default=None, help="UniPTS: allocation-search generations.")
+@click.option("--population", cls=ExpertOption, type=int, default=None, help="UniPTS: allocation-search population.")
+@click.option("--no-search", cls=ExpertOption, is_flag=True, help="UniPTS: skip the allocation search (keeps the fitter of the uniform and global-magnitude allocations).")
+@click.option("--lr", cls=ExpertOption, type=float, default=None, help="UniPTS: SGD learning rate (default 0.05; 0.01 with --recipe paper).")
+@click.option("--feature-weight", cls=ExpertOption, type=float, default=None,
               help="UniPTS: weight of the layer-output distillation term beside the outputs' (default 1; 0 with "
                    "--recipe paper, and 0 turns it off).")
-@click.option("--time-budget", type=float, default=None,
+@click.option("--time-budget", cls=ExpertOption, type=float, default=None,
               help="UniPTS: optional cap, in seconds, on search + training (default: none; the work plan decides). "
                    "A run it cuts is reported as cut and is not reproducible.")
-@click.option("--correction-samples", type=int, default=256, show_default=True,
+@click.option("--correction-samples", cls=ExpertOption, type=int, default=256, show_default=True,
               help="Calibration samples used to fit the per-channel correction (one batch).")
-@click.option("--verify-tolerance", type=float, default=1e-3, show_default=True,
+@click.option("--verify-tolerance", cls=ExpertOption, type=float, default=1e-3, show_default=True,
               help="Largest relative error allowed between onnxruntime and the pruned torch model.")
 @click.option("--min-agreement", type=float, default=0.8, show_default=True,
-              help="Quality gate: lowest per-output agreement with the dense model on the verification split, which "
-                   "no decision saw (top-1 for class outputs, per position for sequences, Jaccard for sigmoid "
-                   "outputs, R^2 otherwise), below which nothing is written and the exit status is 3; 0 turns the "
-                   "gate off.")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Quality gate: below this agreement with the dense model on samples no decision saw, nothing is "
+                   "written (exit 3); 0: off.")
+@click.option("--run-dir", cls=ExpertOption, type=click.Path(file_okay=False), default=None,
               help="Keep checkpoints here (after the search, every --checkpoint-every epochs of training).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--resume", "resume_dir", cls=ExpertOption, type=click.Path(file_okay=False), default=None,
               help="Continue the run kept in this run directory (same model, data and options).")
-@click.option("--checkpoint-every", type=int, default=5, show_default=True, help="Epochs between checkpoints.")
+@click.option("--checkpoint-every", cls=ExpertOption, type=int, default=5, show_default=True, help="Epochs between checkpoints.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@preprocessing
+@preprocessing(expert=True)
 @verbosity
+@help_all
 def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_path, force, preprocess, quiet,
           **options) -> None:
     """Prune MODEL to --sparsity using unlabelled --calib data; write the verified result to -o."""

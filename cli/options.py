@@ -8,6 +8,30 @@ import logging
 import click
 
 
+class ExpertOption(click.Option):
+    """An option ``--help`` leaves out and ``--help-all`` lists (docs/cli.md documents each)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("hidden", True)
+        super().__init__(*args, **kwargs)
+
+
+def help_all(func):
+    """``--help-all``: the command's help with its expert options."""
+
+    def show(ctx: click.Context, _param, value: bool) -> None:
+        if not value or ctx.resilient_parsing:
+            return
+        for param in ctx.command.params:
+            if isinstance(param, ExpertOption):
+                param.hidden = False
+        click.echo(ctx.get_help())
+        ctx.exit()
+
+    return click.option("--help-all", is_flag=True, expose_value=False, is_eager=True, callback=show,
+                        help="Show the expert options too (documented in docs/cli.md).")(func)
+
+
 def verbosity(func):
     @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
     @click.option("-q", "--quiet", is_flag=True, help="Only errors and the final result line.")
@@ -20,20 +44,26 @@ def verbosity(func):
     return wrapper
 
 
-def preprocessing(func):
-    """--preset, --resize, --crop, --input-size, --mean, --std, --scale, --channel-order, --layout."""
+def preprocessing(func=None, *, expert: bool = False):
+    """--preset, --resize, --crop, --input-size, --mean, --std, --scale, --channel-order, --layout, --workers;
+    with ``expert`` all but --preset are :class:`ExpertOption` s."""
+    if func is None:
+        return functools.partial(preprocessing, expert=expert)
+    detail = ExpertOption if expert else click.Option
 
     @click.option("--preset", type=click.Choice(["imagenet", "caffe", "tf", "none"]), default=None,
                   help="Named preprocessing pipeline (imagenet: resize 256, crop 224, ImageNet mean/std).")
-    @click.option("--resize", type=int, default=None, help="Resize the shorter image side to this many pixels.")
-    @click.option("--crop", type=str, default=None, help="Center crop, N or HxW.")
-    @click.option("--input-size", type=str, default=None, help="Model input size HxW (needed for dynamic inputs).")
-    @click.option("--mean", type=str, default=None, help="Per-channel mean, comma separated (after --scale).")
-    @click.option("--std", type=str, default=None, help="Per-channel std, comma separated (after --scale).")
-    @click.option("--scale", type=str, default=None, help="Pixel scale applied before mean/std, e.g. 1/255.")
-    @click.option("--channel-order", type=click.Choice(["rgb", "bgr", "gray"]), default=None)
-    @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default=None)
-    @click.option("--workers", type=int, default=2, show_default=True, help="Image decoding processes.")
+    @click.option("--resize", cls=detail, type=int, default=None,
+                  help="Resize the shorter image side to this many pixels.")
+    @click.option("--crop", cls=detail, type=str, default=None, help="Center crop, N or HxW.")
+    @click.option("--input-size", cls=detail, type=str, default=None,
+                  help="Model input size HxW (needed for dynamic inputs).")
+    @click.option("--mean", cls=detail, type=str, default=None, help="Per-channel mean, comma separated (after --scale).")
+    @click.option("--std", cls=detail, type=str, default=None, help="Per-channel std, comma separated (after --scale).")
+    @click.option("--scale", cls=detail, type=str, default=None, help="Pixel scale applied before mean/std, e.g. 1/255.")
+    @click.option("--channel-order", cls=detail, type=click.Choice(["rgb", "bgr", "gray"]), default=None)
+    @click.option("--layout", cls=detail, type=click.Choice(["nchw", "nhwc"]), default=None)
+    @click.option("--workers", cls=detail, type=int, default=2, show_default=True, help="Image decoding processes.")
     @functools.wraps(func)
     def wrapper(*args, preset, resize, crop, input_size, mean, std, scale, channel_order, layout, workers, **kwargs):
         from onnxsparse.data import PreprocessConfig
