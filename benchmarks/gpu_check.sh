@@ -30,11 +30,13 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under min(SECONDS, time le
 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 workers=$(python3 -c "import importlib.util as u; print('-n 8' if u.find_spec('xdist') else '')")
-step tests 200 python3 -m pytest -v -p no:cacheprovider $workers -rfs
+# each failure's name and last lines go to failures.log as it happens (tests/conftest.py)
+step tests 200 env ONNXSPARSE_FAILURE_LOG="$out/failures.log" python3 -m pytest -v -p no:cacheprovider $workers -rfs
 step gpu-resnet50 150 python3 benchmarks/gpu.py --models resnet50 --gpus 1 --json "$out/gpu-resnet50.json"
 step gpu-vit 150 python3 benchmarks/gpu.py --models vit_b_16 --gpus 1 --json "$out/gpu-vit.json"
 step speed 60 python3 benchmarks/speed.py samples/fashion_mnist/model.onnx --calib samples/fashion_mnist/calib \
     --variant 2:4 --json "$out/speed.json"
 step quickstart 120 env OUT_DIR="$out/quickstart" bash samples/quickstart.sh
 grep -E "(FAILED|ERROR)" "$out/tests.log" | head -40  # -v marks each failing test on its own line
+[ -f "$out/failures.log" ] && cat "$out/failures.log"
 echo "total $(($(date +%s) - t0)) s; logs in $out/"

@@ -32,3 +32,24 @@ def test_gpu_benchmark_small_on_cpu(tmp_path, capsys, monkeypatch):
         assert row["projected_paper_hours"] == pytest.approx(row["projected_search_hours"]
                                                              + row["projected_train_hours"], abs=0.02)
     assert "| resnet50 | paper | 1 | cpu |" in capsys.readouterr().out
+
+
+def test_failure_log_names_each_failure_as_it_happens(tmp_path):
+    """gpu_check.sh's record of failures: written by tests/conftest.py while the suite runs, not at its end."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_two.py").write_text(
+        "def test_passes():\n    assert True\n\n\ndef test_fails():\n    assert 1 == 2, 'one is not two'\n")
+    log = tmp_path / "failures.log"
+    env = {**os.environ, "ONNXSPARSE_FAILURE_LOG": str(log)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert "FAILED test_two.py::test_fails (call)" in text and "one is not two" in text
+    assert "test_passes" not in text

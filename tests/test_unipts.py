@@ -468,7 +468,7 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
 
 
 def test_work_plan_is_counted_not_timed():
-    from onnxsparse.methods.unipts.plan import MAX_EPOCHS, WORK_BUDGET, plan_work
+    from onnxsparse.methods.unipts.plan import MAX_EPOCHS, WORK_BUDGETS, plan_work
 
     def plan(macs, mode="none", **kw):
         args = dict(n_train=800, batch_size=64, fitness_samples=256, population=12, generations=8, mode=mode,
@@ -480,7 +480,8 @@ def test_work_plan_is_counted_not_timed():
     assert plan(10_000_000) == small  # the same counts give the same plan, on any machine
     big = plan(150_000_000)
     assert 0 < big.generations < 8 and big.iterations < small.iterations
-    assert big.search_work + big.training_work <= WORK_BUDGET
+    assert big.search_work + big.training_work <= WORK_BUDGETS["cpu"] == big.work_budget
+    assert plan(150_000_000, device_type="cuda").iterations > big.iterations  # a budget per device type
     assert "search generations fit" in big.reason and "epochs fit the work budget" in big.reason
     costly = plan(150_000_000, mode="relative")
     assert costly.generations < big.generations  # a correction mode that costs more passes buys fewer candidates

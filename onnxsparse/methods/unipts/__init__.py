@@ -124,7 +124,8 @@ class UniPTS:
         self._plan_for = lambda mode: plan_work(
             macs, activations, n_train=ctx.calib.n_train, batch_size=cfg.batch_size,
             fitness_samples=min(cfg.fitness_samples, ctx.calib.n_train), population=cfg.population,
-            generations=cfg.generations, mode=mode, search=cfg.search and ctx.config.nm is None and len(layers) > 1)
+            generations=cfg.generations, mode=mode, search=cfg.search and ctx.config.nm is None and len(layers) > 1,
+            device_type=ctx.device.type)
         if cfg.time_budget is not None:
             eta = datetime.now() + timedelta(seconds=cfg.time_budget)
             _announce(ctx, f"UniPTS time budget {cfg.time_budget:.0f} s for search + training: the run is cut "

@@ -3,7 +3,7 @@ layers, never from wall time, so the same command, seed, device and thread count
 
 Work is counted in MAC-equivalents: one forward pass of one sample costs the multiply-accumulates of its
 prunable layers plus :data:`ACTIVATION_WEIGHT` per element those layers output (the elementwise work around them:
-normalisation, activations; it dominates small depthwise layers), ``work_per_sample``. The recipe spends at most :data:`WORK_BUDGET` of them on search + training
+normalisation, activations; it dominates small depthwise layers), ``work_per_sample``. The recipe spends at most :data:`WORK_BUDGETS` of them (per device type) on search + training
 (:data:`SEARCH_SHARE` of it on the search): a search generation costs ``population`` candidates, each a forward of
 the fitness samples times the correction mode's factor; a training step costs ``TRAIN_STEP_FACTOR`` forwards of a
 batch (the student's forward and backward, the teacher's forward). Training runs :data:`MAX_EPOCHS` epochs where
@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-# MAC-equivalents for search + training: a PP-LCNet classifier at 224x224 (0.15 GMAC and 2.5 M output elements
-# per sample) finishes the quick recipe in under 10 minutes on a 2-core CPU (docs/decisions.md)
-WORK_BUDGET = 5e12
+# MAC-equivalents for search + training, by device type (the device is part of what a reproducible command
+# names). CPU: a PP-LCNet classifier at 224x224 (0.15 GMAC and 2.5 M output elements per sample) finishes the
+# quick recipe in under 10 minutes on a 2-core CPU (docs/decisions.md). CUDA: 400x that, about 20 epochs of a
+# ResNet-50 at 224 on 1,024 images (sized from the GPU's throughput, not measured by this plan)
+WORK_BUDGETS = {"cpu": 5e12, "cuda": 2e15}
 # fitted on single-thread forwards of five CNNs: time ~ MACs + 50 x output elements (docs/decisions.md)
 ACTIVATION_WEIGHT = 50.0
 SEARCH_SHARE = 0.3
@@ -75,11 +77,12 @@ class WorkPlan:
         return asdict(self)
 
 
-def plan_work(macs_per_sample: int, activations_per_sample: int, *, n_train: int, batch_size: int, fitness_samples: int, population: int,
-              generations: int, mode: str, search: bool, work_budget: float | None = None) -> WorkPlan:
-    """Search generations and training iterations that fit ``work_budget`` (default :data:`WORK_BUDGET`; module
-    docstring)."""
-    work_budget = WORK_BUDGET if work_budget is None else work_budget
+def plan_work(macs_per_sample: int, activations_per_sample: int, *, n_train: int, batch_size: int,
+              fitness_samples: int, population: int, generations: int, mode: str, search: bool,
+              device_type: str = "cpu", work_budget: float | None = None) -> WorkPlan:
+    """Search generations and training iterations that fit ``work_budget`` (default: the device type's, in
+    :data:`WORK_BUDGETS`; module docstring)."""
+    work_budget = WORK_BUDGETS.get(device_type, WORK_BUDGETS["cpu"]) if work_budget is None else work_budget
     unit = max(macs_per_sample + ACTIVATION_WEIGHT * activations_per_sample, 1.0)
     train_bs = min(batch_size, n_train)
     per_epoch = max(n_train // max(train_bs, 1), 1)
@@ -98,5 +101,6 @@ def plan_work(macs_per_sample: int, activations_per_sample: int, *, n_train: int
     if iterations < full:
         reasons.append(f"{iterations / per_epoch:.1f} of {MAX_EPOCHS:g} epochs fit the work budget "
                        f"({step:.3g} MAC-equivalents a step)")
-    return WorkPlan(int(macs_per_sample), int(activations_per_sample), unit, work_budget, fitness_samples, population, mode, planned_generations, per_epoch, iterations,
-                    iterations / per_epoch, search_work, iterations * step, "; ".join(reasons))
+    return WorkPlan(int(macs_per_sample), int(activations_per_sample), unit, work_budget, fitness_samples,
+                    population, mode, planned_generations, per_epoch, iterations, iterations / per_epoch, search_work,
+                    iterations * step, "; ".join(reasons))
