@@ -246,7 +246,8 @@ def _write_lines(root: Path, count: int, seed0: int) -> list[tuple[str, str]]:
 REC_PREPROCESS = PreprocessConfig(input_size=(48, 320), scale=1 / 255, channel_order="bgr", mean=(0.5,), std=(0.5,))
 
 
-# Calibration sets of the PP-OCRv4 cases are small so that one magnitude run (import, calibration, the
+# Calibration sets of the PP-OCRv4 cases are small (96: 32 each for training, selection and verification) so
+# that one magnitude run (import, calibration, the
 # statistics-correction choice on the selection, verification) and its evaluation take about a minute on one
 # core: the correction passes cost one torch forward per calibration image per candidate (measured on the
 # detector at 256x256: 44 s of CPU for 64 pages). The recogniser with 256 lines instead of 64 spent 197 s per
@@ -254,7 +255,7 @@ REC_PREPROCESS = PreprocessConfig(input_size=(48, 320), scale=1 / 255, channel_o
 # The test set is larger: 200 lines could not tell cells 4 points apart (exact-line accuracy of two starting
 # points differed by 8 lines of 200 while every per-position measure ranked them the other way); onnxruntime
 # reads 1,000 lines in about 30 s on one core.
-def _recognition(calib: int = 64, test: int = 1000) -> Case:
+def _recognition(calib: int = 96, test: int = 1000) -> Case:
     model = wheel_member("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
                          "models/ch_PP-OCRv4_rec_infer.onnx")
 
@@ -283,7 +284,7 @@ def _recognition(calib: int = 64, test: int = 1000) -> Case:
 DET_SIZE = 256  # a multiple of 32, as the detector needs; small enough for CPU benchmarks
 
 
-def _detection(calib: int = 64, test: int = 50) -> Case:
+def _detection(calib: int = 96, test: int = 50) -> Case:
     model = wheel_member("rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
                          "models/ch_PP-OCRv4_det_infer.onnx")
     size = (DET_SIZE, DET_SIZE)
