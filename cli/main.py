@@ -48,18 +48,28 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:
             phase = getattr(exc, "phase", None)
             where = f" during {phase}" if phase else ""
-            click.echo(f"onnxsparse: interrupted{where}; no output was written", err=True)
-            click.echo("FAILED", err=True)
+            written = getattr(exc, "written", None)
+            if written is not None:  # the signal came after the atomic rename: the file there is complete
+                click.echo(f"onnxsparse: interrupted{where}; {written} was already written (complete)", err=True)
+            else:
+                click.echo(f"onnxsparse: interrupted{where}; no output was written", err=True)
+                click.echo("FAILED", err=True)
             sys.exit(130)
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM stops a run like Ctrl-C (atomic writes leave no partial file either way)."""
+def _signals_as_interrupt() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop a run (atomic writes leave no partial file either way).
+
+    SIGINT is installed too, not left to Python: Python only installs its own SIGINT handler when the process
+    starts with SIGINT at its default, and a background job of a non-interactive shell (``cmd &`` in a script,
+    many supervisors and CI runners) starts with SIGINT ignored, so ``kill -INT`` did nothing and the run went
+    on to write its model."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     with contextlib.suppress(ValueError):  # not in the main thread (e.g. embedded): keep the default
+        signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
 
 
@@ -68,7 +78,7 @@ def _sigterm_as_interrupt() -> None:
 @click.version_option(onnxsparse.__version__, prog_name="onnxsparse")
 def main() -> None:
     """Post-training sparsity for ONNX models (UniPTS), verified with onnxruntime."""
-    _sigterm_as_interrupt()
+    _signals_as_interrupt()
 
 
 @main.command()
@@ -144,8 +154,24 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
         if not dist.is_main:  # every rank reads the same options: rank 0 alone reports their error
             raise SystemExit(2) from None
         raise
-    _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
-               run_dir, resume_dir)
+    writes = output is not None and not dry_run
+    before = _file_identity(output) if writes else None
+    try:
+        _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
+                   run_dir, resume_dir)
+    except KeyboardInterrupt as exc:
+        # a signal after the output's atomic rename cannot undo it: say so instead of "no output was written"
+        if writes and _file_identity(output) not in (None, before):
+            exc.written = output
+        raise
+
+
+def _file_identity(path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, deterministic, exclude,

@@ -3,6 +3,7 @@ two runs side by side do not interfere."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,3 +125,75 @@ def test_two_runs_side_by_side_do_not_interfere(tmp_path):
     assert a.graph.initializer[0].raw_data != b.graph.initializer[0].raw_data  # each wrote its own model
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+# The CLI started as a background job of a non-interactive shell (``cmd &`` in a script) inherits SIGINT ignored.
+CLI_SIGINT_IGNORED = [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                      "from onnxsparse_cli.main import main; main()"]
+
+
+def _short_run(model: Path, calib: Path, out: Path) -> list[str]:
+    return [*CLI_SIGINT_IGNORED, "prune", str(model), "--sparsity", "0.9", "--calib", str(calib), "-o", str(out),
+            "-v", "--method", "unipts", "--no-search", "--iterations", "40", "--batch-size", "8"]
+
+
+def test_sigint_stops_a_run_started_with_sigint_ignored(tmp_path):
+    """Python leaves an inherited SIG_IGN for SIGINT in place; the CLI must install its handler regardless."""
+    model, calib = _setup(tmp_path)
+    out = tmp_path / "out" / "sparse.onnx"
+    out.parent.mkdir()
+    proc = subprocess.Popen(_short_run(model, calib, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = _Output(proc)
+    try:
+        output.wait_for(lambda text: "method unipts at sparsity" in text, "the method phase's log line")
+    except BaseException:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGINT)
+    _wait_exit(proc, "the run to exit after SIGINT")
+    text = output.finish()
+    assert proc.returncode == 130, text
+    assert "no output was written" in text
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_signal_at_every_output_line(tmp_path):
+    """SIGINT and SIGTERM sent right after each line a short run prints (log lines, announcements, summary):
+    through the method phase the run stops with status 130 and leaves nothing; later, either that or, once the
+    output's atomic rename is done, a complete model and no claim that nothing was written. SIGINT starts
+    ignored, as in a background job (tests/signal_walk.py runs the jobs)."""
+    model, calib = _setup(tmp_path)
+    root = tmp_path / "runs"
+    root.mkdir()
+    args = ["prune", str(model), "--sparsity", "0.9", "--calib", str(calib), "-o", "{out}", "-v", "--method",
+            "unipts", "--no-search", "--iterations", "40", "--batch-size", "8"]
+    spec = tmp_path / "walk.json"
+    spec.write_text(json.dumps({"argv": args, "root": str(root), "signals": ["SIGINT", "SIGTERM"], "parallel": 3}))
+    walked = subprocess.run([sys.executable, str(Path(__file__).with_name("signal_walk.py")), str(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=BOUND_S)
+    assert walked.returncode == 0, walked.stderr[-3000:]
+    reference, *results, _seconds = [json.loads(row) for row in walked.stdout.splitlines()]
+    assert reference["status"] == 0 and reference["left"] == ["sparse.onnx"], reference["output"]
+    lines = reference["output"].split("\n")[:-1]
+    method_ends = next(i for i, text in enumerate(lines) if "onnxsparse.exporter" in text) - 1
+    assert 3 < method_ends < len(lines) - 3, reference["output"]
+    assert len(results) == 2 * len(lines), walked.stdout[-3000:]
+    for r in results:
+        line, text, left = r["line"], r["output"], r["left"]
+        if not r["sent"]:  # this run printed fewer lines than the reference: it finished
+            assert r["status"] == 0 and left == ["sparse.onnx"] and line > method_ends, text[-3000:]
+            continue
+        where = f"{r['signal']} after line {line} ({lines[line][-120:]!r}): status {r['status']}\n{text[-3000:]}"
+        assert "Traceback" not in text, where
+        assert all(not name.startswith(".") for name in left), where  # no temporary file beside the output
+        if left:  # the signal came after the atomic rename: the model there is complete
+            # through the method phase's last line the export and verification still lie ahead, far longer
+            # than a signal takes to arrive: the run must have stopped
+            assert line > method_ends, where
+            assert left == ["sparse.onnx"], where
+            onnx.checker.check_model(onnx.load(str(root / f"{line}-{r['signal']}" / left[0])))
+            assert "no output was written" not in text, where
+        else:
+            assert r["status"] == 130, where
+            assert "no output was written" in text, where
