@@ -39,7 +39,6 @@ class PruneContext:
     config: PruneConfig
     device: torch.device
     progress: bool = True
-    stop: Callable[[], bool] = lambda: False  # cooperative cancellation, polled between steps
     run_dir: RunDir | None = None  # checkpoints of a long run (None: no checkpoints)
     dist: DistContext = field(default_factory=DistContext)  # this process's rank in a torchrun run
     signals: Signals | None = None  # what each output is (methods.signals); None: described on first use

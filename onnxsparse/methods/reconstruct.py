@@ -514,12 +514,6 @@ def reconstruct_all(ctx: PruneContext, sparsities: dict[str, float],
     from tqdm import tqdm
 
     for layer in tqdm(layers, desc="reconstruct", unit="layer", disable=None if ctx.progress else True, leave=False):
-        if ctx.stop():
-            # Interrupted: the remaining layers get plain magnitude masks so that nothing half-pruned leaks.
-            for rest in layers[len(rows):]:
-                masks[rest.name] = _prune_by_magnitude(rest.weight.get(ctx.student), sparsities[rest.name],
-                                                       fixed.get(rest.name))
-            break
         try:
             row = reconstruct_layer(ctx, layer, sparsities[layer.name], batches=batches, walkers=walkers,
                                     fixed_mask=fixed.get(layer.name))

@@ -263,7 +263,7 @@ class UniPTS:
         if cfg.time_budget is not None:
             search_budget = max(plan_module.SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
         with _progress(ctx, generations, "unipts search") as bar:
-            found = search.run(generations, progress=bar, stop=ctx.stop, budget_s=search_budget)
+            found = search.run(generations, progress=bar, budget_s=search_budget)
         if found.generations < generations:
             _announce(ctx, f"UniPTS search cut by --time-budget after {found.generations} of {generations} "
                            "generations: this run depends on the machine's speed and is not reproducible")
@@ -338,7 +338,7 @@ class UniPTS:
         checkpoint = (lambda state: ctx.run_dir.save("training", state)) if ctx.run_dir is not None else None
         with _progress(ctx, plan.iterations, "unipts train") as bar:
             trained = train(ctx.student, ctx.teacher, epoch_batches, loss_fn, plan, selection=selection,
-                            autocast=autocast, progress=bar, stop=ctx.stop, resume=resume,
+                            autocast=autocast, progress=bar, resume=resume,
                             checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
                             freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
                             dist=ctx.dist)

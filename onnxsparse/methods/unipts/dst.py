@@ -215,7 +215,6 @@ def train(
     selection: SelectionScorer | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     progress=None,
-    stop: Callable[[], bool] = lambda: False,
     resume: dict | None = None,
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 1,
@@ -249,7 +248,7 @@ def train(
             # parameter (the same memory layout, other strides for the size-1 axes): harmless
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             return _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, selection=selection,
-                          autocast=autocast, progress=progress, stop=stop, resume=resume,
+                          autocast=autocast, progress=progress, resume=resume,
                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, dist=dist,
                           freeze_batchnorm=freeze_batchnorm, max_grad_norm=max_grad_norm)
     finally:  # the rest of the pipeline (export, correction) sees plain contiguous tensors again
@@ -350,7 +349,7 @@ def _run_epoch(model, student, teacher, batches, loss_fn, optimizer, params, lay
 
 
 def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layout, *, selection, autocast, progress,
-           stop, resume, checkpoint, checkpoint_every, dist, freeze_batchnorm, max_grad_norm) -> TrainResult:
+           resume, checkpoint, checkpoint_every, dist, freeze_batchnorm, max_grad_norm) -> TrainResult:
     total = plan.iterations
     optimizer = torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum, weight_decay=plan.weight_decay)
     base_lr = plan.lr
@@ -373,9 +372,6 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     budget = _Budget(plan.budget_s, start, device, dist)
     good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
     while step < total:
-        if dist.any(stop()):
-            result.stopped = "cancelled"
-            break
         epoch = step // max(plan.iterations_per_epoch, 1)
         student.train()
         if freeze_batchnorm:

@@ -377,8 +377,7 @@ class EvolutionarySearch:
         out.extend(self.random(self.population - len(out)))
         return out
 
-    def run(self, generations: int, *, progress=None, stop: Callable[[], bool] = lambda: False,
-            budget_s: float | None = None) -> SearchResult:
+    def run(self, generations: int, *, progress=None, budget_s: float | None = None) -> SearchResult:
         """Evaluate ``generations`` generations (fewer when ``budget_s`` seconds would be exceeded)."""
         start = time.perf_counter()
         # rank 0's plan holds for all (each rank timed its own evaluations)
@@ -386,8 +385,6 @@ class EvolutionarySearch:
         population = self.initial()
         done = 0
         for gen in range(generations):
-            if self.dist.any(stop()):
-                break
             scores = self.fitness_all(population)
             done += 1
             finite = [s for s in scores if math.isfinite(s)]
