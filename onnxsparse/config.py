@@ -12,6 +12,7 @@ METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 SAVE_FORMATS = ("dense", "sparse-initializer")
+QUANTIZE_FORMATS = ("int8",)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -155,6 +156,9 @@ class PruneConfig:
     min_agreement: float = 0.8
     checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
     save_format: str = "dense"
+    # int8: the final sparse model is quantized (QDQ, per-channel symmetric int8 weights) where that is faster
+    # and agrees with the dense model within onnxsparse.quantize.search.MAX_AGREEMENT_DROP of the float one
+    quantize: str | None = None
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
@@ -180,6 +184,8 @@ class PruneConfig:
         _positive_int(self.checkpoint_every, "--checkpoint-every")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        _check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,
+               f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)} (or not given), got {self.quantize!r}")
 
     @property
     def nm(self) -> tuple[int, int] | None:
