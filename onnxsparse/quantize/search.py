@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.quantize.latency import LatencyMeter
@@ -164,11 +165,20 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         report["float_closeness"] = base.as_dict()
 
         # 1. activation calibration method, every supported op type quantized
-        scores = {}
+        scores, failed = {}, {}
         for method in METHODS:
-            scores[method] = search.scorer(search.quantize(Int8Settings(method)))
-        method = max(METHODS, key=lambda m: (scores[m], -list(METHODS).index(m)))
-        report["calibration"] = {"chosen": method, "scores": {m: s.as_dict() for m, s in scores.items()}}
+            try:
+                scores[method] = search.scorer(search.quantize(Int8Settings(method)))
+            except OnnxSparseError as exc:
+                # onnxruntime's histogram calibrators fail on some graphs: that method is no candidate there
+                failed[method] = str(exc)
+                logger.info("int8: %s calibration failed: %s", method, exc)
+        if not scores:
+            raise OnnxSparseError("onnxruntime could not quantize the model with any calibration method: "
+                                  + "; ".join(failed.values()))
+        method = max(scores, key=lambda m: (scores[m], -list(METHODS).index(m)))
+        report["calibration"] = {"chosen": method, "scores": {m: s.as_dict() for m, s in scores.items()},
+                                 "failed": failed}
 
         # 2. op types: everything onnxruntime quantizes, or the weighted ops alone (activations between other
         # ops stay float)
@@ -219,6 +229,8 @@ def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closen
             break
         trial = settings.excluding([node.name])
         trial_score = search.scorer(search.quantize(trial))
+        if not trial_score > current:  # float here buys nothing on top of the layers already kept
+            continue
         kept.append({"node": node.name, "op": op_class(node, search.initializers), "for": "agreement",
                      "reason": f"selection agreement {current.agreement:.4f} with it int8, {trial_score.agreement:.4f} "
                                f"with it float (target {target:.4f})"})
