@@ -290,3 +290,18 @@ def test_sample_magnitude_int8_keeps_every_zero_of_the_float_run_and_eval_reads_
     assert json.loads(shown.output)["sparsity"] == pytest.approx(report["achieved_sparsity"])
     evaluated = runner.invoke(main, ["eval", str(int8), "--data", str(SAMPLE / "test"), "--limit", "200", "--json"])
     assert evaluated.exit_code == 0 and json.loads(evaluated.output)["top1"] > 0.7
+
+
+def test_op_types_are_the_faster_set_when_both_agree():
+    model = _pruned_cnn()
+    chosen = []
+    for per_q in (0.1, -0.1):
+        def latency(m: onnx.ModelProto, per_q=per_q) -> float:  # scripted: each QuantizeLinear costs per_q ms
+            return 10.0 + per_q * sum(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+        ops = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=latency,
+                          max_drop=1.0).report["op_types"]
+        assert set(ops["latency_ms"]) == {"all", "weights"} and ops["latency_ms"]["all"] != ops["latency_ms"]["weights"]
+        assert ops["chosen"] == min(ops["latency_ms"], key=ops["latency_ms"].get)
+        chosen.append(ops["chosen"])
+    assert chosen[0] != chosen[1]  # the timing decides, not a fixed preference

@@ -99,3 +99,25 @@ class LatencyMeter:
     def describe(self) -> str:
         return (f"onnxruntime CPU, batch 1, {self.threads} intra-op thread(s), median of >= "
                 f"{self.options.get('min_runs', 20)} runs after {self.options.get('warmup', 5)} warm-up runs")
+
+
+def latency_table(models: dict[str, onnx.ModelProto | str | os.PathLike], feed: dict[str, np.ndarray], *,
+                  batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] = (1, 2), passes: int = 3,
+                  clock: Clock = time.perf_counter, **options) -> list[dict]:
+    """Latency of every model at every (batch, threads): ``passes`` interleaved passes over the models, the
+    fastest pass of each kept (a noisy neighbour slows every model alike rather than one). One row per model,
+    batch and thread count, with the ratio to the first model's latency at the same setting."""
+    rows = []
+    for batch in batches:
+        sized = batch_feed(feed, batch)
+        for n in threads:
+            best: dict[str, Latency] = {}
+            for _ in range(passes):
+                for label, model in models.items():
+                    result = measure_latency(model, sized, threads=n, clock=clock, **options)
+                    if label not in best or result.median_ms < best[label].median_ms:
+                        best[label] = result
+            reference = next(iter(best.values())).median_ms
+            for label, result in best.items():
+                rows.append({"model": label, **result.as_dict(), "ratio": result.median_ms / reference})
+    return rows

@@ -173,3 +173,11 @@ def check_int8_weights(float_model: onnx.ModelProto, quantized: onnx.ModelProto)
             raise OnnxSparseError(f"{where}: {moved} weight(s) that were exactly zero are not zero after int8 "
                                   "quantization; nothing was written")
     return weights
+
+
+def peer_int8(model: onnx.ModelProto, calibration: Calibration, workdir: Path) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` alone on ``model`` (QDQ, per-channel int8 weights, MinMax, every op
+    type): the baseline ``--quantize int8`` is compared with."""
+    path = Path(workdir) / "peer-float.onnx"
+    onnx.save_model(model, str(path))
+    return quantize_int8(path, calibration, Int8Settings(), Path(workdir) / "peer-int8.onnx")

@@ -181,12 +181,21 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
                                  "failed": failed}
 
         # 2. op types: everything onnxruntime quantizes, or the weighted ops alone (activations between other
-        # ops stay float)
+        # ops stay float): the faster of those that agree within max_drop of the float model, else the closer
+        target = base.agreement - max_drop
         options = {"all": Int8Settings(method), "weights": Int8Settings(method, WEIGHT_OPS)}
-        op_scores = {"all": scores[method], "weights": search.scorer(search.quantize(options["weights"]))}
-        op_choice = "weights" if op_scores["weights"] > op_scores["all"] else "all"
+        candidates = {"all": search.quantize(options["all"]), "weights": search.quantize(options["weights"])}
+        op_scores = {name: search.scorer(m) for name, m in candidates.items()}
+        good = [name for name, score in op_scores.items() if score.agreement >= target]
+        op_ms = {}
+        if len(good) == 2:
+            op_ms = dict(zip(good, _timed(meter, [candidates[name] for name in good], SPEED_PASSES)))
+            op_choice = min(good, key=lambda name: (op_ms[name], name != "all"))
+        else:
+            op_choice = good[0] if good else max(op_scores, key=lambda name: (op_scores[name], name == "all"))
         settings = options[op_choice]
-        report["op_types"] = {"chosen": op_choice, "scores": {k: s.as_dict() for k, s in op_scores.items()}}
+        report["op_types"] = {"chosen": op_choice, "scores": {k: s.as_dict() for k, s in op_scores.items()},
+                              "latency_ms": op_ms}
         current = op_scores[op_choice]
 
         # 3. layers kept in float where the selection feeds say int8 costs too much agreement
