@@ -152,7 +152,8 @@ def _outlier_mlp() -> onnx.ModelProto:
     w1[0] = 1000.0
     inits = [numpy_helper.from_array(w1, "w1"),
              numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"), helper.make_node("Relu", ["a"], ["r"], name="relu"),
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
              helper.make_node("Softmax", ["z"], ["probs"], name="softmax", axis=1)]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
@@ -212,7 +213,8 @@ def test_prune_quantize_int8_on_the_tiny_cnn_keeps_2_4_and_gates_the_int8_file(t
 def test_quantization_that_breaks_the_gate_writes_nothing_and_exits_3(tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
     # no layer kept in float for agreement: the int8 model is the one that collapses
-    monkeypatch.setattr(search_module, "_agreement_fallback", lambda search, settings, current, *rest: (settings, current))
+    monkeypatch.setattr(search_module, "_agreement_fallback",
+                        lambda search, settings, current, *rest: (settings, current))
     model_path, calib = tmp_path / "mlp.onnx", tmp_path / "x.npy"
     onnx.save_model(_outlier_mlp(), str(model_path))
     np.save(calib, np.concatenate([f["x"] for f in _mlp_feeds(8)]))

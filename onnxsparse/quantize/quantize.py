@@ -70,7 +70,8 @@ class _QuantizerLog(logging.Filter):
         return False
 
 
-def quantize_int8(float_path: Path, calibration: Calibration, settings: Int8Settings, out_path: Path) -> onnx.ModelProto:
+def quantize_int8(float_path: Path, calibration: Calibration, settings: Int8Settings,
+                  out_path: Path) -> onnx.ModelProto:
     """Quantize the float model saved at ``float_path`` (a :func:`named_copy`) with ``settings``."""
     root = logging.getLogger()
     advice = _QuantizerLog()

@@ -157,8 +157,8 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
     meter = latency or LatencyMeter(selection_feeds[0])
     model = named_copy(float_model)
     with tempfile.TemporaryDirectory(prefix="onnxsparse-int8-") as tmp:
-        search = _Search(model, Calibration(calibration_feeds, tmp), SelectionScorer(dense_model, selection_feeds, kinds),
-                         meter, Path(tmp))
+        scorer = SelectionScorer(dense_model, selection_feeds, kinds)
+        search = _Search(model, Calibration(calibration_feeds, tmp), scorer, meter, Path(tmp))
         report: dict = {"calibration_samples": search.calibration.samples, "selection_samples": search.scorer.samples,
                         "max_agreement_drop": max_drop}
         base = search.scorer(model)
@@ -259,8 +259,8 @@ def _timed(latency: Latency, models: list[onnx.ModelProto], passes: int) -> list
 
 def _speed(search: _Search, settings: Int8Settings, margin: float, kept: list[dict], report: dict,
            passes: int = SPEED_PASSES):
-    timing: dict = {"how": (search.latency.describe() if hasattr(search.latency, "describe") else "given latency function")
-                    + f"; the fastest of {passes} interleaved passes", "trials": []}
+    how = search.latency.describe() if hasattr(search.latency, "describe") else "given latency function"
+    timing: dict = {"how": f"{how}; the fastest of {passes} interleaved passes", "trials": []}
     report["latency"] = timing
     current = search.quantize(settings)
     while True:
