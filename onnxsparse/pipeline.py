@@ -276,7 +276,6 @@ class _Run:
     started: float
     quantize_report: dict | None = None  # set when --quantize ran
 
-
     @property
     def total(self) -> int:
         return sum(layer.numel for layer in self.imported.layers)

@@ -27,6 +27,7 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
+from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.quantize.latency import LatencyMeter
 from onnxsparse.quantize.quantize import (
@@ -106,6 +107,21 @@ def op_class(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) ->
     return node.op_type
 
 
+def indirect_weight_consumers(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes that read a weight-like initializer (rank >= 2) other than as the weight operand of a
+    Conv/ConvTranspose/Gemm/MatMul: a ``Transpose``, ``Cast`` or ``Identity`` in front of a weight, by name, with
+    the initializer. Kept float, the initializer stays as it is, and the zeros the pipeline counts are the
+    zeros the file holds."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        direct = weight_operand(node, initializers) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None
+        for value in node.input:
+            if value != direct and value in initializers and len(initializers[value].dims) >= 2:
+                found[node.name] = value
+    return found
+
+
 @dataclass
 class Int8Choice:
     """The model to save (int8, or the float model when int8 was not applied) and why."""
@@ -163,12 +179,18 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
                         "max_agreement_drop": max_drop}
         base = search.scorer(model)
         report["float_closeness"] = base.as_dict()
+        indirect = indirect_weight_consumers(model)
+        kept: list[dict] = [{"node": name, "op": op_class(node, search.initializers), "for": "check",
+                             "reason": f"reads weight {indirect[name]!r} other than as a weight operand: its zeros "
+                                       "could not be checked on the integers"}
+                            for node in model.graph.node if (name := node.name) in indirect]
+        fixed = tuple(indirect)
 
         # 1. activation calibration method, every supported op type quantized
         scores, failed = {}, {}
         for method in METHODS:
             try:
-                scores[method] = search.scorer(search.quantize(Int8Settings(method)))
+                scores[method] = search.scorer(search.quantize(Int8Settings(method, None, fixed)))
             except OnnxSparseError as exc:
                 # onnxruntime's histogram calibrators fail on some graphs: that method is no candidate there
                 failed[method] = str(exc)
@@ -183,7 +205,7 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         # 2. op types: everything onnxruntime quantizes, or the weighted ops alone (activations between other
         # ops stay float): the faster of those that agree within max_drop of the float model, else the closer
         target = base.agreement - max_drop
-        options = {"all": Int8Settings(method), "weights": Int8Settings(method, WEIGHT_OPS)}
+        options = {"all": Int8Settings(method, None, fixed), "weights": Int8Settings(method, WEIGHT_OPS, fixed)}
         candidates = {"all": search.quantize(options["all"]), "weights": search.quantize(options["weights"])}
         op_scores = {name: search.scorer(m) for name, m in candidates.items()}
         good = [name for name, score in op_scores.items() if score.agreement >= target]
@@ -199,7 +221,6 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         current = op_scores[op_choice]
 
         # 3. layers kept in float where the selection feeds say int8 costs too much agreement
-        kept: list[dict] = []
         settings, current = _agreement_fallback(search, settings, current, base, max_drop, max_trials, kept, report)
 
         # 4. speed: op classes whose int8 form is slower stay float; int8 itself only if faster than float
