@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import click
 
 import onnxsparse
-from onnxsparse.config import METHODS, SAVE_FORMATS
+from onnxsparse.config import METHODS, QUANTIZE_FORMATS, SAVE_FORMATS
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse_cli.options import ExpertOption, help_all, preprocessing, verbosity
 
@@ -93,6 +93,10 @@ def main() -> None:
 @click.option("--save-format", cls=ExpertOption, type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
               help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
                    "(onnxruntime densifies them at load).")
+@click.option("--quantize", type=click.Choice(list(QUANTIZE_FORMATS)), default=None,
+              help="int8: quantize the sparse model (QDQ, per-channel symmetric int8 weights: zeros stay zero), "
+                   "choosing calibration, op types and layers kept in float on the calibration data, and keeping "
+                   "float wherever int8 is slower on this machine (the report says what and why).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--deterministic", cls=ExpertOption, is_flag=True,
@@ -174,9 +178,10 @@ def _file_identity(path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, seed, deterministic, exclude,
-                  no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs, iterations,
-                  search_generations, population, no_search, lr, time_budget, correction_samples, verify_tolerance,
+def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, quantize, seed, deterministic,
+                  exclude, no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs,
+                  iterations, search_generations, population, no_search, lr, time_budget, correction_samples,
+                  verify_tolerance,
                   min_agreement, checkpoint_every, augment, feature_weight):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
@@ -199,7 +204,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
         exclude=tuple(exclude),
         correction=not no_correction, batch_size=batch_size, max_samples=max_samples, selection_size=selection_size,
         verify_size=verify_size,
-        save_format=save_format, correction_samples=correction_samples,
+        save_format=save_format, quantize=quantize, correction_samples=correction_samples,
         verify_tolerance=verify_tolerance, min_agreement=min_agreement, checkpoint_every=checkpoint_every,
         unipts=unipts,
     )
@@ -258,6 +263,17 @@ def _print_summary(report: dict) -> None:
         click.echo(f"storage: input {_mb(storage.get('input_bytes'))} (zip {_mb(storage.get('input_zip_bytes'))}); "
                    + "; ".join(parts)
                    + f"; saved as {storage['format']}: {_mb(storage.get('saved_bytes'))}", err=True)
+    quant = report.get("quantize")
+    if quant:
+        lat = quant.get("latency", {})
+        if quant.get("applied"):
+            click.echo(f"int8: {quant['int8_weights']} weights int8 ({quant['calibration']['chosen']} calibration, "
+                       f"{quant['op_types']['chosen']} op types); {lat.get('final_ms', 0):.3f} ms against "
+                       f"{lat.get('float_ms', 0):.3f} ms float (batch 1, 1 thread)", err=True)
+        else:
+            click.echo(f"int8: not applied: {quant.get('reason')}", err=True)
+        for kept in quant.get("kept_float", []):
+            click.echo(f"kept float {kept['node']} ({kept['op']}, {kept['for']}): {kept['reason']}", err=True)
     info = report.get("method_info", {})
     for key, what in (("correction", "statistics correction"), ("final_correction", "statistics correction")):
         choice = info.get(key)

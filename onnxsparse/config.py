@@ -12,6 +12,7 @@ METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
 SAVE_FORMATS = ("dense", "sparse-initializer")
+QUANTIZE_FORMATS = ("int8",)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -171,6 +172,9 @@ class PruneConfig:
     save_format: str = "dense"
     # CUDA: deterministic algorithms, TF32 and bf16 autocast off (slower; the CPU is reproducible without it)
     deterministic: bool = False
+    # int8: the final sparse model is quantized (QDQ, per-channel symmetric int8 weights) where that is faster
+    # and agrees with the dense model within onnxsparse.quantize.search.MAX_AGREEMENT_DROP of the float one
+    quantize: str | None = None
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
@@ -197,6 +201,8 @@ class PruneConfig:
         _check(isinstance(self.deterministic, bool), f"--deterministic must be True or False, got {self.deterministic!r}")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
+        _check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,
+               f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)} (or not given), got {self.quantize!r}")
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -447,7 +447,9 @@ class CompareResult:
 
 def _sparsity_pairs(dense: onnx.ModelProto, sparse: onnx.ModelProto) -> tuple[list[LayerPair], float, float]:
     a = {r.tensor: r for r in inspect_model(dense)}
-    b = {r.tensor: r for r in inspect_model(sparse)}
+    # a weight the sparse model stores under another name (int8 behind DequantizeLinear) pairs by its node
+    by_node = {r.node: r.tensor for r in a.values() if r.node}
+    b = {(r.tensor if r.tensor in a or r.node not in by_node else by_node[r.node]): r for r in inspect_model(sparse)}
     pairs = []
     for name in list(a) + [n for n in b if n not in a]:
         ra, rb = a.get(name), b.get(name)

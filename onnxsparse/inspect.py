@@ -1,6 +1,8 @@
 """Per-layer sparsity and N:M pattern of any ONNX model, from the graph alone (no conversion).
 
-Sparse initializers (``--save-format sparse-initializer``) are read as their dense values.
+Sparse initializers (``--save-format sparse-initializer``) are read as their dense values. A weight stored
+quantized (a constant behind ``DequantizeLinear``, as ``--quantize int8`` writes it) is read as its integers:
+a weight is zero where its integer equals its zero point.
 """
 
 from __future__ import annotations
@@ -55,6 +57,33 @@ def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto])
     return None
 
 
+def _quantized_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+                       producer: dict[str, onnx.NodeProto]) -> tuple[int, onnx.NodeProto] | None:
+    """(input index, DequantizeLinear node) of a prunable node's weight stored as integers, or None."""
+    def dequantized(value: str) -> onnx.NodeProto | None:
+        dq = producer.get(value)
+        return dq if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in constants else None
+
+    if node.op_type in ("Conv", "ConvTranspose"):
+        dq = dequantized(node.input[1]) if len(node.input) > 1 else None
+        return (1, dq) if dq is not None else None
+    found = [(i, dequantized(node.input[i])) for i in (0, 1) if i < len(node.input)]
+    found = [(i, dq) for i, dq in found if dq is not None and len(constants[dq.input[0]].dims) == 2]
+    return found[0] if len(found) == 1 else None
+
+
+def _centred(dq: onnx.NodeProto, constants: dict[str, onnx.TensorProto], base_dir: str) -> np.ndarray:
+    """The integers of a DequantizeLinear's constant input minus its zero point (per tensor or along axis)."""
+    values = numpy_helper.to_array(constants[dq.input[0]], base_dir).astype(np.int64)
+    if len(dq.input) < 3 or not dq.input[2] or dq.input[2] not in constants:
+        return values
+    zero = numpy_helper.to_array(constants[dq.input[2]], base_dir).astype(np.int64)
+    if zero.ndim == 1 and values.ndim > 1:
+        axis = next((int(onnx.helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1)
+        zero = zero.reshape([-1 if i == axis % values.ndim else 1 for i in range(values.ndim)])
+    return values - zero
+
+
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
     from onnxsparse.exporter.writeback import densify
 
@@ -67,16 +96,24 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
         base_dir = str(Path(model).resolve().parent)
     norm = normalize_for_torch(densify(proto), convert_opset=False)
     constants = {init.name: init for init in norm.model.graph.initializer}
+    producer = {out: node for node in norm.model.graph.node for out in node.output}
     rows = []
     for node in norm.model.graph.node:
         if node.op_type not in PRUNABLE_OPS:
             continue
         value = weight_operand(node, constants)
+        layout = norm.layouts.get(value) if value is not None else None
         if value is None:
-            continue
-        array = numpy_helper.to_array(constants[value], base_dir)
-        axis = onnx_group_axis(node, list(node.input).index(value), array.ndim)
-        layout = norm.layouts.get(value)
+            quantized = _quantized_operand(node, constants, producer)
+            if quantized is None:
+                continue
+            index, dq = quantized
+            value = dq.input[0]
+            array = _centred(dq, constants, base_dir)
+            axis = onnx_group_axis(node, index, array.ndim)
+        else:
+            array = numpy_helper.to_array(constants[value], base_dir)
+            axis = onnx_group_axis(node, list(node.input).index(value), array.ndim)
         if layout is not None and layout.perm is not None:  # a weight behind a Transpose: the stored layout
             array = np.ascontiguousarray(array.transpose(np.argsort(layout.perm)))
             axis = layout.perm[axis] if axis is not None else None
@@ -85,7 +122,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
             LayerInfo(
                 node=norm.original_nodes[node.name][0],
                 op=node.op_type,
-                tensor=norm.sources[value].name,
+                tensor=norm.sources[value].name if value in norm.sources else value,
                 shape=tuple(int(d) for d in array.shape),
                 params=int(array.size),
                 zeros=int(np.count_nonzero(array == 0)),

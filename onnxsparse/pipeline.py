@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 MIN_MEANINGFUL_VERIFY = 50  # verification samples under which the gate's figure is flagged as uncertain
 FALLBACK_VERIFY_SAMPLES = 256  # training samples the gate reads when there is no verification split
+# Training samples that calibrate int8 activation ranges (the selection split chooses the int8 settings)
+QUANTIZE_SAMPLES = 256
 
 
 @dataclass
@@ -88,7 +90,9 @@ def _layer_table(imported: ImportedModel, result: MethodResult, arrays: dict[str
 
 
 def _check_zeros(rows: list[dict], imported: ImportedModel, arrays: dict[str, np.ndarray],
-                 nm: tuple[int, int] | None) -> None:
+                 nm: tuple[int, int] | None, *, rounded: bool = False) -> None:
+    """``rounded``: ``arrays`` are int8 weights (minus zero point), where rounding may zero small weights of
+    layers left dense too."""
     # Zeros may exceed the target only where kept weights happen to be exactly zero; fewer is a bug.
     for row in rows:
         if row["zeros"] < row["target_zeros"]:
@@ -104,6 +108,8 @@ def _check_zeros(rows: list[dict], imported: ImportedModel, arrays: dict[str, np
         if array is None:
             continue
         if row["pattern"] == "dense":
+            if rounded:
+                continue
             source = imported.layer(row["name"]).weight.source  # zeros map to zeros in every layout
             before = int((tensor_arrays(imported.proto, [source], imported.base_dir)[source.name] == 0).sum())
             if row["zeros"] > before:
@@ -175,6 +181,9 @@ def prune(
         check_output_path(report_path, inputs=sources, force=True)
     dist = dist or DistContext()
     ctx, calib_set = _prepare(model, model_path, calib, config, preprocess, timer, dist, progress, run_dir, resume)
+    if config.quantize is not None and ctx.imported.base_dir is not None:
+        raise OnnxSparseError(f"--quantize {config.quantize} does not support models stored with external data "
+                              "(over 2 GB); prune without --quantize")
     with timer("calibration data"):
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes = _pattern_notes(config)
@@ -273,6 +282,7 @@ class _Run:
     notes: list[str]
     timer: Phases
     started: float
+    quantize_report: dict | None = None  # set when --quantize ran
 
     @property
     def total(self) -> int:
@@ -284,6 +294,7 @@ class _Run:
             "onnxsparse.method": self.config.method,
             "onnxsparse.pattern": self.config.pattern,
             "onnxsparse.target_sparsity": f"{self.config.sparsity:.6g}",
+            **({"onnxsparse.quantize": self.config.quantize} if self.config.quantize else {}),
         }
 
     @property
@@ -298,12 +309,25 @@ class _Run:
         n = self.calib.n_verification or min(self.calib.n_train, FALLBACK_VERIFY_SAMPLES)
         return feed_batches({name: a[:n] for name, a in arrays.items()}, self.calib.dtypes, self.config.batch_size)
 
+    def quantize_feeds(self) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+        """Calibration feeds (the first ``QUANTIZE_SAMPLES`` training samples) and selection feeds (the selection
+        split; the calibration feeds when there is none). The verification split stays the gate's."""
+        calibrate = {name: a[:QUANTIZE_SAMPLES] for name, a in self.calib.train.items()}
+        select = self.calib.selection if self.calib.n_selection else calibrate
+        size = self.config.batch_size
+        return (list(feed_batches(calibrate, self.calib.dtypes, size)),
+                list(feed_batches(select, self.calib.dtypes, size)))
+
 
 class _Gate:
-    """Verification of the saved file, then the quality gate: below ``--min-agreement`` the save is refused."""
+    """Verification of the saved file, then the quality gate: below ``--min-agreement`` the save is refused.
 
-    def __init__(self, run: _Run):
+    An int8 file is compared with the dense model as onnxruntime deploys it (every optimisation, on the CPU);
+    its float form was compared with the torch student before quantization (:func:`_quantize`)."""
+
+    def __init__(self, run: _Run, int8: bool = False):
         self.run = run
+        self.int8 = int8
         self.verification: dict = {}
         self.report: dict = {"min_agreement": run.config.min_agreement, "split": run.verify_split}
         warning = _gate_warning(run.verify_split, run.calib.n_verification)
@@ -316,9 +340,12 @@ class _Gate:
         run = self.run
         checked = verify_file(
             path, run.model_path if run.model_path is not None else run.imported.proto, run.verify_feeds(),
-            student=run.student, input_names=run.calib.input_names, device="cpu",
-            tolerance=run.config.verify_tolerance, ort_device=run.device,
+            student=None if self.int8 else run.student, input_names=run.calib.input_names, device="cpu",
+            tolerance=run.config.verify_tolerance, ort_device="cpu" if self.int8 else run.device,
+            exact=not self.int8,
         )
+        if self.int8:
+            checked.export_max_rel_error = run.quantize_report["export_max_rel_error"]
         self.verification = checked.as_dict()
         passed = checked.agreement is None or checked.agreement >= run.config.min_agreement
         self.report.update({"agreement": checked.agreement, "measure": checked.measure, "passed": passed,
@@ -351,11 +378,16 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
                                staged.parent if staged is not None else None)
         rows = _layer_table(imported, run.result, arrays, config.nm)
         _check_zeros(rows, imported, arrays, config.nm)
+    int8_names = None
+    if config.quantize is not None:
+        with run.timer("quantize"):
+            pruned, rows, int8_names = _quantize(run, pruned, rows, arrays)
+    with run.timer("export"):
         achieved = sum(r["zeros"] for r in rows) / run.total
         prop = pruned.metadata_props.add()
         prop.key, prop.value = "onnxsparse.achieved_sparsity", f"{achieved:.6g}"
-        to_save, storage = _storage_format(run, pruned)
-    gate = _Gate(run)
+        to_save, storage = _storage_format(run, pruned, int8_names)
+    gate = _Gate(run, int8=int8_names is not None)
     failed: QualityGateFailed | None = None
     with run.timer("verify+save"):
         try:
@@ -372,17 +404,59 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
     return PruneResult(Path(run.output) if run.output is not None else None, config.sparsity, achieved, rows, report)
 
 
-def _storage_format(run: _Run, pruned: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """The model to save in the chosen ``--save-format``, and the storage figures of both formats."""
+def _storage_format(run: _Run, pruned: onnx.ModelProto,
+                    int8_names: dict[str, str] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The model to save in the chosen ``--save-format``, and the storage figures of both formats.
+    ``int8_names``: float weight name -> the int8 initializer that replaced it."""
     config = run.config
-    initializer_weights = [layer.weight.source.name for layer in run.imported.layers
-                           if layer.weight.source.kind == "initializer"]
+    int8_names = int8_names or {}
+    initializer_weights = [int8_names.get(layer.weight.source.name, layer.weight.source.name)
+                           for layer in run.imported.layers if layer.weight.source.kind == "initializer"]
     sparse_model, converted = to_sparse_initializers(pruned, initializer_weights)
     storage = _storage(run.model_path, pruned, sparse_model, config.save_format, converted)
     if config.save_format == "sparse-initializer" and not converted:
         run.notes.append("--save-format sparse-initializer: no pruned weight is smaller as a sparse tensor "
                          "(int64 indices cost 8 bytes per kept weight: it pays off above ~2/3 sparsity); saved dense")
     return (sparse_model if config.save_format == "sparse-initializer" else pruned), storage
+
+
+def _quantize(run: _Run, pruned: onnx.ModelProto, rows: list[dict],
+              arrays) -> tuple[onnx.ModelProto, list[dict], dict[str, str] | None]:
+    """``--quantize int8``: the model to save, its layer rows counted on the stored integers, and which int8
+    initializer replaced each float weight (None when the float model is kept, the report says why)."""
+    from onnxsparse.exporter.verify import export_fidelity
+    from onnxsparse.quantize import choose_int8
+
+    imported, config = run.imported, run.config
+    # The int8 file does not compute what the torch student computes: the float model it is made from is
+    # checked against the student now, as the saved file is without --quantize.
+    fidelity = export_fidelity(pruned, run.verify_feeds(), run.student, run.calib.input_names,
+                               config.verify_tolerance)
+    calibrate, select = run.quantize_feeds()
+    choice = choose_int8(pruned, run.model_path if run.model_path is not None else imported.proto, calibrate, select)
+    run.quantize_report = {"format": config.quantize, "export_max_rel_error": fidelity, **choice.report}
+    if not choice.applied:
+        run.notes.append(f"--quantize {config.quantize}: {choice.report.get('reason')}")
+        logger.warning(run.notes[-1])
+        return pruned, rows, None
+    present = {init.name for init in choice.model.graph.initializer}
+    final: dict[str, np.ndarray] = {}
+    for layer in imported.layers:
+        name = layer.weight.source.name
+        weight = choice.weights.get(name)
+        if weight is not None:
+            final[name] = weight.centred()
+        elif name in present or layer.weight.source.kind != "initializer":
+            final[name] = arrays[name]
+        else:
+            raise OnnxSparseError(f"weight {name!r} was quantized in a way whose zeros cannot be checked "
+                                  f"(not an int8 input of its node); nothing was written")
+    int8_rows = _layer_table(imported, run.result, final, config.nm)
+    _check_zeros(int8_rows, imported, final, config.nm, rounded=True)
+    kept = sorted({k["node"] for k in choice.report["kept_float"]})
+    logger.info("int8: %d weights quantized, %d nodes kept in float (%s)", len(choice.weights), len(kept),
+                ", ".join(kept) or "none")
+    return choice.model, int8_rows, {name: w.initializer for name, w in choice.weights.items()}
 
 
 def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed: list[str], gate: _Gate,
@@ -417,6 +491,7 @@ def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed
         "verification": gate.verification,
         "signals": run.signals.as_list(),
         "quality_gate": gate.report,
+        "quantize": run.quantize_report,
         "time_s": {**run.timer.rounded(), "total": round(time.perf_counter() - run.started, 3)},
     }
 

@@ -258,15 +258,17 @@ def verify_file(
     tolerance: float,
     kinds: list[tuple[str, int]] | None = None,
     ort_device: torch.device | str | None = None,
+    exact: bool = True,
 ) -> Verification:
     """``ort_device``: where onnxruntime runs (CUDA when the run was on CUDA and the provider is there);
-    ``kinds`` as in :func:`compare_sessions` (default: read from the dense model's graph)."""
+    ``kinds`` as in :func:`compare_sessions` (default: read from the dense model's graph).
+    ``exact=False``: the file runs with every onnxruntime optimisation (an int8 model as it is deployed)."""
     checker = check_model_file(path)
     graph = dense if isinstance(dense, onnx.ModelProto) else onnx.load(str(dense), load_external_data=False)
     feeds = list(feeds)
     # The dense session runs now and is gone before the sparse one loads; a few samples need no prepacking.
     dense_sess = _Replay(ort_session(dense, ort_device, prepack=False, exact=True), feeds)
-    sparse_sess = ort_session(path, ort_device, prepack=False, exact=True)
+    sparse_sess = ort_session(path, ort_device, prepack=False, exact=exact)
     result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds, graph)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:
@@ -275,3 +277,20 @@ def verify_file(
             f"{result.export_max_rel_error:.3g} > tolerance {tolerance:g}); nothing was written"
         )
     return result
+
+
+def export_fidelity(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], student: nn.Module,
+                    input_names: tuple[str, ...], tolerance: float) -> float:
+    """Largest relative error between ``model`` in onnxruntime (CPU, as written) and the torch ``student`` it
+    was written from; raises OnnxSparseError above ``tolerance``. For a model that is transformed further
+    (int8) before it is saved: the saved file can then no longer be compared with the student."""
+    feeds = list(feeds)
+    session = ort_session(model, "cpu", prepack=False, exact=True)
+    result = compare_sessions(_Replay(session, feeds), session, feeds, student, input_names, "cpu")
+    error = result.export_max_rel_error or 0.0
+    if error > tolerance:
+        raise OnnxSparseError(
+            f"onnxruntime disagrees with the pruned torch model (max relative error {error:.3g} > tolerance "
+            f"{tolerance:g}); nothing was written"
+        )
+    return error

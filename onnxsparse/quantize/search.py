@@ -1,0 +1,331 @@
+"""Per-model int8 choices, measured: activation calibration method, op types, layers kept in float for
+agreement, op classes kept in float for speed.
+
+Every choice compares candidate int8 models with the dense fp32 model on the selection feeds, by the
+project's agreement measure (:func:`onnxsparse.exporter.verify.output_agreement`: top-1 agreement for class
+outputs, per position for sequences, R^2 otherwise; the lowest over outputs), ties broken by the mean R^2 of
+the raw outputs. Nothing here is a global switch: a model on which Entropy calibration or keeping ``Add`` in
+float does better gets that, another model gets what its own data says.
+
+Speed: the candidates are timed in onnxruntime on this machine (``latency``: batch 1, one thread); an op class
+(op type, depthwise and grouped Conv apart) whose int8 form makes the model slower is kept in float, and when
+the int8 model is still not faster than the float one, the float model is kept: ``--quantize`` never makes a
+model slower on the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+from onnxsparse.errors import OnnxSparseError
+from onnxsparse.exporter.verify import ort_session, output_agreement
+from onnxsparse.inspect import weight_operand
+from onnxsparse.quantize.calibrate import METHODS, Calibration
+from onnxsparse.quantize.latency import LatencyMeter
+from onnxsparse.quantize.quantize import (
+    WEIGHT_OPS,
+    Int8Settings,
+    Int8Weight,
+    check_int8_weights,
+    named_copy,
+    quantize_int8,
+)
+from onnxsparse.signals import onnx_output_kinds
+
+logger = logging.getLogger(__name__)
+
+# An int8 model may agree with the dense model this much less than the sparse float model does (on the
+# selection feeds) before layers are kept in float: the issue's "within 1 point of sparse fp32".
+MAX_AGREEMENT_DROP = 0.01
+# A candidate must be this much faster to count as faster (timings on a shared machine move by a few %).
+SPEED_MARGIN = 0.03
+# Single-layer exclusions tried by the agreement fallback; beyond it, the first and last layers (the usual
+# sensitive ones) are tried. Each is one quantization and one pass over the selection feeds: the PP-OCR line
+# classifier (53 Conv) took 3 s per candidate on a 2-core CPU
+MAX_FALLBACK_TRIALS = 12
+# Rounds of the speed search; each times every op class still int8 once (the line classifier needed 7 rounds of
+# one class each before the rounds accepted every class that helped)
+SPEED_ROUNDS = 3
+# Interleaved timing passes per comparison; the fastest pass of each model counts.
+SPEED_PASSES = 2
+
+Latency = Callable[[onnx.ModelProto], float]  # milliseconds
+
+
+@dataclass(frozen=True, order=True)
+class Closeness:
+    """How close a model's outputs are to the dense model's on the selection feeds (higher is closer)."""
+
+    agreement: float  # the lowest per-output agreement
+    r2: float  # mean R^2 of the raw outputs: the tie-breaker
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelectionScorer:
+    """Closeness to the dense fp32 model of any model with the same inputs and outputs, on fixed feeds."""
+
+    def __init__(self, dense: onnx.ModelProto | str | Path, feeds: Sequence[dict[str, np.ndarray]],
+                 kinds: list[tuple[str, int]] | None = None) -> None:
+        self.feeds = list(feeds)
+        self.reference = self._outputs(ort_session(dense, "cpu", exact=True))
+        if kinds is None:  # as the quality gate and compare read the outputs
+            graph = dense if isinstance(dense, onnx.ModelProto) else onnx.load(str(dense), load_external_data=False)
+            kinds = onnx_output_kinds(graph, self.reference)
+        self.kinds = kinds
+        self.samples = sum(int(next(iter(f.values())).shape[0]) for f in self.feeds)
+
+    def _outputs(self, session) -> list[np.ndarray]:
+        names = [o.name for o in session.get_outputs()]
+        runs = [session.run(names, feed) for feed in self.feeds]
+        return [np.concatenate([np.asarray(r[i]).reshape(1, 1) if np.ndim(r[i]) == 0 else np.asarray(r[i])
+                                for r in runs]) for i in range(len(names))]
+
+    def __call__(self, model: onnx.ModelProto) -> Closeness:
+        outputs = self._outputs(ort_session(model, "cpu"))
+        agreements, r2s = [], []
+        for i, (a, b) in enumerate(zip(self.reference, outputs)):
+            kind, axis = self.kinds[i] if self.kinds is not None and i < len(self.kinds) else ("dense", -1)
+            agreement, _ = output_agreement(a, b, kind, axis)
+            r2, _ = output_agreement(a, b, "dense")
+            if agreement is not None:
+                agreements.append(agreement)
+            if r2 is not None:
+                r2s.append(r2)
+        return Closeness(min(agreements) if agreements else 1.0, float(np.mean(r2s)) if r2s else 1.0)
+
+
+def op_class(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> str:
+    """The op type, with depthwise and grouped Conv apart (their int8 kernels differ in speed)."""
+    if node.op_type == "Conv":
+        group = next((int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "group"), 1)
+        if group > 1:
+            weight = initializers.get(node.input[1])
+            return "Conv (depthwise)" if weight is not None and len(weight.dims) > 1 and weight.dims[1] == 1 \
+                else "Conv (grouped)"
+    return node.op_type
+
+
+def indirect_weight_consumers(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes that read a weight-like initializer (rank >= 2) other than as the weight operand of a
+    Conv/ConvTranspose/Gemm/MatMul: a ``Transpose``, ``Cast`` or ``Identity`` in front of a weight, by name, with
+    the initializer. Kept float, the initializer stays as it is, and the zeros the pipeline counts are the
+    zeros the file holds."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        direct = weight_operand(node, initializers) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None
+        for value in node.input:
+            if value != direct and value in initializers and len(initializers[value].dims) >= 2:
+                found[node.name] = value
+    return found
+
+
+@dataclass
+class Int8Choice:
+    """The model to save (int8, or the float model when int8 was not applied) and why."""
+
+    model: onnx.ModelProto
+    applied: bool
+    settings: Int8Settings | None
+    weights: dict[str, Int8Weight] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+class _Search:
+    def __init__(self, float_model: onnx.ModelProto, calibration: Calibration, scorer: SelectionScorer,
+                 latency: Latency, workdir: Path) -> None:
+        self.float_model = float_model
+        self.float_path = workdir / "float.onnx"
+        onnx.save_model(float_model, str(self.float_path))
+        self.calibration = calibration
+        self.scorer = scorer
+        self.latency = latency
+        self.workdir = workdir
+        self.initializers = {init.name: init for init in float_model.graph.initializer}
+        self.quantizations = 0
+
+    def quantize(self, settings: Int8Settings) -> onnx.ModelProto:
+        self.quantizations += 1
+        return quantize_int8(self.float_path, self.calibration, settings, self.workdir / "candidate.onnx")
+
+    def quantized_nodes(self, settings: Int8Settings) -> list[onnx.NodeProto]:
+        """Nodes the quantizer is allowed to quantize under ``settings``."""
+        ops = set(settings.op_types) if settings.op_types else set(QDQRegistry) | set(QLinearOpsRegistry)
+        excluded = set(settings.exclude)
+        return [n for n in self.float_model.graph.node if n.op_type in ops and n.name not in excluded]
+
+
+def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str | Path,
+                calibration_feeds: Sequence[dict[str, np.ndarray]], selection_feeds: Sequence[dict[str, np.ndarray]],
+                *, kinds: list[tuple[str, int]] | None = None, latency: Latency | None = None,
+                max_drop: float = MAX_AGREEMENT_DROP, speed_margin: float = SPEED_MARGIN,
+                max_trials: int = MAX_FALLBACK_TRIALS) -> Int8Choice:
+    """Quantize ``float_model`` (the sparse fp32 model) to int8 the way the selection feeds say is best.
+
+    ``calibration_feeds`` calibrate the activation ranges; ``selection_feeds`` decide every choice by the
+    closeness of each candidate to ``dense_model`` (outputs described by ``kinds``, as in
+    :func:`onnxsparse.exporter.verify.compare_sessions`); ``latency`` times a model in milliseconds (default:
+    :class:`LatencyMeter` on the first selection sample).
+    """
+    selection_feeds = list(selection_feeds)
+    meter = latency or LatencyMeter(selection_feeds[0])
+    model = named_copy(float_model)
+    with tempfile.TemporaryDirectory(prefix="onnxsparse-int8-") as tmp:
+        scorer = SelectionScorer(dense_model, selection_feeds, kinds)
+        search = _Search(model, Calibration(calibration_feeds, tmp), scorer, meter, Path(tmp))
+        report: dict = {"calibration_samples": search.calibration.samples, "selection_samples": search.scorer.samples,
+                        "max_agreement_drop": max_drop}
+        base = search.scorer(model)
+        report["float_closeness"] = base.as_dict()
+        indirect = indirect_weight_consumers(model)
+        kept: list[dict] = [{"node": name, "op": op_class(node, search.initializers), "for": "check",
+                             "reason": f"reads weight {indirect[name]!r} other than as a weight operand: its zeros "
+                                       "could not be checked on the integers"}
+                            for node in model.graph.node if (name := node.name) in indirect]
+        fixed = tuple(indirect)
+
+        # 1. activation calibration method, every supported op type quantized
+        scores, failed = {}, {}
+        for method in METHODS:
+            try:
+                scores[method] = search.scorer(search.quantize(Int8Settings(method, None, fixed)))
+            except OnnxSparseError as exc:
+                # onnxruntime's histogram calibrators fail on some graphs: that method is no candidate there
+                failed[method] = str(exc)
+                logger.info("int8: %s calibration failed: %s", method, exc)
+        if not scores:
+            raise OnnxSparseError("onnxruntime could not quantize the model with any calibration method: "
+                                  + "; ".join(failed.values()))
+        method = max(scores, key=lambda m: (scores[m], -list(METHODS).index(m)))
+        report["calibration"] = {"chosen": method, "scores": {m: s.as_dict() for m, s in scores.items()},
+                                 "failed": failed}
+
+        # 2. op types: everything onnxruntime quantizes, or the weighted ops alone (activations between other
+        # ops stay float): the faster of those that agree within max_drop of the float model, else the closer
+        target = base.agreement - max_drop
+        options = {"all": Int8Settings(method, None, fixed), "weights": Int8Settings(method, WEIGHT_OPS, fixed)}
+        candidates = {"all": search.quantize(options["all"]), "weights": search.quantize(options["weights"])}
+        op_scores = {name: search.scorer(m) for name, m in candidates.items()}
+        good = [name for name, score in op_scores.items() if score.agreement >= target]
+        op_ms = {}
+        if len(good) == 2:
+            op_ms = dict(zip(good, _timed(meter, [candidates[name] for name in good], SPEED_PASSES)))
+            op_choice = min(good, key=lambda name: (op_ms[name], name != "all"))
+        else:
+            op_choice = good[0] if good else max(op_scores, key=lambda name: (op_scores[name], name == "all"))
+        settings = options[op_choice]
+        report["op_types"] = {"chosen": op_choice, "scores": {k: s.as_dict() for k, s in op_scores.items()},
+                              "latency_ms": op_ms}
+        current = op_scores[op_choice]
+
+        # 3. layers kept in float where the selection feeds say int8 costs too much agreement
+        settings, current = _agreement_fallback(search, settings, current, base, max_drop, max_trials, kept, report)
+
+        # 4. speed: op classes whose int8 form is slower stay float; int8 itself only if faster than float
+        settings, applied = _speed(search, settings, speed_margin, kept, report)
+        final = search.quantize(settings) if applied else model
+        weights = check_int8_weights(model, final) if applied else {}
+        if applied and not weights:
+            applied, final = False, model
+            report["reason"] = "no weight is int8 after the choices above: the float model is kept"
+        report.update(applied=applied, settings=asdict(settings) if applied else None,
+                      final_closeness=search.scorer(final).as_dict(), int8_weights=len(weights),
+                      kept_float=kept, quantizations=search.quantizations)
+        report.setdefault("reason", "int8 is faster than float and agrees within the allowed drop"
+                          if applied else report.get("reason"))
+    return Int8Choice(final, applied, settings if applied else None, weights, report)
+
+
+def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closeness, base: Closeness,
+                        max_drop: float, max_trials: int, kept: list[dict], report: dict):
+    target = base.agreement - max_drop
+    fallback: dict = {"target_agreement": target, "trials": []}
+    report["agreement_fallback"] = fallback
+    if current.agreement >= target:
+        return settings, current
+    quantized = [n for n in search.quantized_nodes(settings) if n.op_type in WEIGHT_OPS]
+    if len(quantized) > max_trials:
+        quantized = quantized[: max_trials // 2] + quantized[-(max_trials - max_trials // 2):]
+    singles = []
+    for node in quantized:
+        score = search.scorer(search.quantize(settings.excluding([node.name])))
+        fallback["trials"].append({"float": [node.name], **score.as_dict()})
+        singles.append((score, node))
+    singles.sort(key=lambda item: item[0], reverse=True)
+    for score, node in singles:
+        if current.agreement >= target:
+            break
+        trial = settings.excluding([node.name])
+        trial_score = search.scorer(search.quantize(trial))
+        if not trial_score > current:  # float here buys nothing on top of the layers already kept
+            continue
+        kept.append({"node": node.name, "op": op_class(node, search.initializers), "for": "agreement",
+                     "reason": f"selection agreement {current.agreement:.4f} with it int8, {trial_score.agreement:.4f} "
+                               f"with it float (target {target:.4f})"})
+        settings, current = trial, trial_score
+    fallback["reached"] = current.agreement >= target
+    return settings, current
+
+
+def _timed(latency: Latency, models: list[onnx.ModelProto], passes: int) -> list[float]:
+    """The fastest of ``passes`` interleaved timings of each model (a noisy neighbour slows all of them)."""
+    best = [float("inf")] * len(models)
+    for _ in range(passes):
+        for i, model in enumerate(models):
+            best[i] = min(best[i], latency(model))
+    return best
+
+
+def _speed(search: _Search, settings: Int8Settings, margin: float, kept: list[dict], report: dict,
+           passes: int = SPEED_PASSES):
+    how = search.latency.describe() if hasattr(search.latency, "describe") else "given latency function"
+    timing: dict = {"how": f"{how}; the fastest of {passes} interleaved passes", "trials": []}
+    report["latency"] = timing
+    current = search.quantize(settings)
+    for _ in range(SPEED_ROUNDS):
+        classes: dict[str, list[str]] = {}
+        for node in search.quantized_nodes(settings):
+            classes.setdefault(op_class(node, search.initializers), []).append(node.name)
+        names = list(classes)
+        trials = [settings.excluding(classes[name]) for name in names]
+        models = [search.quantize(trial) for trial in trials]
+        current_ms, *trial_ms = _timed(search.latency, [current, *models], passes)
+        timing.setdefault("int8_ms", current_ms)
+        for name, ms in zip(names, trial_ms):
+            timing["trials"].append({"float": name, "ms": ms, "against_ms": current_ms})
+        helps = sorted((i for i, ms in enumerate(trial_ms) if ms < current_ms * (1 - margin)), key=trial_ms.__getitem__)
+        if not helps:
+            break
+        # every class that helped alone, together, against the one that helped most
+        chosen = [helps[0]]
+        if len(helps) > 1:
+            together = settings.excluding([n for i in helps for n in classes[names[i]]])
+            model = search.quantize(together)
+            best_ms, together_ms = _timed(search.latency, [models[helps[0]], model], passes)
+            timing["trials"].append({"float": [names[i] for i in helps], "ms": together_ms, "against_ms": best_ms})
+            if together_ms < best_ms:
+                chosen = helps
+                trials[helps[0]], models[helps[0]] = together, model
+        for i in chosen:
+            for node in classes[names[i]]:
+                kept.append({"node": node, "op": names[i], "for": "speed",
+                             "reason": f"the model ran {current_ms:.3f} ms with {names[i]} int8, {trial_ms[i]:.3f} ms "
+                                       "with it float"})
+        settings, current = trials[helps[0]], models[helps[0]]
+    float_ms, final_ms = _timed(search.latency, [search.float_model, current], passes)
+    timing.update(float_ms=float_ms, final_ms=final_ms)
+    if final_ms >= float_ms * (1 - margin):
+        report["reason"] = (f"int8 is not faster than float here ({final_ms:.3f} ms against {float_ms:.3f} ms): "
+                            "the float model is kept")
+        return settings, False
+    return settings, True

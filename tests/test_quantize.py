@@ -1,0 +1,309 @@
+"""--quantize int8: zeros survive exactly, weights are per-channel symmetric, the choices follow the selection
+data and the (injected) timings, the gate reads the int8 model, inspect counts integer zeros."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+import graphs
+from onnxsparse import PruneConfig, prune
+from onnxsparse.errors import OnnxSparseError, QualityGateFailed
+from onnxsparse.inspect import inspect_model
+from onnxsparse.quantize import Calibration, Int8Settings, check_int8_weights, choose_int8, int8_weights, quantize_int8
+from onnxsparse.quantize import search as search_module
+from onnxsparse.quantize.latency import batch_feed, measure_latency
+from onnxsparse.quantize.quantize import named_copy
+from onnxsparse_cli.main import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "fashion_mnist"
+
+
+def _cnn_feeds(n: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"input": (2.0 + 3.0 * rng.standard_normal((8, 1, 12, 12))).astype(np.float32)} for _ in range(n)]
+
+
+def _pruned_cnn(sparsity: float = 0.7) -> onnx.ModelProto:
+    """The tiny CNN (BN folded, a grouped Conv) with the smallest weights of every layer zeroed and one output
+    channel of the first Conv zeroed entirely (its scale would be 0 without care)."""
+    model = graphs.export_torch(graphs.tiny_cnn())
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init).copy()
+        if a.ndim < 2:
+            continue
+        a[np.abs(a) < np.quantile(np.abs(a), sparsity)] = 0
+        if a.ndim == 4 and a.shape[1] == 1:
+            a[0] = 0
+        init.CopyFrom(numpy_helper.from_array(a.astype(np.float32), init.name))
+    return named_copy(model)
+
+
+def _quantize(model: onnx.ModelProto, tmp_path: Path, settings: Int8Settings = Int8Settings()) -> onnx.ModelProto:
+    onnx.save_model(model, str(tmp_path / "float.onnx"))
+    return quantize_int8(tmp_path / "float.onnx", Calibration(_cnn_feeds(), tmp_path), settings, tmp_path / "q.onnx")
+
+
+def test_int8_weights_are_per_channel_symmetric_and_keep_every_zero(tmp_path):
+    model = _pruned_cnn()
+    quantized = _quantize(model, tmp_path)
+    weights = check_int8_weights(model, quantized)
+    floats = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert {w.node for w in weights.values()} == {n.name for n in convs}
+    for name, w in weights.items():
+        assert w.values.dtype == np.int8 and not w.zero_point.any()
+        assert w.scale.shape == (w.values.shape[w.axis],)
+        zeros = floats[name] == 0
+        assert zeros.any() and (w.centred()[zeros] == 0).all()
+        # dequantized, every kept weight is within half a step of its float value
+        step = w.scale.reshape([-1 if i == w.axis else 1 for i in range(w.values.ndim)])
+        assert np.all(np.abs(w.centred() * step - floats[name]) <= step / 2 + 1e-7)
+    first = next(w for w in weights.values() if w.values.ndim == 4 and w.values.shape[1] == 1)
+    assert (first.centred()[0] == 0).all()
+
+
+def test_a_moved_zero_or_an_asymmetric_weight_is_refused(tmp_path):
+    model = _pruned_cnn()
+    quantized = _quantize(model, tmp_path)
+    w = next(iter(int8_weights(model, quantized).values()))
+    floats = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == w.tensor))
+    moved = w.values.copy()
+    moved[np.unravel_index(np.flatnonzero(floats == 0)[0], floats.shape)] = 1
+    broken = onnx.ModelProto()
+    broken.CopyFrom(quantized)
+    init = next(i for i in broken.graph.initializer if i.name == w.initializer)
+    init.CopyFrom(numpy_helper.from_array(moved, w.initializer))
+    with pytest.raises(OnnxSparseError, match="exactly zero are not zero after int8"):
+        check_int8_weights(model, broken)
+    broken.CopyFrom(quantized)
+    zp = next(n for n in broken.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == w.initializer).input[2]
+    init = next(i for i in broken.graph.initializer if i.name == zp)
+    init.CopyFrom(numpy_helper.from_array(np.full(w.zero_point.shape, 2, np.int8), zp))
+    with pytest.raises(OnnxSparseError, match="non-zero zero point"):
+        check_int8_weights(model, broken)
+
+
+def _dq_count(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], grouped: bool) -> int:
+    """Conv nodes of ``model`` whose weight is int8, grouped or not."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or producer.get(node.input[1]) is None:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if producer[node.input[1]].op_type == "DequantizeLinear" and (group > 1) == grouped:
+            count += 1
+    return count
+
+
+class _ScriptedLatency:
+    """Milliseconds from the graph: 10 in float, ``gain`` less per int8 plain Conv, ``grouped_cost`` more
+    per int8 grouped Conv. No clock is read."""
+
+    def __init__(self, gain: float, grouped_cost: float):
+        self.gain, self.grouped_cost, self.calls = gain, grouped_cost, 0
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        self.calls += 1
+        inits = {i.name: i for i in model.graph.initializer}
+        return (10.0 - self.gain * _dq_count(model, inits, grouped=False)
+                + self.grouped_cost * _dq_count(model, inits, grouped=True))
+
+
+def test_an_op_class_whose_int8_form_is_slower_stays_float(tmp_path):
+    model = _pruned_cnn()
+    latency = _ScriptedLatency(gain=1.0, grouped_cost=2.0)
+    choice = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=latency,
+                         max_drop=1.0)
+    grouped = [n.name for n in model.graph.node if n.op_type == "Conv"
+               and next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+    assert choice.applied and set(grouped) <= set(choice.settings.exclude)
+    kept = {k["node"]: k for k in choice.report["kept_float"]}
+    assert set(grouped) <= set(kept) and all(kept[g]["for"] == "speed" and kept[g]["op"] == "Conv (grouped)"
+                                             for g in grouped)
+    inits = {i.name: i for i in choice.model.graph.initializer}
+    assert _dq_count(choice.model, inits, grouped=True) == 0 and _dq_count(choice.model, inits, grouped=False) == 2
+    timing = choice.report["latency"]
+    assert timing["float_ms"] == 10.0 and timing["final_ms"] == 8.0 and timing["int8_ms"] == 10.0
+    assert latency.calls > 4
+
+
+def test_int8_slower_than_float_keeps_the_float_model(tmp_path):
+    model = _pruned_cnn()
+    choice = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)],
+                         latency=_ScriptedLatency(gain=-1.0, grouped_cost=1.0), max_drop=1.0)
+    assert not choice.applied and not choice.weights
+    assert not any(n.op_type == "DequantizeLinear" for n in choice.model.graph.node)
+    assert "not faster than float" in choice.report["reason"]
+
+
+def _outlier_mlp() -> onnx.ModelProto:
+    """x (N, 16) -> MatMul -> Relu -> MatMul -> Softmax, where every column of the first weight holds one
+    weight 1000 on an input that is always 0: per-channel int8 rounds all its other weights to zero."""
+    rng = np.random.default_rng(0)
+    w1 = (0.5 * rng.standard_normal((16, 32))).astype(np.float32)
+    w1[0] = 1000.0
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Softmax", ["z"], ["probs"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _mlp_feeds(n: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        x = rng.standard_normal((16, 16)).astype(np.float32)
+        x[:, 0] = 0
+        feeds.append({"x": x})
+    return feeds
+
+
+def _faster_int8(model: onnx.ModelProto) -> float:
+    return 10.0 - sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+
+
+def test_a_layer_whose_int8_form_breaks_agreement_stays_float():
+    model = _outlier_mlp()
+    choice = choose_int8(model, model, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
+                         latency=_faster_int8, max_drop=0.05)
+    fallback = choice.report["agreement_fallback"]
+    scores = choice.report["calibration"]["scores"]
+    assert max(s["agreement"] for s in scores.values()) < 0.6  # every calibration: fc1 int8 collapses the output
+    assert fallback["reached"] and choice.applied
+    assert [k["node"] for k in choice.report["kept_float"] if k["for"] == "agreement"] == ["fc1"]
+    assert set(choice.weights) == {"w2"} and choice.report["final_closeness"]["agreement"] >= 0.95
+
+
+def test_prune_quantize_int8_on_the_tiny_cnn_keeps_2_4_and_gates_the_int8_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
+    model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
+    out, report_path = tmp_path / "q.onnx", tmp_path / "r.json"
+    result = prune(model, out, _cnn_feeds(8), PruneConfig(sparsity=0.5, method="magnitude", pattern="2:4",
+                                                           quantize="int8", min_agreement=0.0),
+                   progress=False, report_path=report_path)
+    report = json.loads(report_path.read_text())
+    quant = report["quantize"]
+    assert quant["applied"] and quant["int8_weights"] == len(result.layers)
+    assert report["verification"]["export_max_rel_error"] == quant["export_max_rel_error"] < 1e-3
+    saved = onnx.load(str(out))
+    assert {p.key: p.value for p in saved.metadata_props}["onnxsparse.quantize"] == "int8"
+    rows = {r.node: r for r in inspect_model(out)}
+    for row in result.layers:
+        info = rows[row["node"]]
+        assert info.zeros == row["zeros"] >= row["target_zeros"]
+        if row["pattern"] == "2:4":
+            assert info.satisfies_2_4
+    # the gate read the int8 file: its agreement is what onnxruntime computes on it
+    assert report["quality_gate"]["agreement"] == report["verification"]["agreement"]
+
+
+def test_quantization_that_breaks_the_gate_writes_nothing_and_exits_3(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
+    # no layer kept in float for agreement: the int8 model is the one that collapses
+    monkeypatch.setattr(search_module, "_agreement_fallback",
+                        lambda search, settings, current, *rest: (settings, current))
+    model_path, calib = tmp_path / "mlp.onnx", tmp_path / "x.npy"
+    onnx.save_model(_outlier_mlp(), str(model_path))
+    np.save(calib, np.concatenate([f["x"] for f in _mlp_feeds(8)]))
+    out, report_path = tmp_path / "q.onnx", tmp_path / "r.json"
+    with pytest.raises(QualityGateFailed):
+        prune(model_path, out, str(calib), PruneConfig(sparsity=0.1, method="magnitude", quantize="int8",
+                                                        correction=False), progress=False, report_path=report_path)
+    assert not out.exists()
+    report = json.loads(report_path.read_text())
+    assert report["quantize"]["applied"] and report["quality_gate"]["passed"] is False
+    result = CliRunner().invoke(main, ["prune", str(model_path), "--sparsity", "0.1", "--method", "magnitude",
+                                       "--no-correction", "--quantize", "int8", "--calib", str(calib), "-o", str(out),
+                                       "-q"])
+    assert result.exit_code == 3, result.output
+    assert not out.exists()
+    # the same float model passes: the int8 model is what the gate refused
+    plain = prune(model_path, out, str(calib), PruneConfig(sparsity=0.1, method="magnitude", correction=False),
+                  progress=False)
+    assert plain.report["quality_gate"]["passed"] and out.exists()
+
+
+def test_inspect_counts_an_integer_equal_to_its_zero_point_as_zero(tmp_path):
+    q = np.array([[3, 3, 5, 3], [1, 3, 3, 3]], dtype=np.int8).reshape(2, 4, 1, 1)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(np.float32(0.1), "s"),
+             numpy_helper.from_array(np.int8(3), "zp")]
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "s", "zp"], ["w"], name="dq"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    (row,) = inspect_model(model)
+    assert (row.node, row.params, row.zeros) == ("conv", 8, 6)
+    assert row.nm == "1:4" and row.satisfies_2_4
+
+
+def test_config_and_cli_validate_quantize():
+    with pytest.raises(OnnxSparseError, match="--quantize must be one of int8"):
+        PruneConfig(sparsity=0.5, quantize="int4")
+    result = CliRunner().invoke(main, ["prune", "m.onnx", "--sparsity", "0.5", "--calib", "c", "--quantize", "int4",
+                                       "--dry-run"])
+    assert result.exit_code == 2 and "int4" in result.output
+
+
+def test_latency_is_a_median_after_warm_up_with_an_injected_clock():
+    model = _outlier_mlp()
+    ticks = iter(np.cumsum([0.0] + [0.001, 0.0] * 3 + [0.005, 0.0] * 2 + [0.002, 0.0] * 100))
+    result = measure_latency(model, batch_feed(_mlp_feeds(1)[0], 1), warmup=3, min_runs=5, min_seconds=0.0,
+                             clock=lambda: float(next(ticks)))
+    # the clock is only read around timed runs: 5 runs of 1, 1, 1, 5, 5 ms
+    assert result.runs == 5 and result.median_ms == pytest.approx(1.0) and result.batch == 1
+    assert batch_feed({"x": np.zeros((3, 2))}, 8)["x"].shape == (8, 2)
+
+
+@pytest.mark.slow
+def test_sample_magnitude_int8_keeps_every_zero_of_the_float_run_and_eval_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
+    runner = CliRunner()
+    args = ["prune", str(SAMPLE / "model.onnx"), "--sparsity", "0.7", "--method", "magnitude",
+            "--calib", str(SAMPLE / "calib"), "--max-samples", "384", "-q"]
+    int8, plain = tmp_path / "int8.onnx", tmp_path / "fp32.onnx"
+    result = runner.invoke(main, [*args, "--quantize", "int8", "-o", str(int8), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(main, [*args, "-o", str(plain)]).exit_code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["quantize"]["applied"] and report["quality_gate"]["passed"]
+    floats = {r.node: r for r in inspect_model(plain)}
+    weights = check_int8_weights(onnx.load(str(plain)), named_copy(onnx.load(str(int8))))
+    assert len(weights) == len(floats) == 11
+    f_inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(plain)).graph.initializer}
+    for name, w in weights.items():
+        assert (w.centred()[f_inits[name] == 0] == 0).all()
+    for row in inspect_model(int8):
+        assert row.zeros >= floats[row.node].zeros and row.sparsity == pytest.approx(0.7, abs=0.01)
+    shown = runner.invoke(main, ["inspect", str(int8), "--json"])
+    assert json.loads(shown.output)["sparsity"] == pytest.approx(report["achieved_sparsity"])
+    evaluated = runner.invoke(main, ["eval", str(int8), "--data", str(SAMPLE / "test"), "--limit", "200", "--json"])
+    assert evaluated.exit_code == 0 and json.loads(evaluated.output)["top1"] > 0.7
+
+
+def test_op_types_are_the_faster_set_when_both_agree():
+    model = _pruned_cnn()
+    chosen = []
+    for per_q in (0.1, -0.1):
+        def latency(m: onnx.ModelProto, per_q=per_q) -> float:  # scripted: each QuantizeLinear costs per_q ms
+            return 10.0 + per_q * sum(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+        ops = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=latency,
+                          max_drop=1.0).report["op_types"]
+        assert set(ops["latency_ms"]) == {"all", "weights"} and ops["latency_ms"]["all"] != ops["latency_ms"]["weights"]
+        assert ops["chosen"] == min(ops["latency_ms"], key=ops["latency_ms"].get)
+        chosen.append(ops["chosen"])
+    assert chosen[0] != chosen[1]  # the timing decides, not a fixed preference
