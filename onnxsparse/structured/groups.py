@@ -206,6 +206,7 @@ class _Walker:
                         self.consts[node.output[0]] = numpy_helper.to_array(attr.t)
                         self.shapes[node.output[0]] = tuple(attr.t.dims)
         self.uses: dict[str, list[onnx.NodeProto]] = {}
+        self.producer = {out: node for node in g.node for out in node.output if out}
         for node in g.node:
             for name in node.input:
                 if name:
@@ -607,11 +608,16 @@ class _Walker:
             return None
         in_shape = self.shapes.get(node.input[0])
         out_shape = self.shapes.get(node.output[0])
+        if op == "Reshape" and (out_shape is None or not isinstance(out_shape[-1], int)) and in_shape is not None:
+            out_shape = self.reshape_target(node.input[1], in_shape)
+            if out_shape is not None:
+                self.shapes[node.output[0]] = out_shape
         ok = (in_shape is not None and out_shape is not None and len(out_shape) == 2 and x.axis == 1
               and x.repeat == 1 and all(isinstance(d, int) for d in in_shape[1:]))
         if ok:
             inner = int(np.prod(in_shape[2:], dtype=np.int64)) if len(in_shape) > 2 else 1
-            ok = out_shape[1] == x.channels * inner and (out_shape[0] == in_shape[0] or op == "Flatten")
+            # rank 2 with C*inner columns: the element count forces the rows to be N, so this is a flatten
+            ok = out_shape[1] == x.channels * inner
         if ok and op == "Flatten":
             ok = int(self.attr(node, "axis", 1)) == 1
         if not ok:
@@ -629,6 +635,43 @@ class _Walker:
                         self.space(space).shape_edits.append(ShapeEdit(edit[0], edit[1], inner))
         return out
 
+    def shape_value(self, name: str, depth: int = 0) -> list | None:
+        """The value of a small shape-computing subgraph (Shape, Gather, Slice, Unsqueeze, Concat of constants),
+        entries int or a dimension's symbol; None when it cannot be followed."""
+        value = self.const(name)
+        if value is not None:
+            return [int(v) for v in value.reshape(-1)] if value.ndim <= 1 else None
+        producer = self.producer.get(name)
+        if producer is None or depth > 8:
+            return None
+        op = producer.op_type
+        if op == "Shape" and not producer.attribute:
+            shape = self.shapes.get(producer.input[0])
+            return list(shape) if shape is not None and all(d is not None for d in shape) else None
+        parts = [self.shape_value(i, depth + 1) if i else None for i in producer.input]
+        if op == "Concat" and all(p is not None for p in parts):
+            return [d for p in parts for d in p]
+        if op in ("Unsqueeze", "Squeeze", "Identity", "Cast") and parts and parts[0] is not None:
+            return parts[0]
+        if op == "Gather" and parts[0] is not None and parts[1] is not None and int(self.attr(producer, "axis", 0)) == 0:
+            return [parts[0][i] for i in parts[1]]
+        if op == "Slice" and len(parts) >= 3 and all(p is not None and len(p) == 1 for p in parts[1:3]) and \
+                all(p is None or p == [0] or p == [1] for p in parts[3:5]) and (len(parts) < 5 or parts[4] in (None, [1])):
+            return parts[0][parts[1][0]:parts[2][0]]
+        return None
+
+    def reshape_target(self, shape_name: str, in_shape: tuple) -> tuple | None:
+        target = self.shape_value(shape_name)
+        if target is None or len(target) != 2:
+            return None
+        rows = in_shape[0] if target[0] == 0 else target[0]
+        if rows != in_shape[0]:
+            return None
+        cols = target[1]
+        if cols == -1 and all(isinstance(d, int) for d in in_shape[1:]):
+            cols = int(np.prod(in_shape[1:], dtype=np.int64))
+        return (rows, cols)
+
     def reshape_edit(self, shape_name: str, columns: int, node: onnx.NodeProto):
         """Where the Reshape's second output dimension is stored: None (-1: inferred), (name, index) of the
         constant entry to rewrite, or False when it cannot be traced."""
@@ -639,7 +682,7 @@ class _Walker:
             if int(value[1]) == -1:
                 return None
             return (shape_name, 1) if int(value[1]) == columns and self.single_use(shape_name) else False
-        producer = next((n for n in self.graph.node if shape_name in n.output), None)
+        producer = self.producer.get(shape_name)
         if producer is None or producer.op_type != "Concat" or len(producer.input) != 2:
             return False
         last = self.const(producer.input[1])
@@ -671,6 +714,13 @@ class _Walker:
             return None
         users = self.uses.get(node.output[0], [])
         for user in users:
+            if user.op_type == "Gather":
+                idx = self.const(user.input[1])
+                if (idx is not None and int(self.attr(user, "axis", 0)) == 0 and idx.size
+                        and 0 <= int(idx.min()) and int(idx.max()) < x.axis):
+                    continue
+                self.stop(x, node, "Shape whose result reads the channel count")
+                return None
             starts = self.const(user.input[1]) if user.op_type == "Slice" and len(user.input) > 2 else None
             ends = self.const(user.input[2]) if starts is not None else None
             axes = self.const(user.input[3]) if user.op_type == "Slice" and len(user.input) > 3 and user.input[3] \
