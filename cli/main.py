@@ -79,7 +79,8 @@ def main() -> None:
 @click.option("--method", type=click.Choice(list(METHODS)), default="unipts", show_default=True)
 @click.option("--pattern", default="unstructured", show_default=True,
               help="unstructured, or N:M (e.g. 2:4): keep the N largest of every M input-channel weights "
-                   "(layer sparsity 1 - N/M; layers whose input channels are not a multiple of M stay dense).")
+                   "(layer sparsity 1 - N/M; layers whose input channels are not a multiple of M stay dense), "
+                   "or channel: remove whole channels, --sparsity being the fraction of MACs removed.")
 @click.option("--save-format", type=click.Choice(list(SAVE_FORMATS)), default="dense", show_default=True,
               help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
                    "(onnxruntime densifies them at load).")
@@ -190,10 +191,12 @@ def _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, r
         write_report_plot(result.report, plot_path(report_path))
     if not quiet:
         _print_summary(result.report)
-    click.echo(
-        f"PASSED: {result.achieved_sparsity:.2%} of {result.report['prunable_params']:,} prunable weights are zero"
-        + (f", written to {output}" if output and not dry_run else " (dry run, nothing written)")
-    )
+    channels = result.report.get("channels")
+    done = (f"{result.achieved_sparsity:.2%} of the MACs removed ({channels['macs_before']:,} -> "
+            f"{channels['macs_after']:,}; parameters {channels['params_before']:,} -> {channels['params_after']:,})"
+            if channels else
+            f"{result.achieved_sparsity:.2%} of {result.report['prunable_params']:,} prunable weights are zero")
+    click.echo(f"PASSED: {done}" + (f", written to {output}" if output and not dry_run else " (dry run, nothing written)"))
 
 
 def _print_summary(report: dict) -> None:
@@ -210,6 +213,9 @@ def _print_summary(report: dict) -> None:
         click.echo(f"skipped {skipped['node_name'] or skipped['tensor']} ({skipped['op_type']}): {skipped['reason']}", err=True)
     for dense in report.get("dense_layers", []):
         click.echo(f"left dense {dense['node'] or dense['name']} ({dense['op']}): {dense['reason']}", err=True)
+    for group in report.get("channels", {}).get("whole", []):
+        click.echo(f"channels left whole: {', '.join(group['producers']) or group['group']} ({group['channels']}): "
+                   f"{group['reason']} [{group['stopped_by']}]", err=True)
     for note in report.get("notes", []):
         click.echo(f"note: {note}", err=True)
     storage = report.get("storage")

@@ -10,7 +10,7 @@ from onnxsparse.errors import OnnxSparseError
 
 METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
+_PATTERN = re.compile(r"^(unstructured|channel|(\d+):(\d+))$")
 SAVE_FORMATS = ("dense", "sparse-initializer")
 
 
@@ -161,7 +161,7 @@ class PruneConfig:
         _number(self.sparsity, "--sparsity", 0, 1, hi_open=True)
         _check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         match = _PATTERN.match(str(self.pattern))
-        _check(match is not None, f"--pattern must be 'unstructured' or N:M (e.g. 2:4), got {self.pattern!r}")
+        _check(match is not None, f"--pattern must be 'unstructured', 'channel' or N:M (e.g. 2:4), got {self.pattern!r}")
         if match and match.group(2):
             n, m = int(match.group(2)), int(match.group(3))
             _check(0 < n < m, f"--pattern N:M needs 0 < N < M, got {self.pattern!r}")

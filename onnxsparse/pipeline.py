@@ -174,6 +174,8 @@ def prune(
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes = _pattern_notes(config)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, ctx.device)
+    if config.pattern == "channel":
+        return _prune_channels(ctx, model_path, output, signals, notes, timer, started, dist, report_path)
     with timer("method"):
         try:
             # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
@@ -199,6 +201,73 @@ def prune(
         if staged is not None:
             with contextlib.suppress(OSError):
                 staged.unlink()
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _prune_channels(ctx: PruneContext, model_path: Path | None, output, signals, notes: list[str], timer: Phases,
+                    started: float, dist: DistContext, report_path) -> PruneResult:
+    """``--pattern channel``: select on the ONNX graph, mask the student, shrink the ModelProto, then the gate."""
+    from onnxsparse.exporter.shrink import shrink
+    from onnxsparse.structured.method import apply_to_student, select_channels
+
+    if dist.active:
+        raise OnnxSparseError("--pattern channel runs in one process; run it without torchrun")
+    imported, config = ctx.imported, ctx.config
+    with timer("method"):
+        proto = imported.proto
+        if imported.base_dir is not None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(imported.proto)
+            onnx.external_data_helper.load_external_data_for_model(proto, str(imported.base_dir))
+        excluded = {t.source.name for t in imported.tracked if t.role == "weight"} - {
+            layer.weight.source.name for layer in imported.layers}
+        selection = select_channels(proto, ctx.calib, config, editable={l.weight.source.name for l in imported.layers},
+                                    writable={t.source.name for t in imported.tracked if not t.shared},
+                                    excluded=excluded)
+        apply_to_student(selection, imported.tracked, ctx.student)
+    result = MethodResult({}, {}, selection.info)
+    run = _Run(imported, ctx.student.to("cpu").eval(), ctx.calib, config, ctx.device, model_path, output, result,
+               signals, notes, timer, started)
+    del ctx
+    dry_dir = tempfile.TemporaryDirectory() if output is None else None
+    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
+    try:
+        with timer("export"):
+            pruned, changed = write_back(imported, run.student, run.metadata())
+            imported.release_dense()
+            params_before = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer)
+            pruned = shrink(pruned, selection.analysis, selection.plan.removed)
+            params_after = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer)
+            macs_before, macs_after = selection.macs()
+            achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
+            prop = pruned.metadata_props.add()
+            prop.key, prop.value = "onnxsparse.macs_removed", f"{achieved:.6g}"
+            storage = _storage(model_path, pruned, pruned, "dense", [])
+        gate = _Gate(run)
+        failed: QualityGateFailed | None = None
+        with timer("verify+save"):
+            try:
+                save_atomic(pruned, save_path, validate=gate)
+                storage["saved_bytes"] = files_size(save_path)
+            except QualityGateFailed as exc:
+                failed = exc
+        report = _report(run, [], achieved, storage, changed, gate, written=failed is None)
+        report["channels"] = {
+            "macs_before": macs_before, "macs_after": macs_after, "macs_removed": achieved,
+            "params_before": params_before, "params_after": params_after,
+            "bytes_before": storage.get("input_bytes"), "bytes_after": storage.get("saved_bytes"),
+            "groups": selection.analysis.report(), "kept": {str(k): v for k, v in selection.kept.items()},
+            "whole": [{"group": g.index, "channels": g.channels, "producers": list(g.producers), "reason": g.reason,
+                       "stopped_by": g.stopped_by} for g in selection.analysis.whole()],
+        }
+        if report_path is not None:
+            Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
+        if failed is not None:
+            failed.report = report
+            raise failed
+        return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, [], report)
+    finally:
         if dry_dir is not None:
             dry_dir.cleanup()
 

@@ -295,10 +295,10 @@ def _from_canonical(kind: str, w2: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 def plan(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: dict[int, list[int]], *,
-         stats: TapStats | None = None, damp: float = 1e-3) -> ChannelPlan:
+         stats: TapStats | None = None, damp: float = 1e-3, writable: set[str] | None = None) -> ChannelPlan:
     """The masked model's new tensors: consumer columns of removed channels zeroed; with ``stats`` (Gram
-    matrices), the kept columns (and a bias, where the consumer has one) refitted by least squares to the dense
-    consumer's output on the calibration data."""
+    matrices), the kept columns (and a bias, where the consumer has one in ``writable``) refitted by least
+    squares to the dense consumer's output on the calibration data."""
     tensors = tensors_of(model)
     updates: dict[str, np.ndarray] = {}
     refitted, kept_rel = [], []
@@ -316,7 +316,8 @@ def plan(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: dict[int, l
             drop = np.zeros(W.shape[1], bool)
             for i in idx:
                 drop[i * per_col:(i + 1) * per_col] = True
-            bias = numpy_helper.to_array(tensors[c.bias]).astype(np.float64) if c.bias else None
+            bias = (numpy_helper.to_array(tensors[c.bias]).astype(np.float64)
+                    if c.bias and (writable is None or c.bias in writable) else None)
             if bias is not None:
                 b = bias.reshape(-1) if bias.size == W.shape[0] else None
                 if b is None:
