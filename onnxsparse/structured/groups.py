@@ -176,6 +176,17 @@ class _Map:
         return sum(n for _, n in self.segments)
 
 
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_reads(inner)
+    return names
+
+
 class _Walker:
     def __init__(self, model: onnx.ModelProto) -> None:
         try:
@@ -333,6 +344,8 @@ class _Walker:
     # -- the walk -----------------------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.graph.node:
+            for name in _subgraph_reads(node):  # If/Loop/Scan bodies read outer tensors by name
+                self.stop(self.maps.get(name), node, f"{node.op_type} reads the channels inside a subgraph")
             maps = [self.maps.get(name) if name else None for name in node.input]
             mapped = [m for m in maps if m is not None]
             try:
