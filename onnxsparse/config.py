@@ -155,6 +155,9 @@ class PruneConfig:
     min_agreement: float = 0.8
     checkpoint_every: int = 5  # epochs between training checkpoints (when the run has a run directory)
     save_format: str = "dense"
+    # --pattern channel: kept channels of a group rounded to a multiple of this where the group's size is one
+    # (onnxruntime's CPU convolutions block channels by 16 with AVX-512, 8 with AVX2; see benchmarks/channels.py)
+    channel_multiple: int = 16
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
@@ -178,6 +181,7 @@ class PruneConfig:
         _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
         _number(self.min_agreement, "--min-agreement", 0, 1)
         _positive_int(self.checkpoint_every, "--checkpoint-every")
+        _positive_int(self.channel_multiple, "--channel-multiple")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
 

@@ -312,6 +312,9 @@ def test_keep_counts_meet_the_macs_target():
         removed = 1 - analysis.macs_after(kept) / analysis.total_macs
         assert target <= removed < target + 0.05
         assert all(1 <= k <= analysis.groups[i].channels for i, k in kept.items())
+        kept16 = select.scale_to_target(analysis, {g.index: 1.0 for g in analysis.prunable()}, target, 16)
+        assert 1 - analysis.macs_after(kept16) / analysis.total_macs >= target
+        assert all(k % 16 == 0 for i, k in kept16.items() if analysis.groups[i].channels % 16 == 0)
 
 
 def test_refit_brings_the_shrunk_model_closer_to_dense():

@@ -91,7 +91,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _search(model: onnx.ModelProto, analysis: ChannelAnalysis, scores, stats, target: float, feeds, *,
-            writable: set[str], population: int, generations: int, seed: int, budget: float | None) -> tuple[dict[int, float], dict]:
+            writable: set[str], multiple: int, population: int, generations: int, seed: int, budget: float | None) -> tuple[dict[int, float], dict]:
     """Per-group keep weights by evolution; the uniform allocation is in the first population."""
     rng = np.random.default_rng(seed)
     ids = [g.index for g in analysis.prunable()]
@@ -100,7 +100,7 @@ def _search(model: onnx.ModelProto, analysis: ChannelAnalysis, scores, stats, ta
     cache: dict[tuple, float] = {}
 
     def evaluate(genome: np.ndarray) -> float:
-        kept = select.scale_to_target(analysis, dict(zip(ids, genome)), target)
+        kept = select.scale_to_target(analysis, dict(zip(ids, genome)), target, multiple)
         key = tuple(kept[i] for i in ids)
         if key not in cache:
             removed = select.choose(scores, kept)
@@ -128,7 +128,8 @@ def _search(model: onnx.ModelProto, analysis: ChannelAnalysis, scores, stats, ta
         history.append(round(scored[0][0], 6))
         done += 1
     best = scored[0][2]
-    uniform = cache.get(tuple(select.scale_to_target(analysis, dict.fromkeys(ids, 1.0), target)[i] for i in ids))
+    uniform = cache.get(tuple(select.scale_to_target(analysis, dict.fromkeys(ids, 1.0), target, multiple)[i]
+                              for i in ids))
     return dict(zip(ids, best)), {"generations": done, "candidates": len(cache), "best_fitness": scored[0][0],
                                   "uniform_fitness": uniform, "history": history,
                                   "seconds": round(time.perf_counter() - started, 2)}
@@ -160,11 +161,11 @@ def select_channels(model: onnx.ModelProto, calib, config, *, editable: set[str]
         fit_feeds = _feeds(calib, n_fit, _STAT_BATCH)
         budget = config.unipts.time_budget / 2 if config.unipts.time_budget is not None else None
         weights, info["search"] = _search(model, analysis, scores, stats, config.sparsity, fit_feeds,
-                                          writable=writable,
+                                          writable=writable, multiple=config.channel_multiple,
                                           population=min(config.unipts.population, 10),
                                           generations=min(config.unipts.generations, 6), seed=config.seed,
                                           budget=budget)
-    kept = select.scale_to_target(analysis, weights, config.sparsity)
+    kept = select.scale_to_target(analysis, weights, config.sparsity, config.channel_multiple)
     removed = select.choose(scores, kept)
     plan = select.plan(model, analysis, removed, stats=stats, writable=writable)
     info.update({"importance": "l1" if not refit else "activation", "refit": refit, **plan.info,

@@ -224,20 +224,27 @@ def importance(model: onnx.ModelProto, analysis: ChannelAnalysis, kind: str = "l
 # ---------------------------------------------------------------------------------------------------------
 # keep counts
 # ---------------------------------------------------------------------------------------------------------
-def kept_for_ratios(analysis: ChannelAnalysis, ratios: Mapping[int, float]) -> dict[int, int]:
-    return {i: int(min(analysis.groups[i].channels, max(1, round(r * analysis.groups[i].channels))))
-            for i, r in ratios.items()}
+def kept_for_ratios(analysis: ChannelAnalysis, ratios: Mapping[int, float], multiple: int = 1) -> dict[int, int]:
+    """Channels kept per group; a group whose size is a multiple of ``multiple`` keeps a multiple of it."""
+    out = {}
+    for i, r in ratios.items():
+        c = analysis.groups[i].channels
+        m = multiple if multiple > 1 and c % multiple == 0 else 1
+        out[i] = int(min(c, max(m, m * round(r * c / m))))
+    return out
 
 
-def scale_to_target(analysis: ChannelAnalysis, weights: Mapping[int, float], target: float) -> dict[int, int]:
+def scale_to_target(analysis: ChannelAnalysis, weights: Mapping[int, float], target: float,
+                    multiple: int = 1) -> dict[int, int]:
     """Keep counts ``round(clip(a * w_i, 0, 1) * C_i)`` with the common ``a`` that removes ``target`` of the
-    model's MACs (as near as whole channels allow; at least one channel per group is kept)."""
+    model's MACs (as near as whole channels allow; at least one channel per group is kept). ``multiple``: keep
+    counts rounded to multiples of it where the group's size is one (CPU kernels block channels by 8 or 16)."""
     total = analysis.total_macs
     if total == 0 or not weights:
         return {i: analysis.groups[i].channels for i in weights}
 
     def removed(a: float) -> float:
-        kept = kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()})
+        kept = kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()}, multiple)
         return 1.0 - analysis.macs_after(kept) / total
 
     lo, hi = 0.0, 1.0 / max(min(weights.values()), 1e-6)
@@ -251,7 +258,7 @@ def scale_to_target(analysis: ChannelAnalysis, weights: Mapping[int, float], tar
         else:
             hi = mid
     a = lo  # the largest scale that still removes at least ``target`` (or all it can)
-    return kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()})
+    return kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()}, multiple)
 
 
 def choose(scores: Mapping[int, np.ndarray], kept: Mapping[int, int]) -> dict[int, list[int]]:
