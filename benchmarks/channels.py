@@ -30,15 +30,19 @@ def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def latency(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 10) -> float:
+def latencies(sessions: list[ort.InferenceSession], feed: dict, runs: int, warmup: int = 10) -> list[float]:
+    """Median seconds per run of each session; the sessions take turns run by run, so the drift of a shared
+    machine (other jobs, clock changes) falls on all of them alike."""
     for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
+        for sess in sessions:
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for sess, out in zip(sessions, times):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            out.append(time.perf_counter() - t)
+    return [float(np.median(t)) for t in times]
 
 
 def prune_l1_refit(model: onnx.ModelProto, feeds: list[dict], target: float, multiple: int = 1
@@ -77,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             sess = session(shrunk)
             out = np.concatenate([sess.run(None, f)[0] for f in feeds])
             agree = float((out.argmax(-1) == dense_out.argmax(-1)).mean())
-            # dense and shrunk timed alternately, so drift of a shared machine hits both alike
-            d1, s1 = latency(dense_sess, one, args.runs // 2), latency(sess, one, args.runs // 2)
-            d2, s2 = latency(dense_sess, one, args.runs // 2), latency(sess, one, args.runs // 2)
-            dense_ms, shrunk_ms = 1e3 * min(d1, d2), 1e3 * min(s1, s2)
+            dense_ms, shrunk_ms = (1e3 * t for t in latencies([dense_sess, sess], one, args.runs))
             print(f"{name:<20} {multiple:>3} {removed:>12.3f} {dense_ms:>9.3f} {shrunk_ms:>10.3f} {shrunk_ms / dense_ms:>6.2f} "
                   f"{agree:>6.1%}", flush=True)
 
