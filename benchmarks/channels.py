@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             out = np.concatenate([sess.run(None, f)[0] for f in feeds])
             agree = float((out.argmax(-1) == dense_out.argmax(-1)).mean())
             dense_ms, shrunk_ms = (1e3 * t for t in latencies([dense_sess, sess], one, args.runs))
-            print(f"{name:<20} {multiple:>3} {removed:>12.3f} {dense_ms:>9.3f} {shrunk_ms:>10.3f} {shrunk_ms / dense_ms:>6.2f} "
-                  f"{agree:>6.1%}", flush=True)
+            print(f"{name:<20} {multiple:>3} {removed:>12.3f} {dense_ms:>9.3f} {shrunk_ms:>10.3f} "
+                  f"{shrunk_ms / dense_ms:>6.2f} {agree:>6.1%}", flush=True)
 
 
 if __name__ == "__main__":

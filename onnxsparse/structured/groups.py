@@ -666,10 +666,12 @@ class _Walker:
             return [d for p in parts for d in p]
         if op in ("Unsqueeze", "Squeeze", "Identity", "Cast") and parts and parts[0] is not None:
             return parts[0]
-        if op == "Gather" and parts[0] is not None and parts[1] is not None and int(self.attr(producer, "axis", 0)) == 0:
+        if op == "Gather" and parts[0] is not None and parts[1] is not None \
+                and int(self.attr(producer, "axis", 0)) == 0:
             return [parts[0][i] for i in parts[1]]
-        if op == "Slice" and len(parts) >= 3 and all(p is not None and len(p) == 1 for p in parts[1:3]) and \
-                all(p is None or p == [0] or p == [1] for p in parts[3:5]) and (len(parts) < 5 or parts[4] in (None, [1])):
+        plain_slice = (len(parts) >= 3 and all(p is not None and len(p) == 1 for p in parts[1:3])
+                       and (len(parts) < 4 or parts[3] in (None, [0])) and (len(parts) < 5 or parts[4] in (None, [1])))
+        if op == "Slice" and plain_slice and parts[0] is not None:
             return parts[0][parts[1][0]:parts[2][0]]
         return None
 

@@ -91,7 +91,8 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _search(model: onnx.ModelProto, analysis: ChannelAnalysis, scores, stats, target: float, feeds, *,
-            writable: set[str], multiple: int, population: int, generations: int, seed: int, budget: float | None) -> tuple[dict[int, float], dict]:
+            writable: set[str], multiple: int, population: int, generations: int, seed: int,
+            budget: float | None) -> tuple[dict[int, float], dict]:
     """Per-group keep weights by evolution; the uniform allocation is in the first population."""
     rng = np.random.default_rng(seed)
     ids = [g.index for g in analysis.prunable()]

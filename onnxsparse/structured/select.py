@@ -90,7 +90,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: Iterable[ChannelGroup]) -> dict[str, _Consumer]:
+def _consumers(model: onnx.ModelProto, groups: Iterable[ChannelGroup]) -> dict[str, _Consumer]:
+    """The refittable consumers of ``groups`` (Conv without auto_pad, Gemm with alpha = beta = 1, MatMul)."""
     nodes = {n.output[0]: n for n in model.graph.node if n.output}
     out: dict[str, _Consumer] = {}
     for g in groups:
@@ -103,7 +104,7 @@ def _consumers(model: onnx.ModelProto, analysis: ChannelAnalysis, groups: Iterab
                 kind = "conv" if _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") else None
             elif node.op_type == "Gemm":
                 kind = "gemmT" if int(_attr(node, "transB", 0)) else "gemm"
-                if abs(float(_attr(node, "alpha", 1.0)) - 1) > 0 or (bias and abs(float(_attr(node, "beta", 1.0)) - 1) > 0):
+                if float(_attr(node, "alpha", 1.0)) != 1.0 or (bias and float(_attr(node, "beta", 1.0)) != 1.0):
                     kind = None
             else:
                 kind, bias = "matmul", None
@@ -141,7 +142,7 @@ def collect(model: onnx.ModelProto, analysis: ChannelAnalysis, feeds: Iterable[M
     """Mean squares at every tap and (``gram``) the Gram matrix of every refittable consumer's input."""
     groups = analysis.prunable()
     axes = {t.tensor: t.axis for g in groups for t in g.taps}
-    consumers = _consumers(model, analysis, groups) if gram else {}
+    consumers = _consumers(model, groups) if gram else {}
     if not axes:
         return TapStats({}, consumers)
     names = sorted(axes)
