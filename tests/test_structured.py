@@ -411,3 +411,21 @@ def test_subgraph_reader_stops_group():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     (g,) = [g for g in analyse(model).groups if g.producers == ("a",)]
     assert not g.prunable and g.stopped_by == "If 'if'"
+
+
+def test_bias_reshaped_from_a_vector_is_sliced_with_its_shape():
+    """Paddle exports a bias as Reshape([C] -> [1, C, 1, 1]) + Add: the vector is sliced, the shape rewritten."""
+    rng = np.random.default_rng(4)
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    shape = numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "shape")
+    axes = numpy_helper.from_array(np.array([0, 2, 3], np.int64), "axes")
+    scale = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "s")
+    model = _conv_graph([helper.make_node("Reshape", ["b", "shape"], ["b4"]),
+                         helper.make_node("Add", ["a", "b4"], ["a1"]),
+                         helper.make_node("Unsqueeze", ["s", "axes"], ["s4"]),
+                         helper.make_node("Mul", ["a1", "s4"], ["m"])], [bias, shape, axes, scale])
+    analysis, shrunk = _check_shrink(model, (1, 3, 4, 4))
+    (g,) = analysis.prunable()
+    assert {p.name for p in g.params if p.role == "channelwise"} == {"b", "s"}
+    new_shape = {t.name: numpy_helper.to_array(t) for t in shrunk.graph.initializer}["shape"]
+    assert new_shape.tolist() == [1, 4 - 1, 1, 1]

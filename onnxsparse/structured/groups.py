@@ -228,6 +228,8 @@ class _Walker:
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
         self.maps: dict[str, _Map] = {}
+        # folded constant -> (1-D source tensor, (shape constant, index) to rewrite or None)
+        self.alias: dict[str, tuple[str, tuple[str, int] | None]] = {}
         self.layers: list[tuple] = []
 
     # -- union-find ---------------------------------------------------------------------------------------
@@ -334,16 +336,69 @@ class _Walker:
         if m.axis < lead or value.shape[m.axis - lead] == 1:
             return True
         if value.shape[m.axis - lead] == m.channels * m.repeat:
-            if not self.single_use(name):
+            source = self.alias.get(name)
+            if not self.single_use(name) or (source is not None and not self.single_use(source[0])):
                 self.stop(m, node, f"per-channel constant {name!r} is shared by several nodes")
                 return True
-            self.channelwise(node, m, name, m.axis - lead)
+            if source is None:
+                self.channelwise(node, m, name, m.axis - lead)
+                return True
+            if m.repeat != 1:
+                self.stop(m, node, f"per-channel constant {name!r} reshaped from {source[0]!r} on flattened channels")
+                return True
+            self.channelwise(node, m, source[0], 0)
+            if source[1] is not None:
+                for space, _, _ in m.offsets():
+                    if space is not None:
+                        self.space(space).shape_edits.append(ShapeEdit(source[1][0], source[1][1], 1))
             return True
         return False
 
     # -- the walk -----------------------------------------------------------------------------------------
+    def fold(self, node: onnx.NodeProto) -> None:
+        """A Reshape/Unsqueeze of a 1-D constant into one non-1 axis (a bias written ``[C] -> [1, C, 1, 1]``) is
+        a per-channel constant whose entries live in the 1-D source: record the value and where it comes from."""
+        if node.op_type not in ("Reshape", "Unsqueeze") or not node.output or not node.input:
+            return
+        src = self.const(node.input[0])
+        if src is None or src.ndim != 1 or src.size < 2:
+            return
+        if node.op_type == "Reshape":
+            shape = self.const(node.input[1]) if len(node.input) > 1 else None
+            if shape is None:
+                return
+            try:
+                value = src.reshape([int(d) if d != 0 else src.shape[0] for d in shape.reshape(-1)])
+            except ValueError:
+                return
+        else:
+            axes = self.attr(node, "axes")
+            if axes is None and len(node.input) > 1:
+                axes = self.const(node.input[1])
+            if axes is None:
+                return
+            value = src
+            for a in sorted(int(a) for a in np.asarray(axes).reshape(-1)):
+                value = np.expand_dims(value, a)
+        big = [i for i, d in enumerate(value.shape) if d != 1]
+        if len(big) != 1:
+            return
+        edit = None
+        if node.op_type == "Reshape":
+            shape = self.const(node.input[1]).reshape(-1)
+            if int(shape[big[0]]) == -1 or int(shape[big[0]]) == 0:
+                edit = None
+            elif self.single_use(node.input[1]):
+                edit = (node.input[1], big[0])
+            else:
+                return
+        self.consts[node.output[0]] = value
+        self.shapes[node.output[0]] = tuple(value.shape)
+        self.alias[node.output[0]] = (node.input[0], edit)
+
     def run(self) -> None:
         for node in self.graph.node:
+            self.fold(node)
             for name in _subgraph_reads(node):  # If/Loop/Scan bodies read outer tensors by name
                 self.stop(self.maps.get(name), node, f"{node.op_type} reads the channels inside a subgraph")
             maps = [self.maps.get(name) if name else None for name in node.input]
