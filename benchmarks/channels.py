@@ -47,7 +47,7 @@ def latencies(sessions: list[ort.InferenceSession], feed: dict, runs: int, warmu
 
 def prune_l1_refit(model: onnx.ModelProto, feeds: list[dict], target: float, multiple: int = 1
                    ) -> tuple[onnx.ModelProto, float]:
-    analysis = analyse(model)
+    analysis = analyse(model, {name: (1,) + a.shape[1:] for name, a in feeds[0].items()})
     stats = select.collect(model, analysis, feeds)
     kept = select.scale_to_target(analysis, {g.index: 1.0 for g in analysis.prunable()}, target, multiple)
     removed = select.choose(select.importance(model, analysis, "l1"), kept)

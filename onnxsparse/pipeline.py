@@ -226,6 +226,13 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, output, signals,
                                     writable={t.source.name for t in imported.tracked if not t.shared},
                                     excluded=excluded)
         apply_to_student(selection, imported.tracked, ctx.student)
+        if config.method == "unipts":  # distillation from the refitted start, removed channels held out
+            from onnxsparse.structured.distill import distill
+
+            budget = config.unipts.time_budget
+            spent = selection.info.get("search", {}).get("seconds", 0.0)
+            selection.info["distillation"] = distill(ctx, selection,
+                                                     budget=None if budget is None else max(1.0, budget - spent))
     result = MethodResult({}, {}, selection.info)
     run = _Run(imported, ctx.student.to("cpu").eval(), ctx.calib, config, ctx.device, model_path, output, result,
                signals, notes, timer, started)
@@ -236,9 +243,9 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, output, signals,
         with timer("export"):
             pruned, changed = write_back(imported, run.student, run.metadata())
             imported.release_dense()
-            params_before = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer)
+            params_before = _parameter_count(pruned)
             pruned = shrink(pruned, selection.analysis, selection.plan.removed)
-            params_after = sum(int(np.prod(t.dims)) for t in pruned.graph.initializer)
+            params_after = _parameter_count(pruned)
             macs_before, macs_after = selection.macs()
             achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
             prop = pruned.metadata_props.add()
@@ -270,6 +277,13 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, output, signals,
     finally:
         if dry_dir is not None:
             dry_dir.cleanup()
+
+
+def _parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the initializers and Constant-node tensors."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                                for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors)
 
 
 def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preprocess, timer: Phases,

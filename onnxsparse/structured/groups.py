@@ -187,8 +187,27 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose named graph inputs have these fixed shapes (symbolic dimensions bound)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in out.graph.input:
+        shape = shapes.get(vi.name)
+        if shape is None or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue
+        for d, n in zip(dims, shape):
+            d.Clear()
+            d.dim_value = int(n)
+    return out
+
+
 class _Walker:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+        if input_shapes:
+            model = _with_input_shapes(model, input_shapes)
         try:
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as exc:  # noqa: BLE001 - analysis degrades to "unknown shapes", never fails the run
@@ -866,9 +885,13 @@ class _Walker:
         return ChannelAnalysis(groups, layers)
 
 
-def analyse(model: onnx.ModelProto) -> ChannelAnalysis:
-    """Channel dependency groups of ``model`` (with external data loaded) and its MACs per prunable layer."""
-    walker = _Walker(model)
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ChannelAnalysis:
+    """Channel dependency groups of ``model`` (with external data loaded) and its MACs per prunable layer.
+
+    ``input_shapes`` binds symbolic input dimensions (e.g. a calibration sample's shape, batch 1) so that the
+    MACs of layers behind a dynamic height/width are counted; the groups themselves hold for any shape.
+    """
+    walker = _Walker(model, input_shapes)
     walker.run()
     analysis = walker.result()
     logger.info("%d channel group(s), %d prunable; %.3g MACs in %d layers", len(analysis.groups),

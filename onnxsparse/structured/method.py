@@ -146,7 +146,8 @@ def select_channels(model: onnx.ModelProto, calib, config, *, editable: set[str]
     if config.method not in CHANNEL_METHODS:
         raise OnnxSparseError(f"--method {config.method} is not available with --pattern channel; use one of "
                               f"{', '.join(CHANNEL_METHODS)}")
-    analysis = restrict(analyse(model), editable, excluded)
+    shapes = {name: (1,) + tuple(a.shape[1:]) for name, a in calib.train.items()}
+    analysis = restrict(analyse(model, shapes), editable, excluded)
     info: dict = {"groups": len(analysis.groups), "prunable_groups": len(analysis.prunable())}
     if not analysis.prunable():
         raise OnnxSparseError("--pattern channel: no channel group can be removed safely; "
