@@ -429,3 +429,37 @@ def test_bias_reshaped_from_a_vector_is_sliced_with_its_shape():
     assert {p.name for p in g.params if p.role == "channelwise"} == {"b", "s"}
     new_shape = {t.name: numpy_helper.to_array(t) for t in shrunk.graph.initializer}["shape"]
     assert new_shape.tolist() == [1, 4 - 1, 1, 1]
+
+
+def test_search_keeps_at_least_the_uniform_allocation():
+    from onnxsparse.structured import select
+    from onnxsparse.structured.method import _search
+
+    model, calib = _sample_calib(64)
+    name = calib.input_names[0]
+    analysis = analyse(model)
+    feeds = [{name: calib.train[name][i:i + 16]} for i in range(0, len(calib.train[name]), 16)]
+    stats = select.collect(model, analysis, feeds)
+    scores = select.importance(model, analysis, "activation", stats)
+    weights, info = _search(model, analysis, scores, stats, 0.5, feeds[:2], writable=set(), multiple=1,
+                            population=4, generations=2, seed=0, budget=None)
+    assert info["best_fitness"] >= info["uniform_fitness"]
+    assert info["history"] == sorted(info["history"])  # elites survive: the best never gets worse
+    kept = select.scale_to_target(analysis, weights, 0.5)
+    assert 1 - analysis.macs_after(kept) / analysis.total_macs >= 0.5
+
+
+@pytest.mark.slow
+def test_pipeline_channel_unipts_distils_with_channels_held_out(tmp_path):
+    """Distillation trains every tracked tensor but the removed channels' consumer columns: the export check
+    (shrunk onnxruntime model vs the trained torch student, 1e-3) fails if a removed column moved."""
+    from onnxsparse.config import PruneConfig, UniPTSConfig
+    from onnxsparse.pipeline import prune
+
+    result = prune(str(SAMPLE / "model.onnx"), tmp_path / "u.onnx", str(SAMPLE / "calib"),
+                   PruneConfig(sparsity=0.5, pattern="channel", method="unipts", max_samples=96, min_agreement=0.0,
+                               unipts=UniPTSConfig(search=False, epochs=2.0, time_budget=60.0)), progress=False)
+    info = result.report["method_info"]["distillation"]
+    assert info["epochs"] == 2 and info["steps"] > 0
+    assert result.report["verification"]["export_max_rel_error"] <= 1e-3
+    assert result.report["channels"]["macs_removed"] >= 0.5
