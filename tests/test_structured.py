@@ -320,7 +320,7 @@ def test_keep_counts_meet_the_macs_target():
 def test_refit_brings_the_shrunk_model_closer_to_dense():
     from onnxsparse.structured import select
 
-    model, calib = _sample_calib()
+    model, calib = _sample_calib(64)
     name = calib.input_names[0]
     analysis = analyse(model)
     feeds = [{name: calib.train[name][i:i + 16]} for i in range(0, len(calib.train[name]), 16)]
@@ -431,6 +431,7 @@ def test_bias_reshaped_from_a_vector_is_sliced_with_its_shape():
     assert new_shape.tolist() == [1, 4 - 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_search_keeps_at_least_the_uniform_allocation():
     from onnxsparse.structured import select
     from onnxsparse.structured.method import _search
