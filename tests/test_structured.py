@@ -320,7 +320,7 @@ def test_keep_counts_meet_the_macs_target():
 def test_refit_brings_the_shrunk_model_closer_to_dense():
     from onnxsparse.structured import select
 
-    model, calib = _sample_calib(64)
+    model, calib = _sample_calib(32)
     name = calib.input_names[0]
     analysis = analyse(model)
     feeds = [{name: calib.train[name][i:i + 16]} for i in range(0, len(calib.train[name]), 16)]
