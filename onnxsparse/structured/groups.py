@@ -205,7 +205,8 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 
 class _Walker:
-    def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 observed: dict[str, tuple[int, ...]] | None = None) -> None:
         if input_shapes:
             model = _with_input_shapes(model, input_shapes)
         try:
@@ -221,6 +222,10 @@ class _Walker:
             if t.HasField("shape"):
                 self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                              for d in t.shape.dim)
+        for name, shape in (observed or {}).items():
+            known = self.shapes.get(name)
+            if known is None or any(not isinstance(d, int) for d in known):
+                self.shapes[name] = tuple(int(d) for d in shape)
         self.consts: dict[str, np.ndarray] = {}
         for init in g.initializer:
             self.consts[init.name] = numpy_helper.to_array(init) if init.data_location != onnx.TensorProto.EXTERNAL \
@@ -885,13 +890,15 @@ class _Walker:
         return ChannelAnalysis(groups, layers)
 
 
-def analyse(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ChannelAnalysis:
+def analyse(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+            observed: dict[str, tuple[int, ...]] | None = None) -> ChannelAnalysis:
     """Channel dependency groups of ``model`` (with external data loaded) and its MACs per prunable layer.
 
     ``input_shapes`` binds symbolic input dimensions (e.g. a calibration sample's shape, batch 1) so that the
-    MACs of layers behind a dynamic height/width are counted; the groups themselves hold for any shape.
+    MACs of layers behind a dynamic height/width are counted. ``observed``: tensor shapes seen in a run of the
+    model on such an input, used where shape inference left a dimension unknown (dynamic reshapes).
     """
-    walker = _Walker(model, input_shapes)
+    walker = _Walker(model, input_shapes, observed)
     walker.run()
     analysis = walker.result()
     logger.info("%d channel group(s), %d prunable; %.3g MACs in %d layers", len(analysis.groups),

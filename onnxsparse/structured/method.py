@@ -147,7 +147,12 @@ def select_channels(model: onnx.ModelProto, calib, config, *, editable: set[str]
         raise OnnxSparseError(f"--method {config.method} is not available with --pattern channel; use one of "
                               f"{', '.join(CHANNEL_METHODS)}")
     shapes = {name: (1,) + tuple(a.shape[1:]) for name, a in calib.train.items()}
-    analysis = restrict(analyse(model, shapes), editable, excluded)
+    try:
+        observed = select.observe_shapes(model, _feeds(calib, 1, 1)[0])
+    except Exception as exc:  # noqa: BLE001 - observed shapes only fill gaps of shape inference
+        logger.warning("could not observe tensor shapes with onnxruntime (%s); using shape inference alone", exc)
+        observed = None
+    analysis = restrict(analyse(model, shapes, observed), editable, excluded)
     info: dict = {"groups": len(analysis.groups), "prunable_groups": len(analysis.prunable())}
     if not analysis.prunable():
         raise OnnxSparseError("--pattern channel: no channel group can be removed safely; "

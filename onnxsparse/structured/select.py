@@ -72,6 +72,23 @@ def _session(model: onnx.ModelProto, outputs: Iterable[str]) -> ort.InferenceSes
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def observe_shapes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape of every node output in one onnxruntime run on ``feed``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for name in node.output:
+            if name and name not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=name))  # onnxruntime infers the type
+                have.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    values = sess.run(None, dict(feed))
+    return {o.name: tuple(np.shape(v)) for o, v in zip(sess.get_outputs(), values)}
+
+
 @dataclass
 class _Consumer:
     node: onnx.NodeProto
