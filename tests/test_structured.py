@@ -464,3 +464,24 @@ def test_pipeline_channel_unipts_distils_with_channels_held_out(tmp_path):
     assert info["epochs"] == 2 and info["steps"] > 0
     assert result.report["verification"]["export_max_rel_error"] <= 1e-3
     assert result.report["channels"]["macs_removed"] >= 0.5
+
+
+def test_ppocr_recogniser_with_observed_shapes():
+    """Dynamic reshapes leave shape inference blind inside the SVTR neck: shapes observed in one run fill the
+    gaps; the shrunk model equals the masked one at the observed width and at another."""
+    from onnxsparse.structured import select
+
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    path = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    if not path.is_file():
+        pytest.skip("rapidocr_onnxruntime has no PP-OCRv4 recogniser")
+    model = onnx.load(str(path))
+    x = np.random.default_rng(0).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    blind = analyse(model, {"x": x.shape})
+    analysis = analyse(model, {"x": x.shape}, select.observe_shapes(model, {"x": x}))
+    assert len(analysis.prunable()) > len(blind.prunable())
+    removed = _random_removal(analysis)
+    shrunk, masked = shrink(model, analysis, removed), mask_consumers(model, analysis, removed)
+    for feed in (x, np.random.default_rng(1).standard_normal((2, 3, 48, 256)).astype(np.float32)):
+        s, m = _run(shrunk, feed)[0], _run(masked, feed)[0]
+        assert s.shape == m.shape and float(np.abs(s - m).max()) <= 1e-3 * float(np.abs(m).max())
