@@ -10,7 +10,7 @@ from onnxsparse.errors import OnnxSparseError
 
 METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_PATTERN = re.compile(r"^(unstructured|(\d+):(\d+))$")
+_PATTERN = re.compile(r"^(unstructured|channel|(\d+):(\d+))$")
 SAVE_FORMATS = ("dense", "sparse-initializer")
 QUANTIZE_FORMATS = ("int8",)
 
@@ -175,13 +175,16 @@ class PruneConfig:
     # int8: the final sparse model is quantized (QDQ, per-channel symmetric int8 weights) where that is faster
     # and agrees with the dense model within onnxsparse.quantize.search.MAX_AGREEMENT_DROP of the float one
     quantize: str | None = None
+    # --pattern channel: kept channels of a group rounded to a multiple of this where the group's size is one
+    # (onnxruntime's CPU convolutions block channels by 16 with AVX-512, 8 with AVX2; see benchmarks/channels.py)
+    channel_multiple: int = 16
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
         _number(self.sparsity, "--sparsity", 0, 1, hi_open=True)
         _check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         match = _PATTERN.match(str(self.pattern))
-        _check(match is not None, f"--pattern must be 'unstructured' or N:M (e.g. 2:4), got {self.pattern!r}")
+        _check(match is not None, f"--pattern must be 'unstructured', 'channel' or N:M (e.g. 2:4), got {self.pattern!r}")
         if match and match.group(2):
             n, m = int(match.group(2)), int(match.group(3))
             _check(0 < n < m, f"--pattern N:M needs 0 < N < M, got {self.pattern!r}")
@@ -199,6 +202,7 @@ class PruneConfig:
         _number(self.min_agreement, "--min-agreement", 0, 1)
         _positive_int(self.checkpoint_every, "--checkpoint-every")
         _check(isinstance(self.deterministic, bool), f"--deterministic must be True or False, got {self.deterministic!r}")
+        _positive_int(self.channel_multiple, "--channel-multiple")
         _check(self.save_format in SAVE_FORMATS,
                f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
         _check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,

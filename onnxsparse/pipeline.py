@@ -188,6 +188,8 @@ def prune(
         signals = ctx.output_signals()  # what each output is: loss, fitness, correction choice and gate read it
     notes = _pattern_notes(config)
     logger.info("method %s at sparsity %.3f on %s", config.method, config.sparsity, ctx.device)
+    if config.pattern == "channel":
+        return _prune_channels(ctx, model_path, calib_set, output, signals, notes, timer, started, dist, report_path)
     with timer("method"), determinism(config.deterministic, ctx.device):
         try:
             # Nothing to prune: no method runs, so every tensor of the input is written back unchanged
@@ -215,6 +217,90 @@ def prune(
                 staged.unlink()
         if dry_dir is not None:
             dry_dir.cleanup()
+
+
+def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: CalibrationSet, output, signals,
+                    notes: list[str], timer: Phases, started: float, dist: DistContext, report_path) -> PruneResult:
+    """``--pattern channel``: select on the ONNX graph, mask the student, shrink the ModelProto, then the gate."""
+    from onnxsparse.exporter.shrink import shrink
+    from onnxsparse.structured.method import apply_to_student, select_channels
+
+    if dist.active:
+        raise OnnxSparseError("--pattern channel runs in one process; run it without torchrun")
+    if config_quantize := ctx.config.quantize:
+        raise OnnxSparseError(f"--quantize {config_quantize} is not available with --pattern channel yet; prune the "
+                              "channels first, then run prune --quantize on the result with --sparsity 0")
+    imported, config = ctx.imported, ctx.config
+    with timer("method"):
+        proto = imported.proto
+        if imported.base_dir is not None:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(imported.proto)
+            onnx.external_data_helper.load_external_data_for_model(proto, str(imported.base_dir))
+        excluded = {t.source.name for t in imported.tracked if t.role == "weight"} - {
+            layer.weight.source.name for layer in imported.layers}
+        selection = select_channels(proto, ctx.calib, config, editable={l.weight.source.name for l in imported.layers},
+                                    writable={t.source.name for t in imported.tracked if not t.shared},
+                                    excluded=excluded)
+        apply_to_student(selection, imported.tracked, ctx.student)
+        if config.method == "unipts":  # distillation from the refitted start, removed channels held out
+            from onnxsparse.structured.distill import distill
+
+            budget = config.unipts.time_budget
+            spent = selection.info.get("search", {}).get("seconds", 0.0)
+            selection.info["distillation"] = distill(ctx, selection,
+                                                     budget=None if budget is None else max(1.0, budget - spent))
+    result = MethodResult({}, {}, selection.info)
+    run = _Run(imported, ctx.student.to("cpu").eval(), calib_set, config, ctx.device, model_path, output, result,
+               signals, notes, timer, started)
+    del ctx
+    dry_dir = tempfile.TemporaryDirectory() if output is None else None
+    save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
+    try:
+        with timer("export"):
+            pruned, changed = write_back(imported, run.student, run.metadata())
+            imported.release_dense()
+            params_before = _parameter_count(pruned)
+            pruned = shrink(pruned, selection.analysis, selection.plan.removed)
+            params_after = _parameter_count(pruned)
+            macs_before, macs_after = selection.macs()
+            achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
+            prop = pruned.metadata_props.add()
+            prop.key, prop.value = "onnxsparse.macs_removed", f"{achieved:.6g}"
+            storage = _storage(model_path, pruned, pruned, "dense", [])
+        gate = _Gate(run)
+        failed: QualityGateFailed | None = None
+        with timer("verify+save"):
+            try:
+                save_atomic(pruned, save_path, validate=gate)
+                storage["saved_bytes"] = files_size(save_path)
+            except QualityGateFailed as exc:
+                failed = exc
+        report = _report(run, [], achieved, storage, changed, gate, written=failed is None)
+        report["channels"] = {
+            "macs_before": macs_before, "macs_after": macs_after, "macs_removed": achieved,
+            "params_before": params_before, "params_after": params_after,
+            "bytes_before": storage.get("input_bytes"), "bytes_after": storage.get("saved_bytes"),
+            "groups": selection.analysis.report(), "kept": {str(k): v for k, v in selection.kept.items()},
+            "whole": [{"group": g.index, "channels": g.channels, "producers": list(g.producers), "reason": g.reason,
+                       "stopped_by": g.stopped_by} for g in selection.analysis.whole()],
+        }
+        if report_path is not None:
+            Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
+        if failed is not None:
+            failed.report = report
+            raise failed
+        return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, [], report)
+    finally:
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of the initializers and Constant-node tensors."""
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                                for a in n.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims)) for t in tensors)
 
 
 def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preprocess, timer: Phases,
