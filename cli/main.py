@@ -98,9 +98,7 @@ def main() -> None:
               help="sparse-initializer: pruned weights as ONNX sparse tensors where that is smaller "
                    "(onnxruntime densifies them at load).")
 @click.option("--quantize", type=click.Choice(list(QUANTIZE_FORMATS)), default=None,
-              help="int8: quantize the sparse model (QDQ, per-channel symmetric int8 weights: zeros stay zero), "
-                   "choosing calibration, op types and layers kept in float on the calibration data, and keeping "
-                   "float wherever int8 is slower on this machine (the report says what and why).")
+              help="int8: quantize the sparse model (zeros stay zero); what is slower in int8 stays float.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--deterministic", cls=ExpertOption, is_flag=True,

@@ -52,7 +52,7 @@ def preprocessing(func=None, *, expert: bool = False):
     detail = ExpertOption if expert else click.Option
 
     @click.option("--preset", type=click.Choice(["imagenet", "caffe", "tf", "none"]), default=None,
-                  help="Named preprocessing pipeline (imagenet: resize 256, crop 224, ImageNet mean/std).")
+                  help="Named preprocessing (imagenet: resize 256, crop 224, ImageNet mean/std).")
     @click.option("--resize", cls=detail, type=int, default=None,
                   help="Resize the shorter image side to this many pixels.")
     @click.option("--crop", cls=detail, type=str, default=None, help="Center crop, N or HxW.")

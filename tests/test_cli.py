@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -175,3 +176,16 @@ def test_negative_feature_weight_is_a_user_error(workspace):
                   "--feature-weight", "-1")
     assert result.exit_code != 0 and "--feature-weight must be in [0, 1000], got -1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_prune_help_fits_one_screen_and_every_expert_option_is_documented():
+    import re
+
+    short = CliRunner().invoke(main, ["prune", "--help"]).output
+    assert len(short[short.index("Options:"):].splitlines()) - 1 <= 25
+    full = CliRunner().invoke(main, ["prune", "--help-all"]).output
+    flags = set(re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", full, re.M))
+    assert {"--time-budget", "--selection-size", "--verify-size", "--deterministic"} <= flags  # expert ones
+    assert not {"--time-budget", "--selection-size"} & set(re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", short, re.M))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    assert [f for f in sorted(flags) if f not in doc] == []
