@@ -220,7 +220,8 @@ def test_bert_default_method_from_a_reader(tmp_path):
     unipts = UniPTSConfig(population=4, parents=2, crossover=1, mutation=1, generations=1, epochs=1.0,
                           fitness_samples=8, batch_size=4)
     out = tmp_path / "out.onnx"
-    config = PruneConfig(sparsity=0.5, batch_size=4, selection_size=8, unipts=unipts, min_agreement=0.0)
+    config = PruneConfig(sparsity=0.5, batch_size=4, selection_size=4, verify_size=4, unipts=unipts,
+                         min_agreement=0.0)
     result = prune(model, out, reader, config, progress=False)
     assert result.report["method"] == "unipts" and result.report["calibration"]["train"] == 8
     pruned = onnx.load(str(out))
