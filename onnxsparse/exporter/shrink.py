@@ -16,19 +16,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.structured.groups import ChannelAnalysis
+from onnxsparse.structured.groups import ChannelAnalysis, tensors_of
 
 logger = logging.getLogger(__name__)
-
-
-def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    found[node.output[0]] = attr.t
-    return found
 
 
 def _removals(analysis: ChannelAnalysis, removed: Mapping[int, Sequence[int]], roles: tuple[str, ...]
@@ -57,7 +47,7 @@ def mask_consumers(model: onnx.ModelProto, analysis: ChannelAnalysis,
     """A copy of ``model`` whose consumers read zero from every removed channel (same shapes)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    tensors = _tensors(out)
+    tensors = tensors_of(out)
     for name, axes in _removals(analysis, removed, ("consumer",)).items():
         array = numpy_helper.to_array(tensors[name]).copy()
         for axis, idx in axes.items():
@@ -73,7 +63,7 @@ def shrink(model: onnx.ModelProto, analysis: ChannelAnalysis, removed: Mapping[i
     """A copy of ``model`` without the channels ``removed[group] = [channel, ...]`` (external data loaded)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    tensors = _tensors(out)
+    tensors = tensors_of(out)
     for name, axes in _removals(analysis, removed, ("producer", "channelwise", "consumer")).items():
         if name not in tensors:
             raise OnnxSparseError(f"internal error: tensor {name!r} not found in the model")

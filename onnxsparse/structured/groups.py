@@ -904,3 +904,14 @@ def analyse(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | N
     logger.info("%d channel group(s), %d prunable; %.3g MACs in %d layers", len(analysis.groups),
                 len(analysis.prunable()), analysis.total_macs, len(analysis.layers))
     return analysis
+
+
+def tensors_of(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of ``model`` by the name its consumers read: initializers and Constant nodes."""
+    found = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    found[node.output[0]] = attr.t
+    return found

@@ -20,23 +20,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.structured.groups import ChannelAnalysis, ChannelGroup
+from onnxsparse.structured.groups import ChannelAnalysis, ChannelGroup, tensors_of
 
 logger = logging.getLogger(__name__)
 
 IMPORTANCE = ("l1", "activation")
 # positions of a Conv consumer's input used per batch for its Gram matrix (a random subset beyond this)
 _POSITIONS_PER_BATCH = 8192
-
-
-def tensors_of(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    found[node.output[0]] = attr.t
-    return found
 
 
 @dataclass
