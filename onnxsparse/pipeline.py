@@ -24,6 +24,7 @@ from onnxsparse.device import determinism, out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
+from onnxsparse.exporter.verify import file_agreement
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
 from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
 from onnxsparse.data.calibration import CalibrationSet, feed_batches
@@ -389,20 +390,23 @@ class _Run:
         calibration data left none (the report and stderr then say the gate's figure is not independent)."""
         return "verification" if self.calib.n_verification else "train"
 
-    def verify_feeds(self):
-        split = self.verify_split
+    @property
+    def dense_source(self):
+        return self.model_path if self.model_path is not None else self.imported.proto
+
+    def split_feeds(self, split: str, n: int | None = None):
         arrays = getattr(self.calib, split)
-        n = self.calib.n_verification or min(self.calib.n_train, FALLBACK_VERIFY_SAMPLES)
         return feed_batches({name: a[:n] for name, a in arrays.items()}, self.calib.dtypes, self.config.batch_size)
+
+    def verify_feeds(self):
+        return self.split_feeds(self.verify_split,
+                                self.calib.n_verification or min(self.calib.n_train, FALLBACK_VERIFY_SAMPLES))
 
     def quantize_feeds(self) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
         """Calibration feeds (the first ``QUANTIZE_SAMPLES`` training samples) and selection feeds (the selection
         split; the calibration feeds when there is none). The verification split stays the gate's."""
-        calibrate = {name: a[:QUANTIZE_SAMPLES] for name, a in self.calib.train.items()}
-        select = self.calib.selection if self.calib.n_selection else calibrate
-        size = self.config.batch_size
-        return (list(feed_batches(calibrate, self.calib.dtypes, size)),
-                list(feed_batches(select, self.calib.dtypes, size)))
+        calibrate = list(self.split_feeds("train", QUANTIZE_SAMPLES))
+        return calibrate, list(self.split_feeds("selection")) if self.calib.n_selection else calibrate
 
 
 class _Gate:
@@ -425,7 +429,7 @@ class _Gate:
     def __call__(self, path: Path) -> None:
         run = self.run
         checked = verify_file(
-            path, run.model_path if run.model_path is not None else run.imported.proto, run.verify_feeds(),
+            path, run.dense_source, run.verify_feeds(),
             student=None if self.int8 else run.student, input_names=run.calib.input_names, device="cpu",
             tolerance=run.config.verify_tolerance, ort_device="cpu" if self.int8 else run.device,
             exact=not self.int8,
@@ -438,6 +442,11 @@ class _Gate:
                             "samples": checked.samples,
                             "interval_95": (wilson_interval(checked.agreement, checked.samples)
                                             if checked.agreement is not None else None)})
+        if run.calib.n_selection and run.verify_split == "verification":
+            # beside the gate's figure, for reading it: the same measure on the split the choices were made on
+            self.report["selection_agreement"] = file_agreement(
+                path, run.dense_source, run.split_feeds("selection"), ort_device="cpu" if self.int8 else run.device,
+                exact=not self.int8).agreement
         if not passed:
             raise QualityGateFailed(checked.agreement, run.config.min_agreement, checked.measure, checked.samples)
 

@@ -131,6 +131,8 @@ def test_magnitude_correction_is_never_worse_than_none_on_the_selection(tmp_path
     calibration = result.report["calibration"]
     assert calibration["verification"] > 0 and calibration["selection"] > 0
     assert result.report["verification"]["samples"] == calibration["verification"]
+    gate = result.report["quality_gate"]
+    assert 0.0 <= gate["selection_agreement"] <= 1.0 and gate["interval_95"][0] <= gate["agreement"]
 
 
 def _decisions(info):

@@ -264,12 +264,8 @@ def verify_file(
     ``kinds`` as in :func:`compare_sessions` (default: read from the dense model's graph).
     ``exact=False``: the file runs with every onnxruntime optimisation (an int8 model as it is deployed)."""
     checker = check_model_file(path)
-    graph = dense if isinstance(dense, onnx.ModelProto) else onnx.load(str(dense), load_external_data=False)
-    feeds = list(feeds)
-    # The dense session runs now and is gone before the sparse one loads; a few samples need no prepacking.
-    dense_sess = _Replay(ort_session(dense, ort_device, prepack=False, exact=True), feeds)
-    sparse_sess = ort_session(path, ort_device, prepack=False, exact=exact)
-    result = compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds, graph)
+    result = file_agreement(path, dense, feeds, student=student, input_names=input_names, device=device,
+                            kinds=kinds, ort_device=ort_device, exact=exact)
     result.checker = checker
     if result.export_max_rel_error is not None and result.export_max_rel_error > tolerance:
         raise OnnxSparseError(
@@ -277,6 +273,20 @@ def verify_file(
             f"{result.export_max_rel_error:.3g} > tolerance {tolerance:g}); nothing was written"
         )
     return result
+
+
+def file_agreement(path: Path, dense: onnx.ModelProto | str | os.PathLike, feeds: Iterable[dict[str, np.ndarray]],
+                   *, student: nn.Module | None = None, input_names: tuple[str, ...] = (),
+                   device: torch.device | str = "cpu", kinds: list[tuple[str, int]] | None = None,
+                   ort_device: torch.device | str | None = None, exact: bool = True) -> Verification:
+    """The model file at ``path`` against ``dense`` in onnxruntime on ``feeds`` (:func:`compare_sessions`),
+    without the checker: :func:`verify_file` is this after the checker, with the export-error bound."""
+    graph = dense if isinstance(dense, onnx.ModelProto) else onnx.load(str(dense), load_external_data=False)
+    feeds = list(feeds)
+    # The dense session runs now and is gone before the sparse one loads; a few samples need no prepacking.
+    dense_sess = _Replay(ort_session(dense, ort_device, prepack=False, exact=True), feeds)
+    sparse_sess = ort_session(path, ort_device, prepack=False, exact=exact)
+    return compare_sessions(dense_sess, sparse_sess, feeds, student, input_names, device, kinds, graph)
 
 
 def export_fidelity(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], student: nn.Module,
