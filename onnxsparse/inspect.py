@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from onnxsparse.importer.load import INSPECT_MEMORY_FACTOR, load_model
 from onnxsparse.importer.normalize import normalize_for_torch
 from onnxsparse.sparsity.patterns import check_nm, format_pattern, onnx_group_axis, tightest_pattern
+from onnxsparse.exporter.writeback import densify
 
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -85,7 +86,6 @@ def _centred(dq: onnx.NodeProto, constants: dict[str, onnx.TensorProto], base_di
 
 
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
-    from onnxsparse.exporter.writeback import densify
 
     # Tensors stored as external data are read one at a time from the model's folder.
     if isinstance(model, onnx.ModelProto):

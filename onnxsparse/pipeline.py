@@ -36,6 +36,12 @@ from onnxsparse.plain import json_default
 from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
 from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
+from onnxsparse.data import PreprocessConfig, load_calibration
+from onnxsparse.exporter.shrink import shrink
+from onnxsparse.exporter.verify import export_fidelity
+from onnxsparse.quantize import choose_int8
+from onnxsparse.structured.distill import distill
+from onnxsparse.structured.method import apply_to_student, select_channels
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +229,6 @@ def prune(
 def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: CalibrationSet, output, signals,
                     notes: list[str], timer: Phases, started: float, dist: DistContext, report_path) -> PruneResult:
     """``--pattern channel``: select on the ONNX graph, mask the student, shrink the ModelProto, then the gate."""
-    from onnxsparse.exporter.shrink import shrink
-    from onnxsparse.structured.method import apply_to_student, select_channels
 
     if dist.active:
         raise OnnxSparseError("--pattern channel runs in one process; run it without torchrun")
@@ -245,7 +249,6 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
                                     excluded=excluded)
         apply_to_student(selection, imported.tracked, ctx.student)
         if config.method == "unipts":  # distillation from the refitted start, removed channels held out
-            from onnxsparse.structured.distill import distill
 
             budget = config.unipts.time_budget
             spent = selection.info.get("search", {}).get("seconds", 0.0)
@@ -308,7 +311,6 @@ def _prepare(model, model_path: Path | None, calib, config: PruneConfig, preproc
              dist: DistContext, progress: bool, run_dir, resume: bool) -> tuple[PruneContext, CalibrationSet]:
     """Import, calibration data, device, teacher and student, run directory: what a method gets, and the whole
     calibration set (the verification split is the gate's alone)."""
-    from onnxsparse.data import PreprocessConfig, load_calibration
 
     with timer("import"):
         imported = import_model(model, exclude=config.exclude)
@@ -519,8 +521,6 @@ def _quantize(run: _Run, pruned: onnx.ModelProto, rows: list[dict],
               arrays) -> tuple[onnx.ModelProto, list[dict], dict[str, str] | None]:
     """``--quantize int8``: the model to save, its layer rows counted on the stored integers, and which int8
     initializer replaced each float weight (None when the float model is kept, the report says why)."""
-    from onnxsparse.exporter.verify import export_fidelity
-    from onnxsparse.quantize import choose_int8
 
     imported, config = run.imported, run.config
     # The int8 file does not compute what the torch student computes: the float model it is made from is

@@ -26,6 +26,7 @@ from torch import nn
 from onnxsparse import metrics
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.signals import onnx_output_kinds
+from onnxsparse.exporter.writeback import densify
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,6 @@ def check_model_file(path: str | os.PathLike) -> str:
             del head
             onnx.checker.check_model(str(path), full_check=True)
             return "passed (full_check)"
-        from onnxsparse.exporter.writeback import densify
 
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=False)

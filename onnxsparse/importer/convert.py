@@ -65,6 +65,7 @@ def _working_folder(path: Path):
 
 
 def _convert(norm: NormalizedGraph, base_dir: Path | None = None) -> fx.GraphModule:
+    # onnx2torch and our converters (torchvision behind them) load on the first conversion, not at import
     from onnx2torch import convert
 
     from onnxsparse.importer.converters import ConverterError, installed

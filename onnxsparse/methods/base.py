@@ -19,6 +19,8 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 from onnxsparse.signals import Signals
 from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, choose_correction, correction_modes
+from onnxsparse.methods.scoring import FixedBatches, SelectionScorer
+from onnxsparse.signals import describe_outputs
 
 if TYPE_CHECKING:
     from onnxsparse.data import CalibrationSet
@@ -46,7 +48,6 @@ class PruneContext:
 
     def output_signals(self) -> Signals:
         if self.signals is None:
-            from onnxsparse.signals import describe_outputs
 
             first = next(iter(self.train_batches(min(8, self.calib.n_train))))
             self.signals = describe_outputs(self.imported, self.teacher, first)
@@ -55,7 +56,6 @@ class PruneContext:
     def selection_scorer(self):
         """Agreement with the teacher on the selection split (the training split when there is none), cached."""
         if self._scorer is None:
-            from onnxsparse.methods.scoring import FixedBatches, SelectionScorer
 
             split = "selection" if self.calib.n_selection > 0 else "train"
             n = self.calib.n_selection if split == "selection" else min(self.calib.n_train, FALLBACK_SELECTION_SAMPLES)
@@ -125,7 +125,6 @@ def register_method(name: str):
 
 
 def get_method(name: str) -> PruningMethod:
-    from onnxsparse import methods  # noqa: F401 - registers the built-in methods
 
     try:
         return _REGISTRY[name]()
@@ -134,6 +133,5 @@ def get_method(name: str) -> PruningMethod:
 
 
 def available_methods() -> list[str]:
-    from onnxsparse import methods  # noqa: F401
 
     return sorted(_REGISTRY)

@@ -44,6 +44,8 @@ from onnxsparse.graph import PrunableLayer
 from onnxsparse.methods.base import MethodResult, PruneContext, register_method
 from onnxsparse.sparsity import allocation
 from onnxsparse.sparsity.masks import magnitude_mask, zeros_for
+from onnxsparse.methods.scoring import take_samples
+from onnxsparse.sparsity import patterns
 
 logger = logging.getLogger(__name__)
 
@@ -501,7 +503,6 @@ def reconstruct_all(ctx: PruneContext, sparsities: dict[str, float],
     given). Returns (masks, one report row per layer, calibration samples used)."""
     fixed = fixed or {}
     layers = ctx.layers
-    from onnxsparse.methods.scoring import take_samples  # imported here: scoring imports the unipts package
 
     n_samples = min(ctx.calib.n_train, max(ctx.config.correction_samples, MIN_SAMPLES))
     batches = take_samples(ctx.train_batches(min(ctx.config.batch_size, n_samples)), n_samples)
@@ -542,7 +543,6 @@ class Reconstruct:
         layers = ctx.layers
         fixed: dict[str, torch.Tensor] = {}
         if ctx.config.nm is not None:
-            from onnxsparse.sparsity import patterns  # N:M masks are chosen by magnitude, then re-fitted
 
             sparsities = patterns.nm_sparsities(layers, ctx.config.pattern)
             fixed = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, sparsities)

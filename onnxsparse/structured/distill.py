@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from onnxsparse.methods.unipts import KEEP_TRAINED_MARGIN, KEEP_TRAINED_Z
-from onnxsparse.methods.unipts.objective import Distillation, default_gamma, paired_improvement
+from onnxsparse.methods.unipts.objective import Distillation, default_gamma
+from onnxsparse.metrics import paired_improvement
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.structured.select import _consumer_removed_columns
 

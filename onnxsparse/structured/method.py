@@ -25,6 +25,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.shrink import shrink
 from onnxsparse.structured import select
 from onnxsparse.structured.groups import ChannelAnalysis, analyse
+from onnxsparse.data.calibration import feed_batches
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ def restrict(analysis: ChannelAnalysis, editable: set[str], excluded: set[str]) 
 
 
 def _feeds(calib, n: int, batch: int) -> list[dict[str, np.ndarray]]:
-    from onnxsparse.data.calibration import feed_batches
 
     arrays = {name: a[:n] for name, a in calib.train.items()}
     return list(feed_batches(arrays, calib.dtypes, batch))

@@ -69,6 +69,7 @@ from onnxsparse.plain import to_plain
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.timing import Phases
+from onnxsparse.methods.reconstruct import reconstruct_all
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,6 @@ class UniPTS:
         differs, of the uniform one (the fitness scores allocations by magnitude pruning, which is not what
         suits reconstruction best). Returns the report, the chosen start with its masks applied (for the final
         comparison), its allocation (zeros per layer) and masks."""
-        from onnxsparse.methods.reconstruct import reconstruct_all
 
         layers = ctx.layers
         selection = ctx.selection_scorer()
