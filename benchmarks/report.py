@@ -247,7 +247,7 @@ def markdown(results: dict) -> str:
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('threads', '?')} torch/onnxruntime "
         f"thread(s); {m.get('platform', '?')}; Python {m.get('python', '?')}, torch {m.get('torch', '?')}, "
         f"onnxruntime {m.get('onnxruntime', '?')}; CUDA: {m.get('cuda') or 'none'}. Same calibration images, "
-        "seed 0 and selection split for every method of a case; default recipes (UniPTS: the quick recipe); "
+        "seed 0 and train/selection/verification split for every method of a case; default recipes (UniPTS: the quick recipe); "
         "`global-magnitude` and `magnitude` include the pipeline's statistics correction (BatchNorm "
         "re-estimation where the graph kept BatchNorm, per-channel correction elsewhere); `reconstruct` is "
         "`onnxsparse/methods/reconstruct.py`; the onnxsim rows are onnxsim's own `apply_magnitude_pruning`, "

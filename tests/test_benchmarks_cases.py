@@ -510,3 +510,16 @@ def test_augment_agreement_of_a_model_that_ignores_position():
     assert set(values) == {"horizontal flip", "crop, aspect 3/4-4/3 of the input's", "crop, square 3/4-4/3"}
     assert all(0.0 <= v <= 1.0 for v in values.values())
     assert agreement(session, x, seed=0) == values  # seeded
+
+
+def test_merge_replaces_runs_by_key_and_drops_rows_without_provenance():
+    from benchmarks.merge import drop_unrecorded, merge
+
+    base = {"cases": {"a": {"runs": {"m@0.5": {"top1": 0.1}, "u@0.5": {"top1": 0.2, "commit": "x"}}}},
+            "invocations": [{"argv": ["old"]}]}
+    new = {"cases": {"a": {"runs": {"m@0.5": {"top1": 0.3, "commit": "y"}}}, "b": {"runs": {"m@0.9": {"commit": "y"}}}},
+           "invocations": [{"argv": ["new"], "commit": "y"}], "machine": {"cpu": "c"}}
+    assert drop_unrecorded(base) == 1 and base["invocations"] == []
+    merged = merge(base, new)
+    assert merged["cases"]["a"]["runs"] == {"m@0.5": {"top1": 0.3, "commit": "y"}, "u@0.5": {"top1": 0.2, "commit": "x"}}
+    assert set(merged["cases"]) == {"a", "b"} and merged["invocations"] == [{"argv": ["new"], "commit": "y"}]
