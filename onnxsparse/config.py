@@ -83,16 +83,14 @@ class UniPTSConfig:
     # an optional wall-clock cap, in seconds, on search + training (None: none; the work plan alone decides). A run
     # it cuts depends on the machine's speed: not reproducible, and the report says so
     time_budget: float | None = None
-    # random crops (+ flips where the teacher is mirror-invariant) of the training split. Off: on the sample it
-    # changed nothing (0.9: 91.39 with, 91.45 without; BN kept 91.53 / 91.58), on the PP-OCR line classifier it
-    # trained the student to chance (0.7: 96.6% without, 87.8-92.0% keeping the start), on the PP-OCRv4
-    # recogniser 94.0 vs 90.0 exact lines. The paper preset keeps it (ImageNet-size calibration sets)
+    # random crops (+ flips where the teacher is mirror-invariant) of the training split. Off: on calibration sets
+    # of hundreds of images it helped nowhere and hurt text models (docs/decisions.md); the paper preset keeps it
     augment: bool = False
     # BatchNorm during distillation: "frozen" runs it in eval mode (dense statistics kept, affine parameters
     # trained); "train" normalises with batch statistics and updates the running ones (the paper's setting)
     batchnorm: str = "frozen"
     # global gradient-norm clip per step (None: none). With frozen BatchNorm a channel of tiny running variance
-    # multiplies its gradient by gamma / sqrt(var + eps); unclipped, PP-OCR's classifier diverged at lr 0.05
+    # multiplies its gradient by gamma / sqrt(var + eps)
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:

@@ -285,13 +285,11 @@ class PairedComparison:
     def better(self, z: float, margin: float) -> bool:
         """Closer on average by more than ``z`` standard errors, or by more than ``margin`` of the baseline's
         distance, unless a sign test resolves it as farther on most samples. The second route is for small
-        selections with heavy-tailed distances, where a model closer by a third is not "significant" yet is the
-        better one; gains under the margin that the standard error cannot resolve are treated as noise. The sign
-        test guards both routes against the same tail the other way, a mean moved by a few samples while most
-        samples got farther: it vetoes when the surplus of farther samples exceeds ``z`` standard deviations of
-        a fair coin's (measured on the PP-OCR line classifier: at 0.9, 19% closer on average but farther on 40
-        of 52 selection samples, 4.3 points under its start on the test lines, vetoed; at 0.7, 49% closer and
-        farther on 29 of 52, 1.2 points above its start, kept)."""
+        selection splits with heavy-tailed distances, where a model closer by a third is not "significant" yet is
+        the better one; gains under the margin that the standard error cannot resolve are treated as noise. The
+        sign test guards both routes against the same tail the other way, a mean moved by a few samples while most
+        samples got farther: it vetoes when the surplus of farther samples exceeds ``z`` standard deviations of a
+        fair coin's (docs/decisions.md)."""
         resolved_farther = self.farther - self.closer > z * math.sqrt(self.closer + self.farther)
         return (self.gain > 0 and (self.gain > z * self.standard_error or self.relative_gain > margin)
                 and not resolved_farther)

@@ -74,11 +74,9 @@ from onnxsparse.methods.reconstruct import reconstruct_all
 logger = logging.getLogger(__name__)
 
 DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
-# The trained model replaces its start when closer to the dense model on the selection by more than KEEP_TRAINED_Z
-# standard errors (one-sided 95%) or by more than KEEP_TRAINED_MARGIN of the start's distance. Measured: on the
-# PP-OCRv4 recogniser's 32-line selection, gains of 0.6-7.7% kept trained models that read up to 4.5 test lines
-# fewer than their start; on the PP-OCR classifier's 52 lines gains of 29-37% were not significant (heavy-tailed
-# per-sample KL) while the trained models read 1-7 points more test lines (benchmarks/RESULTS.md)
+# The trained model replaces its start when closer to the dense model on the selection split by more than
+# KEEP_TRAINED_Z standard errors (one-sided 95%) or by more than KEEP_TRAINED_MARGIN of the start's distance: a
+# few dozen samples cannot resolve a small gain, and heavy-tailed distances hide a large one (docs/decisions.md)
 KEEP_TRAINED_Z = 1.645
 KEEP_TRAINED_MARGIN = 0.10
 

