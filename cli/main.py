@@ -165,6 +165,10 @@ def prune(model, calib, output, dry_run, device, run_dir, resume_dir, report_pat
     try:
         _run_prune(dist, model, output, dry_run, calib, config, preprocess, force, report_path, quiet,
                    run_dir, resume_dir)
+        # done and said so: a signal from here to the exit must not turn the run into "no output was written"
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread: nothing was installed there either
+                signal.signal(signum, signal.SIG_IGN)
     except KeyboardInterrupt as exc:
         # a signal after the output's atomic rename cannot undo it: say so instead of "no output was written"
         if writes and _file_identity(output) not in (None, before):
