@@ -67,9 +67,9 @@ def test_resumed_run_equals_uninterrupted_run(setup, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resumed_extended_run_keeps_its_base_decay(tmp_path, monkeypatch):
-    """The recipe's own epochs, extended to 80 by the budget's measure before the interruption: the resumed run
-    must re-plan the base decay as the uninterrupted one did (its checkpoint holds the extended length)."""
+def test_resumed_run_of_the_counted_plan_gives_the_same_model(tmp_path, monkeypatch):
+    """The recipe's own plan (no --epochs): the resumed run plans the same iterations and base decay from the same
+    counts as the uninterrupted one, and ends with the same tensors."""
     model = tmp_path / "m.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), str(model))
     calib = tmp_path / "calib.npy"
@@ -79,11 +79,11 @@ def test_resumed_extended_run_keeps_its_base_decay(tmp_path, monkeypatch):
                                              batch_size=16, fitness_samples=32))
     whole = prune(model, tmp_path / "a.onnx", calib, config, run_dir=tmp_path / "run-a", progress=False)
     training = whole.report["method_info"]["training"]
-    assert training["extended_from"] is not None and training["iterations"] > training["extended_from"]
+    assert training["iterations"] == whole.report["method_info"]["allocation"]["plan"]["iterations"]
 
     resumed = _interrupted_then_resumed(monkeypatch, model, tmp_path / "b.onnx", calib, config, tmp_path / "run-b")
     again = resumed.report["method_info"]["training"]
-    assert again["gamma"] == training["gamma"] and again["extended_from"] == training["extended_from"]
+    assert again["gamma"] == training["gamma"] and again["iterations"] == training["iterations"]
     assert _tensors(tmp_path / "a.onnx") == _tensors(tmp_path / "b.onnx")
 
 
