@@ -256,11 +256,11 @@ def markdown(results: dict) -> str:
     )
     lines += ["", "Runs that produced these numbers (results accumulate in `benchmarks/results.json`):", ""]
     for inv in results.get("invocations", []):
-        if "wall_s" not in inv:
-            continue
         load = inv.get("load_before", [None])[0]
         budget = inv.get("unipts_budget_s")
-        lines.append(f"- `{' '.join(inv['argv'])}`: {_secs(inv['wall_s'])} wall, started {inv['started']}"
+        wall = (f"{_secs(inv['wall_s'])} wall" if "wall_s" in inv
+                else "stopped before its end (the rows it finished are kept)")
+        lines.append(f"- `{' '.join(inv['argv'])}`: {wall}, started {inv['started']}"
                      + (f", load average {load:.1f} at start" if load is not None else "")
                      + (f"; UniPTS time budget {budget:g} s per run" if budget else ""))
     lines.append("")
