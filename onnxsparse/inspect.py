@@ -86,7 +86,6 @@ def _centred(dq: onnx.NodeProto, constants: dict[str, onnx.TensorProto], base_di
 
 
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
-
     # Tensors stored as external data are read one at a time from the model's folder.
     if isinstance(model, onnx.ModelProto):
         proto, base_dir = model, ""

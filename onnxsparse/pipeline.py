@@ -20,28 +20,27 @@ import torch
 import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
+from onnxsparse.data import PreprocessConfig, load_calibration
+from onnxsparse.data.calibration import CalibrationSet, feed_batches
 from onnxsparse.device import determinism, out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, verify_file, write_back
-from onnxsparse.exporter.verify import file_agreement
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
+from onnxsparse.exporter.shrink import shrink
+from onnxsparse.exporter.verify import export_fidelity, file_agreement
 from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
-from onnxsparse.data.calibration import CalibrationSet, feed_batches
 from onnxsparse.graph import ImportedModel
-from onnxsparse.metrics import wilson_interval
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
+from onnxsparse.metrics import wilson_interval
 from onnxsparse.plain import json_default
+from onnxsparse.quantize import choose_int8
 from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
-from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
-from onnxsparse.data import PreprocessConfig, load_calibration
-from onnxsparse.exporter.shrink import shrink
-from onnxsparse.exporter.verify import export_fidelity
-from onnxsparse.quantize import choose_int8
 from onnxsparse.structured.distill import distill
 from onnxsparse.structured.method import apply_to_student, select_channels
+from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +248,6 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
                                     excluded=excluded)
         apply_to_student(selection, imported.tracked, ctx.student)
         if config.method == "unipts":  # distillation from the refitted start, removed channels held out
-
             budget = config.unipts.time_budget
             spent = selection.info.get("search", {}).get("seconds", 0.0)
             selection.info["distillation"] = distill(ctx, selection,

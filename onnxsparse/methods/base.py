@@ -48,7 +48,6 @@ class PruneContext:
 
     def output_signals(self) -> Signals:
         if self.signals is None:
-
             first = next(iter(self.train_batches(min(8, self.calib.n_train))))
             self.signals = describe_outputs(self.imported, self.teacher, first)
         return self.signals
@@ -56,7 +55,6 @@ class PruneContext:
     def selection_scorer(self):
         """Agreement with the teacher on the selection split (the training split when there is none), cached."""
         if self._scorer is None:
-
             split = "selection" if self.calib.n_selection > 0 else "train"
             n = self.calib.n_selection if split == "selection" else min(self.calib.n_train, FALLBACK_SELECTION_SAMPLES)
             source = FixedBatches(self, split, n, self.config.batch_size)
@@ -125,7 +123,6 @@ def register_method(name: str):
 
 
 def get_method(name: str) -> PruningMethod:
-
     try:
         return _REGISTRY[name]()
     except KeyError:
@@ -133,5 +130,4 @@ def get_method(name: str) -> PruningMethod:
 
 
 def available_methods() -> list[str]:
-
     return sorted(_REGISTRY)

@@ -543,7 +543,6 @@ class Reconstruct:
         layers = ctx.layers
         fixed: dict[str, torch.Tensor] = {}
         if ctx.config.nm is not None:
-
             sparsities = patterns.nm_sparsities(layers, ctx.config.pattern)
             fixed = patterns.pattern_masks(ctx.student, layers, ctx.config.pattern, sparsities)
         else:

@@ -64,7 +64,6 @@ def restrict(analysis: ChannelAnalysis, editable: set[str], excluded: set[str]) 
 
 
 def _feeds(calib, n: int, batch: int) -> list[dict[str, np.ndarray]]:
-
     arrays = {name: a[:n] for name, a in calib.train.items()}
     return list(feed_batches(arrays, calib.dtypes, batch))
 
