@@ -92,7 +92,8 @@ def test_batchnorm_channel_silenced_by_pruning_keeps_its_dense_variance():
 def test_search_candidates_share_the_dense_channel_statistics():
     import contextlib
 
-    from onnxsparse.methods.unipts.search import FitnessEvaluator, sparsities_to_zeros
+    from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
+    from onnxsparse.methods.unipts.search import sparsities_to_zeros
 
     imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
     x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
@@ -101,18 +102,18 @@ def test_search_candidates_share_the_dense_channel_statistics():
 
     def evaluator():
         return FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
-                                correction="channel", has_batchnorm=False, channel_inputs=(x,),
+                                has_batchnorm=False, channel_inputs=(x,),
                                 autocast=contextlib.nullcontext)
 
     candidates = [sparsities_to_zeros({layer.name: s for layer in imported.layers}, imported.layers)
                   for s in (0.5, 0.8, 0.9)]
     shared = evaluator()
-    shared(candidates[0])
+    shared(candidates[0], "channel")
     calls_after_first = len(teacher_calls)
-    scores = [shared(zeros).score for zeros in candidates[1:]]
+    scores = [shared(zeros, "channel").score for zeros in candidates[1:]]
     assert len(teacher_calls) == calls_after_first  # the teacher ran for the first candidate only
     # the same fitness as an evaluator that computes everything afresh for one candidate
-    assert scores == [evaluator()(zeros).score for zeros in candidates[1:]]
+    assert scores == [evaluator()(zeros, "channel").score for zeros in candidates[1:]]
 
 
 def test_candidate_cost_is_timed_per_correction_mode(monkeypatch):
@@ -121,21 +122,19 @@ def test_candidate_cost_is_timed_per_correction_mode(monkeypatch):
     import contextlib
     import time
 
-    from onnxsparse.methods.unipts.search import FitnessEvaluator, sparsities_to_zeros
+    from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
+    from onnxsparse.methods.unipts.search import sparsities_to_zeros
 
     imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
     x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
     evaluator = FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
-                                 correction="none", has_batchnorm=False, channel_inputs=(x,),
+                                 has_batchnorm=False, channel_inputs=(x,),
                                  autocast=contextlib.nullcontext)
     slow = 0.2
-    monkeypatch.setattr(evaluator, "correct", lambda: time.sleep(slow) if evaluator.mode == "channel" else None)
+    monkeypatch.setattr(evaluator, "correct", lambda mode: time.sleep(slow) if mode == "channel" else None)
     zeros = sparsities_to_zeros({layer.name: 0.5 for layer in imported.layers}, imported.layers)
-    evaluator.mode = "channel"
-    evaluator(zeros)
-    evaluator.mode = "none"
-    evaluator(zeros)
-    evaluator(zeros)
-    assert evaluator.seconds_per_candidate < slow / 2
-    evaluator.mode = "channel"
-    assert evaluator.seconds_per_candidate >= slow
+    evaluator(zeros, "channel")
+    evaluator(zeros, "none")
+    evaluator(zeros, "none")
+    assert evaluator.seconds_per_candidate("none") < slow / 2
+    assert evaluator.seconds_per_candidate("channel") >= slow

@@ -15,7 +15,7 @@ from onnxsparse.config import UniPTSConfig
 from onnxsparse.data.calibration import CalibrationSet
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_device, ort_providers, ort_session
-from onnxsparse.methods.unipts.dst import prefetch
+from onnxsparse.methods.unipts.feed import prefetch
 from onnxsparse.sparsity.masks import magnitude_mask, zeros_for
 
 
@@ -100,16 +100,16 @@ def test_ort_providers_and_cpu_fallback(caplog):
 @pytest.mark.parametrize("phase,flag", [("training", "--batch-size 16"),
                                         ("statistics correction", "--correction-samples 32")])
 def test_out_of_memory_names_phase_and_flag(tmp_path, monkeypatch, phase, flag):
-    import onnxsparse.methods.unipts as unipts
-    import onnxsparse.methods.unipts.search as search
+    import onnxsparse.methods.unipts.evaluator as evaluator
+    import onnxsparse.methods.unipts.method as method
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     if phase == "training":
-        monkeypatch.setattr(unipts, "train", oom)
+        monkeypatch.setattr(method, "train", oom)
     else:
-        monkeypatch.setattr(search, "apply_correction", oom)
+        monkeypatch.setattr(evaluator, "apply_correction", oom)
     feeds = [{"input": np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
     config = PruneConfig(sparsity=0.5, device="cpu", batch_size=16, correction_samples=32, selection_size=8,

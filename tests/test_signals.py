@@ -157,7 +157,7 @@ class _Nhwc(torch.nn.Module):
 
 def test_flip_agreement_tells_mirror_sensitive_outputs_apart():
     from onnxsparse.signals import OutputSignal, Signals
-    from onnxsparse.methods.unipts.dst import FLIP_AGREEMENT, flip_agreement
+    from onnxsparse.methods.unipts.flip import FLIP_AGREEMENT, flip_agreement
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(16, 3, 8, 12, generator=g),) for _ in range(4)]

@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.unipts.dst import SelectionScorer, TrainPlan, lr_at, train
+from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.unipts.dst import TrainPlan, lr_at, train
 from onnxsparse.signals import raw_output_kind
 from onnxsparse.metrics import Agreement
 from onnxsparse.methods.unipts.objective import (
@@ -446,7 +447,7 @@ def test_end_to_end_2_4_pattern(tmp_path):
 def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
     from PIL import Image
 
-    from onnxsparse.methods.unipts.dst import FLIP_AGREEMENT
+    from onnxsparse.methods.unipts.flip import FLIP_AGREEMENT
     from onnxsparse.pipeline import prune
 
     path = tmp_path / "tiny.onnx"

@@ -4,8 +4,9 @@ Every prunable weight keeps its dense value; a :class:`SparseMask` (``dynamic=Tr
 magnitude mask at its allotted sparsity on every training forward, the backward is straight-through with a
 decay ``lambda * (1 - M) * W`` on the pruned part. All trainable parameters (weights, biases, BatchNorm) are
 optimised with SGD + momentum, a linear warm-up and a cosine decay over the run; the teacher stays in eval
-mode. A NaN/Inf loss rolls back to the last good state (start of the epoch) with half the learning rate; a
-third divergence stops the run with :class:`OnnxSparseError`.
+mode. A NaN/Inf loss rolls back to the last good state (a :class:`.Candidate` captured at the start of the
+epoch) with half the learning rate; a third divergence stops the run with :class:`OnnxSparseError`. The batches
+come from :mod:`.feed`.
 
 The step loop never waits for the device: losses are summed and their finiteness flagged on the device, read
 back every ``FINITE_CHECK_EVERY`` steps and at the end of each epoch (the steps taken after a NaN are undone
@@ -19,35 +20,24 @@ import contextlib
 import copy
 import logging
 import math
-import queue
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.scoring import SelectionScorer
-from onnxsparse import metrics
+from onnxsparse.methods.unipts.candidate import Candidate, materialise
 from onnxsparse.methods.unipts.objective import Distillation
-from onnxsparse.state import copy_state, load_state
 
 logger = logging.getLogger(__name__)
 
 MAX_ROLLBACKS = 3
-RESIDENT_FRACTION = 0.25  # of free GPU memory the training split may occupy resident
-RESIDENT_CPU_BYTES = 4 << 30  # on the CPU "resident" is a torch view of the host arrays: no copy
-PREFETCH_DEPTH = 2
 FINITE_CHECK_EVERY = 16  # steps between reads of the on-device NaN/Inf flag
-# the flip is used when the teacher's outputs survive it on at least this share of the samples (the agreement of
-# onnxsparse.metrics, per output); orientation classifiers fail it (a mirror turns 90 into 270)
-FLIP_AGREEMENT = 0.9
-FLIP_SAMPLES = 256
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -111,96 +101,6 @@ def _finite_params(module: nn.Module) -> bool:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def training_batches(ctx, batch_size: int, augment: bool,
-                     flip: bool = True) -> Callable[[int], Iterator[tuple[torch.Tensor, ...]]]:
-    """``epoch -> batches`` of the training split: this rank's shard of each global ``batch_size`` batch,
-    shuffled per epoch, from tensors resident on the device when the split fits ``RESIDENT_FRACTION`` of its
-    free memory, else gathered on the host with the next batches prefetched by a thread."""
-    device = ctx.device
-    resident = ctx.calib.resident("train", device, _resident_budget(device))
-    local = ctx.dist.local_batch(batch_size)
-    logger.info("training split %s", f"resident on {device}" if resident is not None else "streamed, prefetched")
-
-    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, ...]]:
-        seed = int(np.random.SeedSequence([ctx.config.seed, 0xD57, epoch]).generate_state(1)[0])
-        batches = ctx.calib.batches("train", local, shuffle=True, seed=seed, augment=augment, flip=flip, device=device,
-                                    drop_last=True, rank=ctx.dist.rank, world_size=ctx.dist.world_size,
-                                    resident=resident)
-        return batches if resident is not None else prefetch(batches, PREFETCH_DEPTH)
-
-    return epoch_batches
-
-
-@torch.no_grad()
-def flip_agreement(teacher: nn.Module, signals, batches: Iterable[tuple[torch.Tensor, ...]], layout: str) -> float:
-    """How well the teacher's outputs survive a horizontal flip of its (single, image) input: per output, the
-    agreement of the output on the flipped input with the output on the original, taken as is or with its last
-    position axis mirrored (a sequence read along the width, a map), whichever is higher; the lowest over the
-    outputs. ``layout`` is the input's ("nchw" or "nhwc")."""
-    width_axis = 3 if layout == "nchw" else 2
-    totals: dict[int, list[float]] = {}  # per output: summed agreement as is [, mirrored]
-    n = 0
-    teacher.eval()
-    for batch in batches:
-        original = signals.forward(teacher, batch)
-        flipped = signals.forward(teacher, (batch[0].flip(width_axis), *batch[1:]))
-        for i, (a, b) in enumerate(zip(original, flipped)):
-            a, b = a.float(), b.float()
-            kind, axis = signals.kind(i), signals.axis(i) % max(a.dim(), 1)
-            positions = [d for d in range(1, a.dim()) if kind not in ("class", "sequence") or d != axis]
-            targets = (a, a.flip(positions[-1])) if positions else (a,)
-            sums = totals.setdefault(i, [0.0] * len(targets))
-            for k, target in enumerate(targets):
-                value, _ = metrics.agreement(target, b, kind, axis)
-                sums[k] += (0.0 if value is None else value) * a.shape[0]
-        n += batch[0].shape[0]
-    return min(max(sums) / n for sums in totals.values()) if totals else 1.0
-
-
-def _resident_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(RESIDENT_FRACTION * free)
-    return RESIDENT_CPU_BYTES
-
-
-def prefetch(iterator: Iterator, depth: int) -> Iterator:
-    """``iterator``'s items, produced ``depth`` ahead by a background thread (host gathering and copies
-    overlap the device's work); the thread's exception is raised here; closing stops the thread."""
-    items: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    done = object()
-    stopped = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in iterator:
-                while not stopped.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stopped.is_set():
-                    return
-            items.put((done, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            items.put((done, exc))
-
-    thread = threading.Thread(target=produce, name="onnxsparse-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = items.get()
-            if item is done:
-                if exc is not None:
-                    raise exc
-                return
-            yield item
-    finally:
-        stopped.set()
-        thread.join(timeout=5.0)
 
 
 def train(
@@ -355,7 +255,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     step = 0
     start = time.perf_counter()
     if resume is not None:
-        student.load_state_dict(resume["student"])
+        materialise(Candidate("checkpoint", resume["student"]), student)
         optimizer.load_state_dict(resume["optimizer"])
         step, base_lr, total = int(resume["step"]), float(resume["base_lr"]), int(resume["total"])
         result.cut = total < plan.iterations
@@ -368,7 +268,8 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
     model = dist.wrap(student)
     device = params[0].device if params else torch.device("cpu")
     budget = _Budget(plan.budget_s, start, device, dist)
-    good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
+    # the rollback point: the student and optimizer at the start of the last epoch that stayed finite
+    good, good_optim, good_step = Candidate.capture(student, "rollback"), copy.deepcopy(optimizer.state_dict()), step
     while step < total:
         epoch = step // max(plan.iterations_per_epoch, 1)
         student.train()
@@ -389,7 +290,7 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         if ran.diverged:
             _record_divergence(result, optimizer, ran, epoch, step, dist)
             logger.warning("NaN/Inf loss at step %d: rolling back to step %d and halving the lr", step, good_step)
-            load_state(student, good_state)
+            materialise(good, student)
             optimizer.load_state_dict(good_optim)
             base_lr *= 0.5
             if progress is not None:
@@ -400,9 +301,10 @@ def _train(student, teacher, epoch_batches, loss_fn, plan, result, params, layou
         if progress is not None:
             loss = result.curve[-1]["loss"]
             progress.set_postfix(loss=f"{loss:.4g}" if loss is not None else "-")
-        good_state, good_optim, good_step = copy_state(student), copy.deepcopy(optimizer.state_dict()), step
+        good, good_optim = Candidate.capture(student, "rollback"), copy.deepcopy(optimizer.state_dict())
+        good_step = step
         if checkpoint is not None and step < total and len(result.curve) % max(checkpoint_every, 1) == 0:
-            checkpoint({"student": good_state, "optimizer": good_optim, "step": step, "base_lr": base_lr,
+            checkpoint({"student": good.state, "optimizer": good_optim, "step": step, "base_lr": base_lr,
                         "total": total, "curve": result.curve, "rollbacks": result.rollbacks})
     result.iterations = step
     result.seconds_per_iteration = (time.perf_counter() - start) / max(step, 1)

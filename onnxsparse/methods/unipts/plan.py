@@ -13,11 +13,15 @@ where they do not, none where not one does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from onnxsparse.config import UniPTSConfig
+from onnxsparse.methods.unipts.dst import TrainPlan
 
 # MAC-equivalents for search + training, by device type (the device is part of what a reproducible command
 # names). CPU: a PP-LCNet classifier at 224x224 (0.15 GMAC and 2.5 M output elements per sample) finishes the
@@ -32,6 +36,7 @@ TRAIN_STEP_FACTOR = 4.0  # student forward + backward (~3 forwards) and the teac
 # Cost of a fitness candidate per correction mode, in forwards of the fitness samples: the statistics modes
 # run extra passes (BatchNorm re-estimation, per-channel statistics of every layer's output)
 MODE_FACTORS = {"none": 1.0, "reestimate": 5.0, "channel": 7.0, "relative": 14.0}
+DEFAULT_LR = 0.05  # with the default T = 1 (config.UniPTSConfig.lr)
 
 
 def work_per_sample(module: nn.Module, layers: Sequence, batch: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -104,3 +109,29 @@ def plan_work(macs_per_sample: int, activations_per_sample: int, *, n_train: int
     return WorkPlan(int(macs_per_sample), int(activations_per_sample), unit, work_budget, fitness_samples,
                     population, mode, planned_generations, per_epoch, iterations, iterations / per_epoch, search_work,
                     iterations * step, "; ".join(reasons))
+
+
+def search_budget_s(cfg: UniPTSConfig, started: float) -> float | None:
+    """Seconds left to the search under ``--time-budget`` (its :data:`SEARCH_SHARE`), None without one."""
+    if cfg.time_budget is None:
+        return None
+    return max(SEARCH_SHARE * cfg.time_budget - (time.perf_counter() - started), 0.0)
+
+
+def train_plan(cfg: UniPTSConfig, work: WorkPlan, started: float) -> TrainPlan:
+    """The work plan's iterations, or the ``--epochs``/``--iterations`` given; ``--time-budget`` caps them (what
+    is left of it once the search and the start are done, ``started`` being the run's start)."""
+    per_epoch = work.iterations_per_epoch
+    if cfg.iterations is not None:
+        iterations = cfg.iterations
+    elif cfg.epochs is not None:
+        iterations = int(round(cfg.epochs * per_epoch))
+    else:
+        iterations = work.iterations
+    warmup = min(int(round(cfg.warmup_epochs * per_epoch)), iterations // 4)
+    budget = None
+    if cfg.time_budget is not None:
+        budget = max(cfg.time_budget - (time.perf_counter() - started), 0.0)
+    return TrainPlan(iterations=iterations, iterations_per_epoch=per_epoch, warmup=warmup,
+                     lr=cfg.lr if cfg.lr is not None else DEFAULT_LR, momentum=cfg.momentum,
+                     weight_decay=cfg.weight_decay, budget_s=budget)

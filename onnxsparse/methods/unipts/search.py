@@ -1,4 +1,5 @@
-"""Reducing-regrowing sparsity allocation (UniPTS section 2): genome -> layer sparsities, fitness, evolution.
+"""Reducing-regrowing sparsity allocation (UniPTS section 2): genome -> layer sparsities, and the evolution over
+genomes (their fitness: :mod:`.evaluator`).
 
 Genome ``g`` (one real per prunable layer) -> sparsities::
 
@@ -19,17 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
-from onnxsparse.device import oom_phase
 from onnxsparse.distributed import DistContext
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import PrunableLayer
-from onnxsparse.signals import Signals
 from onnxsparse.metrics import Agreement
-from onnxsparse.methods.scoring import SelectionScorer
-from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
-from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
 
 logger = logging.getLogger(__name__)
@@ -143,142 +138,14 @@ def zeros_to_sparsities(zeros: np.ndarray, layers: Sequence[PrunableLayer]) -> d
     out = {}
     for z, layer in zip(zeros, layers):
         s = int(z) / layer.numel
-        assert zeros_for(s, layer.numel) == int(z)
+        if zeros_for(s, layer.numel) != int(z):
+            raise OnnxSparseError(f"internal error: {int(z)} zeros of layer {layer.name!r} do not round-trip")
         out[layer.name] = s
     return out
 
 
 def sparsities_to_zeros(sparsities: dict[str, float], layers: Sequence[PrunableLayer]) -> np.ndarray:
     return np.array([zeros_for(sparsities[layer.name], layer.numel) for layer in layers], dtype=np.int64)
-
-
-# --------------------------------------------------------------------------------------------------------
-# fitness
-# --------------------------------------------------------------------------------------------------------
-class FitnessEvaluator:
-    """Scores an allocation on the student in place: restore dense snapshot, magnitude-prune, correct, score.
-
-    The dense weights are saved once (one snapshot of every parameter and buffer) and the magnitude order
-    of every layer is sorted once; a candidate costs one in-place prune, a statistics correction (BatchNorm
-    re-estimation on the fitness samples where the graph has BatchNorm, per-channel correction elsewhere)
-    and one forward pass over the fitness samples, scored against teacher outputs computed once.
-    """
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        layers: Sequence[PrunableLayer],
-        batches: list[tuple[torch.Tensor, ...]],
-        *,
-        signals: Signals | bool,
-        correction: bool | str,
-        has_batchnorm: bool,
-        channel_inputs: tuple[torch.Tensor, ...] | None,
-        autocast: Callable[[], object],
-    ):
-        self.student = student
-        self.teacher = teacher
-        self.layers = list(layers)
-        self.batches = batches
-        self.signals = Signals.of(signals)
-        # the statistics-correction mode applied before scoring (sparsity.correction.apply_correction);
-        # True: the plain re-estimation (BatchNorm graphs) / channel fit, False: none
-        self.mode = correction if isinstance(correction, str) else (
-            ("reestimate" if has_batchnorm else "channel") if correction else "none")
-        self.has_batchnorm = has_batchnorm
-        self.channel_inputs = channel_inputs
-        self._dense_stats = None  # the teacher's channel statistics on channel_inputs, computed at the first fit
-        self.autocast = autocast
-        # [candidates, seconds] per correction mode: a candidate's cost depends on its mode (the BatchNorm and
-        # channel fits cost forwards of their own), and the search runs in one mode only
-        self.timings: dict[str, list[float]] = {}
-        with torch.no_grad():
-            self.snapshot = copy_state(student)
-            self.orders = {
-                layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
-                for layer in self.layers
-            }
-        self.scorer = SelectionScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
-
-    def restore(self) -> None:
-        load_state(self.student, self.snapshot)
-
-    @property
-    def n_samples(self) -> int:
-        return sum(b[0].shape[0] for b in self.batches)
-
-    @torch.no_grad()
-    def prune(self, zeros: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Restore the dense weights, then zero the ``zeros[l]`` smallest of each layer. Returns the masks."""
-        self.restore()
-        masks = {}
-        for layer, z in zip(self.layers, zeros):
-            w = layer.weight.get(self.student)
-            mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-            mask[self.orders[layer.name][: int(z)]] = False
-            w.view(-1).masked_fill_(~mask, 0)
-            masks[layer.name] = mask.view_as(w)
-        return masks
-
-    def _key(self, layer: PrunableLayer) -> str:
-        return f"{layer.weight.module_path}.{layer.weight.attr}" if layer.weight.module_path else layer.weight.attr
-
-    @torch.no_grad()
-    def restore_pruned(self, masks: dict[str, torch.Tensor]) -> None:
-        """Give the pruned weights their dense values back (kept weights, biases, statistics unchanged)."""
-        for layer in self.layers:
-            w = layer.weight.get(self.student)
-            dense = self.snapshot[self._key(layer)]
-            w.copy_(torch.where(masks[layer.name], w, dense))
-
-    @torch.no_grad()
-    def apply_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Restore the dense weights, then zero what ``masks`` (True = kept) prune."""
-        self.restore()
-        for layer in self.layers:
-            w = layer.weight.get(self.student)
-            w.masked_fill_(~masks[layer.name].to(w.device), 0)
-        return masks
-
-    def score_masks(self, masks: dict[str, torch.Tensor]) -> Agreement:
-        """Fitness of fixed masks (an N:M pattern): prune, correct, score."""
-        self.apply_masks(masks)
-        self.correct()
-        return self.score()
-
-    @torch.no_grad()
-    def correct(self):
-        if self.mode == "none":
-            return None
-        with self.autocast(), oom_phase("statistics correction"):
-            if self._dense_stats is None and self.channel_inputs is not None:
-                self._dense_stats = dense_channel_stats(self.teacher, self.layers, self.channel_inputs)
-            return apply_correction(
-                self.mode, self.student, self.teacher, self.layers,
-                bn_batches=self.batches if self.has_batchnorm else None,
-                channel_inputs=self.channel_inputs, dense=self._dense_stats,
-            )
-
-    def score(self) -> Agreement:
-        return self.scorer(self.student)
-
-    def __call__(self, zeros: Sequence[int]) -> Agreement:
-        start = time.perf_counter()
-        self.prune(zeros)
-        self.correct()
-        agreement = self.score()
-        timing = self.timings.setdefault(self.mode, [0, 0.0])
-        timing[0] += 1
-        timing[1] += time.perf_counter() - start
-        return agreement
-
-    @property
-    def seconds_per_candidate(self) -> float:
-        """Mean seconds of a candidate in the current correction mode (of every candidate until one was timed
-        in that mode)."""
-        count, seconds = self.timings.get(self.mode) or [sum(t) for t in zip(*self.timings.values())] or (0, 0.0)
-        return seconds / max(count, 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -409,7 +276,8 @@ class EvolutionarySearch:
             order = np.argsort(-np.asarray(scores), kind="stable")
             parents = [population[i] for i in order[: self.parents]]
             population = self.children(parents)
-        assert self.best is not None
+        if self.best is None:
+            raise OnnxSparseError("internal error: the allocation search ran no generation")
         self.best.history = self.history
         self.best.evaluations = len(self.cache)
         self.best.generations = done
