@@ -296,8 +296,9 @@ def _start(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, pattern_masks)
 def _train(ctx: PruneContext, cfg: UniPTSConfig, signals, start: Candidate, sparsities, autocast, started: float,
            resumed: bool, work: WorkPlan):
     """Dynamic sparse training of the student, set to ``start``: (the report, what the run resumed)."""
+    masks = {name: mask.clone() for name, mask in start.masks.items()}  # training moves these, not the start's
     for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
-        attach_masks(ctx.student, [layer], start.masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
+        attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
                      mask_fn=patterns.mask_fn_for(layer, ctx.config.pattern))
     selection = ctx.selection_scorer()
     plan = train_plan(cfg, work, started)
