@@ -1,5 +1,7 @@
-"""Copies of a module's parameters and buffers, and putting them back: one mechanism for every method that
-tries something and may undo it (fitness evaluation, start points, NaN rollback, the correction chooser)."""
+"""Copies of a module's parameters and buffers, and putting them back: the one mechanism under everything that
+tries something and may undo it. UniPTS reaches it only through its candidates
+(:mod:`onnxsparse.methods.unipts.candidate`: captured once, materialised once); the statistics-correction
+chooser and structured distillation use it directly."""
 
 from __future__ import annotations
 

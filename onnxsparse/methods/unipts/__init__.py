@@ -25,7 +25,11 @@ model's multiply-accumulates and output elements, sample counts), so the same co
 count give the same model on any machine. ``UniPTSConfig.time_budget`` is an optional wall-clock cap on top: a
 run it cuts says so (report and stderr) and is not reproducible.
 
-The orchestration is :mod:`.method`; this package only exports.
+Modules: :mod:`.method` (the orchestration; this package only exports), :mod:`.candidate` (versions of the
+student as values: captured, compared, materialised), :mod:`.search` (genome maths and the evolution),
+:mod:`.evaluator` (an allocation's fitness, in the correction mode the caller names), :mod:`.plan` (the work plan
+and the training plan), :mod:`.dst` (the training loop), :mod:`.feed` (its batches), :mod:`.flip` (whether
+augmentation mirrors), :mod:`.objective` (the loss), :mod:`.keep` (trained against start).
 """
 
 from onnxsparse.methods.unipts.candidate import Candidate, materialise
