@@ -25,7 +25,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
 from benchmarks.speed import machine  # noqa: E402
 from onnxsparse.config import PruneConfig  # noqa: E402
 from onnxsparse.data import load_calibration  # noqa: E402
-from onnxsparse.data.preprocess import SIDECAR_NAME  # noqa: E402
+from onnxsparse.data.preprocess_resolution import SIDECAR_NAME  # noqa: E402
 from onnxsparse.exporter.save import files_size, model_files, zip_size  # noqa: E402
 from onnxsparse.pipeline import QUANTIZE_SAMPLES, prune  # noqa: E402
 from onnxsparse.quantize import Calibration, latency_table, peer_int8  # noqa: E402

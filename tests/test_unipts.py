@@ -339,8 +339,7 @@ def test_training_reduces_distillation_loss():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-TINY = dict(population=4, generations=2, parents=2, crossover=2, mutation=1, epochs=2.0, fitness_samples=32,
-            batch_size=16)
+TINY = dict(population=4, generations=2, parents=2, crossover=2, mutation=1, epochs=2.0, fitness_samples=32)
 
 
 @pytest.mark.parametrize("keep_bn", [False, True], ids=["bn_folded", "bn_kept"])
@@ -350,7 +349,7 @@ def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=keep_bn), path)
     x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.9, selection_size=16, verify_size=16, unipts=UniPTSConfig(**TINY))
+    config = PruneConfig(sparsity=0.9, batch_size=16, selection_size=16, verify_size=16, unipts=UniPTSConfig(**TINY))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     report = result.report
     assert report["verification"]["export_max_rel_error"] < 1e-3
@@ -389,7 +388,7 @@ def test_same_seed_same_result(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     runs = []
     for name in ("a.onnx", "b.onnx"):
         prune(path, tmp_path / name, {"input": x}, config, progress=False)
@@ -404,7 +403,7 @@ def test_end_to_end_non_logit_output_uses_normalised_mse(tmp_path):
     path = tmp_path / "conv.onnx"
     onnx.save(graphs.conv_bn_relu(), path)
     x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, None, {"x": x}, config, progress=False)
     info = result.report["method_info"]
     assert info["training"]["loss"].startswith("normalised MSE") and not info["training"]["logits"]
@@ -429,7 +428,7 @@ def test_end_to_end_2_4_pattern(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, pattern="2:4", selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, batch_size=16, pattern="2:4", selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     info = result.report["method_info"]["allocation"]
     assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
@@ -458,7 +457,7 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
         Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     seen = {}
     for augment in (False, True):
-        config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
+        config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
         result = prune(path, tmp_path / f"{augment}.onnx", folder, config, progress=False)
         seen[augment] = result.report["method_info"]["training"]
     assert seen[False]["augment"] is False and seen[False]["flip"] is False and seen[False]["flip_agreement"] is None
@@ -519,7 +518,7 @@ def test_quick_recipe_gives_the_same_bytes_under_load(tmp_path):
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=True), path)
     x = np.random.default_rng(0).standard_normal((160, 1, 12, 12)).astype(np.float32)
     tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own plan
-    config = PruneConfig(sparsity=0.8, device="cpu", unipts=UniPTSConfig(**tiny))
+    config = PruneConfig(sparsity=0.8, batch_size=16, device="cpu", unipts=UniPTSConfig(**tiny))
     quiet = prune(path, tmp_path / "quiet.onnx", {"input": x}, config, progress=False).report["method_info"]
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:

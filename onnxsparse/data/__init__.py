@@ -6,23 +6,11 @@
 """
 
 from onnxsparse.data.augment import augment_batch
-from onnxsparse.data.calibration import (
-    CalibrationSet,
-    check_batch_size,
-    default_selection_size,
-    load_calibration,
-)
+from onnxsparse.data.calibration import default_held_out_size, load_calibration
+from onnxsparse.data.calibration_set import CalibrationSet, check_batch_size
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, SKIP_REASONS
-from onnxsparse.data.preprocess import (
-    PRESETS,
-    PreprocessConfig,
-    ResolvedPreprocess,
-    Setting,
-    parse_floats,
-    parse_scale,
-    parse_size,
-    resolve_preprocess,
-)
+from onnxsparse.data.preprocess_options import PRESETS, PreprocessConfig, parse_floats, parse_scale, parse_size
+from onnxsparse.data.preprocess_resolution import ResolvedPreprocess, Setting, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 
 __all__ = [
@@ -37,7 +25,7 @@ __all__ = [
     "Setting",
     "augment_batch",
     "check_batch_size",
-    "default_selection_size",
+    "default_held_out_size",
     "input_specs",
     "load_calibration",
     "parse_floats",
