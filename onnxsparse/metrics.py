@@ -208,7 +208,7 @@ class Agreement:
     ``score`` is higher-is-better: minus the mean of the per-output distances.
     """
 
-    def __init__(self, signals: Signals | bool):
+    def __init__(self, signals: Signals):
         self.signals = Signals.of(signals)
         self.terms: list[_Term] = []
         self.n = 0

@@ -18,7 +18,7 @@ import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.unipts.dst import SelectionScorer, TrainPlan, lr_at, train
-from onnxsparse.signals import raw_output_kind
+from onnxsparse.signals import OutputSignal, Signals, raw_output_kind
 from onnxsparse.metrics import Agreement
 from onnxsparse.methods.unipts.objective import (
     Distillation,
@@ -34,6 +34,10 @@ from onnxsparse.methods.unipts.search import (
     reduce_regrow,
 )
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks, magnitude_mask
+
+# One class-logit output compared as itself; every output dense.
+CLASS_LOGITS = Signals([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)])
+DENSE = Signals([])
 
 
 # ------------------------------------------------------------------------------------------ allocation
@@ -101,7 +105,7 @@ def test_search_keeps_random_children_and_is_deterministic():
 
     def evaluate(zeros):
         seen.append(zeros.tobytes())
-        agreement = Agreement(False)
+        agreement = Agreement(DENSE)
         agreement.add([torch.tensor([float(zeros[0])])], [torch.tensor([0.0])])  # prefers few zeros in layer 0
         return agreement
 
@@ -191,7 +195,7 @@ def test_base_decayed_kl_equals_direct_computation():
     log_p = torch.log_softmax(z_s, 1)
     direct = (q * (torch.log(q) - log_p / tau)).sum() * T * T / 5
     torch.testing.assert_close(base_decayed_kl(z_s, z_t, tau, T), direct)
-    loss = Distillation(True, tau0=8.0, gamma=0.99, temperature=4.0)
+    loss = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=4.0)
     torch.testing.assert_close(loss([z_s], [z_t], 3), direct)
     ref = F.kl_div(F.log_softmax(z_s, 1) / tau, F.softmax(z_t / T, 1), reduction="sum") * T ** 2 / 5
     torch.testing.assert_close(loss([z_s], [z_t], 3), ref)
@@ -206,8 +210,8 @@ def test_feature_term_adds_the_layer_outputs_distance():
     with torch.no_grad():
         student[0].weight[:, :3] = 0.0  # the first layer's output moves, and so does the last one's
     batch = (torch.randn(16, 6),)
-    plain = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0)
-    both = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5, feature_paths=["0", "2"])
+    plain = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0)
+    both = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5, feature_paths=["0", "2"])
     outputs = plain.forward(student, student, teacher, batch, 0)
     with torch.no_grad():
         h_s, h_t = student[0](batch[0]), teacher[0](batch[0])
@@ -217,16 +221,15 @@ def test_feature_term_adds_the_layer_outputs_distance():
     torch.testing.assert_close(both.forward(student, student, teacher, batch, 0), outputs + 0.5 * layer_term)
     # the hooks are gone afterwards, and a zero weight taps nothing
     assert not student[0]._forward_hooks and not teacher[0]._forward_hooks  # noqa: SLF001
-    assert Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_paths=["0"]).feature_paths == ()
+    assert Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_paths=["0"]).feature_paths == ()
     # the layer term alone (its path only) sends a gradient to the first layer
     student.zero_grad()
-    Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=1.0,
+    Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=1.0,
                  feature_paths=["0"]).forward(student, student, teacher, batch, 0).backward()
     assert student[0].weight.grad.abs().sum() > 0
 
 
 def test_per_sample_distances_average_to_the_score_and_pair_up():
-    from onnxsparse.signals import OutputSignal, Signals
     from onnxsparse.metrics import PairedComparison, paired_improvement
 
     g = torch.Generator().manual_seed(0)
@@ -328,10 +331,10 @@ def test_training_reduces_distillation_loss():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    selection = SelectionScorer(teacher, lambda: [b for b in batches(0)], signals=True, autocast=contextlib.nullcontext)
+    selection = SelectionScorer(teacher, lambda: [b for b in batches(0)], signals=CLASS_LOGITS, autocast=contextlib.nullcontext)
     before = selection(student).mean_kl
     plan = TrainPlan(iterations=60, iterations_per_epoch=4, warmup=4, lr=0.05, momentum=0.9, weight_decay=0.0)
-    loss = Distillation(False, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
+    loss = Distillation(DENSE, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
     result = train(student, teacher, batches, loss, plan, selection=selection, autocast=contextlib.nullcontext)
     assert len(result.curve) == 15
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]

@@ -49,7 +49,7 @@ class SelectionScorer:
     """Agreement of the student with teacher outputs cached once, on a fixed list of batches."""
 
     def __init__(self, teacher: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,
-                 signals: Signals | bool, autocast: Callable[[], contextlib.AbstractContextManager]):
+                 signals: Signals, autocast: Callable[[], contextlib.AbstractContextManager]):
         self.batches = batches
         self.signals = Signals.of(signals)
         self.autocast = autocast
