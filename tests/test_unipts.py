@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.unipts.dst import SelectionScorer, TrainPlan, lr_at, train
+from onnxsparse.methods.scoring import AgreementScorer
+from onnxsparse.methods.unipts.dst import TrainPlan, lr_at, train
 from onnxsparse.signals import OutputSignal, Signals, raw_output_kind
 from onnxsparse.metrics import Agreement
 from onnxsparse.methods.unipts.objective import (
@@ -211,7 +212,8 @@ def test_feature_term_adds_the_layer_outputs_distance():
         student[0].weight[:, :3] = 0.0  # the first layer's output moves, and so does the last one's
     batch = (torch.randn(16, 6),)
     plain = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0)
-    both = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5, feature_paths=["0", "2"])
+    both = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5,
+                        feature_paths=["0", "2"])
     outputs = plain.forward(student, student, teacher, batch, 0)
     with torch.no_grad():
         h_s, h_t = student[0](batch[0]), teacher[0](batch[0])
@@ -305,7 +307,7 @@ def test_lr_schedule_warmup_and_cosine():
 
 class _NanAfter(Distillation):
     def __init__(self, bad_calls):
-        super().__init__(True, tau0=8.0, gamma=0.9, temperature=4.0)
+        super().__init__(CLASS_LOGITS, tau0=8.0, gamma=0.9, temperature=4.0)
         self.calls = 0
         self.bad_calls = bad_calls
 
@@ -331,7 +333,8 @@ def test_training_reduces_distillation_loss():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    selection = SelectionScorer(teacher, lambda: [b for b in batches(0)], signals=CLASS_LOGITS, autocast=contextlib.nullcontext)
+    selection = AgreementScorer(teacher, lambda: [b for b in batches(0)], signals=CLASS_LOGITS,
+                                autocast=contextlib.nullcontext)
     before = selection(student).mean_kl
     plan = TrainPlan(iterations=60, iterations_per_epoch=4, warmup=4, lr=0.05, momentum=0.9, weight_decay=0.0)
     loss = Distillation(DENSE, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
@@ -431,7 +434,8 @@ def test_end_to_end_2_4_pattern(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, batch_size=16, pattern="2:4", selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, batch_size=16, pattern="2:4", selection_size=16,
+                         unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     info = result.report["method_info"]["allocation"]
     assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
@@ -460,7 +464,8 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
         Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     seen = {}
     for augment in (False, True):
-        config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
+        config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16,
+                             unipts=UniPTSConfig(**{**TINY, "augment": augment}))
         result = prune(path, tmp_path / f"{augment}.onnx", folder, config, progress=False)
         seen[augment] = result.report["method_info"]["training"]
     assert seen[False]["augment"] is False and seen[False]["flip"] is False and seen[False]["flip_agreement"] is None

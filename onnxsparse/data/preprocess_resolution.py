@@ -23,7 +23,13 @@ import numpy as np
 import onnx
 
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, DecodePlan
-from onnxsparse.data.preprocess_options import DOCUMENTED_PARSERS, PRESETS, PreprocessConfig, parse_documented, parse_size
+from onnxsparse.data.preprocess_options import (
+    DOCUMENTED_PARSERS,
+    PRESETS,
+    PreprocessConfig,
+    parse_documented,
+    parse_size,
+)
 from onnxsparse.data.spec import InputSpec
 from onnxsparse.errors import OnnxSparseError
 

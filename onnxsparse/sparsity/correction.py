@@ -356,9 +356,13 @@ def check_correction_mode(mode: object) -> str:
     return mode
 
 
-def _batchnorm_step(mode: str, student: nn.Module, teacher: nn.Module,
-                    channel_inputs: tuple[torch.Tensor, ...] | None,
-                    bn_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None) -> tuple[_Mode, CorrectionReport]:
+def _batchnorm_step(
+    mode: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    channel_inputs: tuple[torch.Tensor, ...] | None,
+    bn_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None,
+) -> tuple[_Mode, CorrectionReport]:
     """Run ``mode``'s BatchNorm step on ``student``; its description and the report of what the step did."""
     spec = _MODES[check_correction_mode(mode)]
     report = CorrectionReport()

@@ -27,7 +27,7 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.signals import Signals
 from onnxsparse.metrics import Agreement
-from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer
 from onnxsparse.sparsity.correction import apply_correction, check_correction_mode, dense_channel_stats
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
@@ -197,7 +197,7 @@ class FitnessEvaluator:
                 layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
                 for layer in self.layers
             }
-        self.scorer = SelectionScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
+        self.scorer = AgreementScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
 
     def restore(self) -> None:
         load_state(self.student, self.snapshot)
