@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from onnxsparse.validate import check, int_at_least, number_in, one_of, optional_int_at_least
+from onnxsparse.validate import boolean, check, int_at_least, number_in, one_of, optional_int_at_least
 
 METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -173,7 +173,7 @@ class PruneConfig:
         number_in(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
         number_in(self.min_agreement, "--min-agreement", 0, 1)
         int_at_least(self.checkpoint_every, "--checkpoint-every")
-        check(isinstance(self.deterministic, bool), f"--deterministic must be True or False, got {self.deterministic!r}")
+        boolean(self.deterministic, "--deterministic")
         int_at_least(self.channel_multiple, "--channel-multiple")
         one_of(self.save_format, "--save-format", SAVE_FORMATS)
         check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,

@@ -38,6 +38,12 @@ def optional_int_at_least(value: Any, label: str, minimum: int = 1) -> int | Non
     return None if value is None else int_at_least(value, label, minimum)
 
 
+def boolean(value: Any, label: str) -> bool:
+    """``value``, when it is True or False."""
+    check(isinstance(value, bool), f"{label} must be True or False, got {value!r}")
+    return value
+
+
 def number_in(value: Any, label: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
     """``value`` as a float, when it is a finite number in the interval (closed unless ``lo_open``/``hi_open``)."""
     ok = is_number(value) and math.isfinite(value)

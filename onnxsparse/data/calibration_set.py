@@ -17,7 +17,7 @@ import torch
 
 from onnxsparse.data.augment import augment_batch
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.validate import int_at_least, is_int
+from onnxsparse.validate import boolean, int_at_least, is_int, one_of
 
 # train: what methods fit on; selection: every choice a method makes (correction, start, keep rule); verification:
 # the quality gate and the report's headline agreement alone. Disjoint; methods are handed no verification samples.
@@ -89,8 +89,7 @@ class CalibrationSet:
                         f"train and {split} samples of {name!r} differ in shape: "
                         f"{self.train[name].shape[1:]} vs {getattr(self, split)[name].shape[1:]}"
                     )
-        if not isinstance(self.augment, bool):
-            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
+        boolean(self.augment, "augment")
         if self.augment and not (len(names) == 1 and self.layouts.get(names[0]) in ("nchw", "nhwc")):
             raise OnnxSparseError("augmentation needs exactly one image input with a known layout (nchw or nhwc)")
         try:
@@ -115,9 +114,7 @@ class CalibrationSet:
         return dataclasses.replace(self, verification={n: a[:0] for n, a in self.verification.items()})
 
     def _arrays(self, split: str) -> dict[str, np.ndarray]:
-        if split not in SPLITS:
-            raise OnnxSparseError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        return getattr(self, split)
+        return getattr(self, one_of(split, "split", SPLITS))
 
     def check_batch_size(self, batch_size: int, split: str = "train") -> None:
         """Raise if ``split`` has fewer samples than ``batch_size``."""

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.validate import int_at_least, is_int, is_number, one_of
+from onnxsparse.validate import boolean, int_at_least, is_int, is_number, one_of
 
 CHANNEL_ORDERS = ("rgb", "bgr", "gray")
 IMAGE_LAYOUTS = ("nchw", "nhwc")
@@ -175,8 +175,7 @@ class PreprocessConfig:
             value = getattr(self, key)
             if value is not None:
                 object.__setattr__(self, key, parse(value, option))
-        if not isinstance(self.augment, bool):
-            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
+        boolean(self.augment, "augment")
         object.__setattr__(self, "workers", int_at_least(self.workers, "--workers", minimum=0))
         object.__setattr__(self, "max_pixels", int_at_least(self.max_pixels, "max_pixels"))
 

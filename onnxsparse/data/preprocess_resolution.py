@@ -32,6 +32,7 @@ from onnxsparse.data.preprocess_options import (
 )
 from onnxsparse.data.spec import InputSpec
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import one_of
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,7 @@ class Setting:
     source: str
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise OnnxSparseError(f"setting source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        one_of(self.source, "setting source", SOURCES)
 
 
 def _jsonable(value: Any) -> Any:

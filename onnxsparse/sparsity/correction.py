@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.state import copy_state, load_state
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -351,9 +351,7 @@ _MODES = {
 
 def check_correction_mode(mode: object) -> str:
     """``mode``, when it names a correction mode."""
-    if not isinstance(mode, str) or mode not in _MODES:
-        raise OnnxSparseError(f"correction mode must be one of {', '.join(_MODES)}, got {mode!r}")
-    return mode
+    return one_of(mode, "correction mode", tuple(_MODES))
 
 
 def _batchnorm_step(
