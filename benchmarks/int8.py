@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths, quant = build(args.model, args.calib, args.sparsity, args.method, args.pattern, Path(tmp))
         proto = onnx.load(str(args.model))
-        feed = next(load_calibration(args.calib, proto, model_path=args.model, max_samples=64).feeds("holdout", 64))
+        feed = next(load_calibration(args.calib, proto, model_path=args.model, max_samples=64).feeds("selection", 64))
         rows = latency_table(paths, feed, batches=tuple(args.batches), threads=tuple(args.threads),
                              passes=args.passes)
         sizes = {label: {"bytes": files_size(p), "zip_bytes": zip_size(*model_files(p))} for label, p in paths.items()}
