@@ -1,8 +1,11 @@
 """Calibration data: image folders, tensor files, readers and datasets, preprocessed for the model.
 
-``load_calibration`` reads a source into a :class:`CalibrationSet` (train and selection splits);
-``PreprocessConfig`` holds the user's preprocessing options, resolved against the model by
-``resolve_preprocess``; ``augment_batch`` is the training-time augmentation for image batches.
+Modules: ``calibration`` loads a source and splits it (``load_calibration``); ``calibration_set`` holds the
+train, selection and verification splits (:class:`CalibrationSet`) and serves them in batches;
+``preprocess_options`` parses the user's preprocessing options (``PreprocessConfig``, presets);
+``preprocess_resolution`` resolves them against the model, its sidecar file and metadata (``resolve_preprocess``);
+``images`` decodes, ``tensors`` collects .npy/.npz files, feeds, readers and datasets, ``augment`` is the
+training-time augmentation for image batches.
 """
 
 from onnxsparse.data.augment import augment_batch
