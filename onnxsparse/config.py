@@ -42,6 +42,7 @@ class UniPTSConfig:
     # distillation + dynamic sparse training. None: what the work plan fits (methods/unipts/plan.py, at most 80)
     epochs: float | None = None
     iterations: int | None = None  # overrides epochs
+    # the training batch is PruneConfig.batch_size (--batch-size), the one every method and phase uses
     lr: float | None = None  # None: 0.05 (measured on the sample with T = 1; the paper preset uses 0.01 with T = 4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
