@@ -37,7 +37,7 @@ from benchmarks import deploy  # noqa: E402
 from benchmarks.provenance import Environment, row_provenance  # noqa: E402
 from onnxsparse.config import PruneConfig  # noqa: E402
 from onnxsparse.data import load_calibration  # noqa: E402
-from onnxsparse.data.preprocess import SIDECAR_NAME  # noqa: E402
+from onnxsparse.data.preprocess_resolution import SIDECAR_NAME  # noqa: E402
 from onnxsparse.pipeline import QUANTIZE_SAMPLES, prune  # noqa: E402
 from onnxsparse.quantize import Calibration, latency_table, peer_int8  # noqa: E402
 

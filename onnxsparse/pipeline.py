@@ -21,7 +21,7 @@ import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.data import PreprocessConfig, load_calibration
-from onnxsparse.data.calibration import CalibrationSet, feed_batches
+from onnxsparse.data.calibration_set import CalibrationSet, feed_batches
 from onnxsparse.device import determinism, out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
@@ -589,7 +589,7 @@ def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed
 
 def _check_distributed(dist: DistContext, config: PruneConfig, run_dir, resume: bool) -> None:
     if config.method == "unipts":
-        dist.local_batch(config.unipts.batch_size)  # refused before the search rather than after it
+        dist.local_batch(config.batch_size)  # refused before the search rather than after it
     if dist.active and (run_dir is not None or resume):
         raise OnnxSparseError(
             f"--run-dir/--resume are not supported with {dist.world_size} processes (checkpoints are written "

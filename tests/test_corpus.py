@@ -218,7 +218,7 @@ def test_bert_default_method_from_a_reader(tmp_path):
     rng = np.random.default_rng(2)
     reader = _TokenReader([_tokens(rng) for _ in range(2)])
     unipts = UniPTSConfig(population=4, parents=2, crossover=1, mutation=1, generations=1, epochs=1.0,
-                          fitness_samples=8, batch_size=4)
+                          fitness_samples=8)
     out = tmp_path / "out.onnx"
     config = PruneConfig(sparsity=0.5, batch_size=4, selection_size=4, verify_size=4, unipts=unipts,
                          min_agreement=0.0)

@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.structured.groups import ChannelAnalysis, ChannelGroup, tensors_of
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ def importance(model: onnx.ModelProto, analysis: ChannelAnalysis, kind: str = "l
     ``activation``: for every consumer, ``||W[:, c]|| * rms(x_c)`` over the calibration data (the consumer's
     output that channel carries), normalised by the consumer's total, summed over consumers.
     """
-    if kind not in IMPORTANCE:
-        raise OnnxSparseError(f"channel importance must be one of {', '.join(IMPORTANCE)}, got {kind!r}")
+    one_of(kind, "channel importance", IMPORTANCE)
     tensors = tensors_of(model)
     arrays: dict[str, np.ndarray] = {}
 

@@ -121,7 +121,7 @@ class UniPTS:
         first = next(iter(ctx.train_batches(1)))
         macs, activations = work_per_sample(ctx.teacher, layers, first)
         self._plan_for = lambda mode: plan_work(
-            macs, activations, n_train=ctx.calib.n_train, batch_size=cfg.batch_size,
+            macs, activations, n_train=ctx.calib.n_train, batch_size=ctx.config.batch_size,
             fitness_samples=min(cfg.fitness_samples, ctx.calib.n_train), population=cfg.population,
             generations=cfg.generations, mode=mode, search=cfg.search and ctx.config.nm is None and len(layers) > 1,
             device_type=ctx.device.type)
@@ -326,7 +326,7 @@ class UniPTS:
         loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature,
                                feature_weight=cfg.feature_weight,
                                feature_paths=[layer.module_path for layer in ctx.layers])
-        train_bs = min(cfg.batch_size, ctx.calib.n_train)
+        train_bs = min(ctx.config.batch_size, ctx.calib.n_train)
         augment = bool(cfg.augment and ctx.calib.augment)
         flip, flip_measured = self._flip(ctx, signals) if augment else (False, None)
         epoch_batches = training_batches(ctx, train_bs, augment, flip)

@@ -32,7 +32,7 @@ from torch import nn
 
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer
 from onnxsparse import metrics
 from onnxsparse.methods.unipts.objective import Distillation
 from onnxsparse.state import copy_state, load_state
@@ -210,7 +210,7 @@ def train(
     loss_fn: Distillation,
     plan: TrainPlan,
     *,
-    selection: SelectionScorer | None,
+    selection: AgreementScorer | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     progress=None,
     resume: dict | None = None,

@@ -27,8 +27,8 @@ from onnxsparse.distributed import DistContext
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.signals import Signals
 from onnxsparse.metrics import Agreement
-from onnxsparse.methods.scoring import SelectionScorer
-from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
+from onnxsparse.methods.scoring import AgreementScorer
+from onnxsparse.sparsity.correction import apply_correction, check_correction_mode, dense_channel_stats
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.sparsity.masks import zeros_for
 
@@ -171,8 +171,8 @@ class FitnessEvaluator:
         layers: Sequence[PrunableLayer],
         batches: list[tuple[torch.Tensor, ...]],
         *,
-        signals: Signals | bool,
-        correction: bool | str,
+        signals: Signals,
+        correction: str,
         has_batchnorm: bool,
         channel_inputs: tuple[torch.Tensor, ...] | None,
         autocast: Callable[[], object],
@@ -182,10 +182,8 @@ class FitnessEvaluator:
         self.layers = list(layers)
         self.batches = batches
         self.signals = Signals.of(signals)
-        # the statistics-correction mode applied before scoring (sparsity.correction.apply_correction);
-        # True: the plain re-estimation (BatchNorm graphs) / channel fit, False: none
-        self.mode = correction if isinstance(correction, str) else (
-            ("reestimate" if has_batchnorm else "channel") if correction else "none")
+        # the statistics-correction mode applied before scoring (sparsity.correction.apply_correction)
+        self.mode = check_correction_mode(correction)
         self.has_batchnorm = has_batchnorm
         self.channel_inputs = channel_inputs
         self._dense_stats = None  # the teacher's channel statistics on channel_inputs, computed at the first fit
@@ -199,7 +197,7 @@ class FitnessEvaluator:
                 layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
                 for layer in self.layers
             }
-        self.scorer = SelectionScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
+        self.scorer = AgreementScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
 
     def restore(self) -> None:
         load_state(self.student, self.snapshot)
