@@ -77,7 +77,7 @@ def run_one(model_path: Path, calib_path: Path, recipe: str, args, dist) -> dict
 
     n_calib = len(np.load(calib_path, mmap_mode="r"))
     selection = max(args.batch_size, n_calib // 8)
-    overrides = dict(generations=args.generations, iterations=args.iterations, batch_size=args.batch_size,
+    overrides = dict(generations=args.generations, iterations=args.iterations,
                      fitness_samples=n_calib - selection)
     if args.population is not None:  # the recipe's proportions at a smaller population
         p = args.population

@@ -194,7 +194,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
         raise OnnxSparseError("-o/--output is required (or pass --dry-run)")
     overrides = {k: v for k, v in {
         "epochs": epochs, "iterations": iterations, "generations": search_generations,
-        "lr": lr, "time_budget": time_budget, "batch_size": batch_size, "augment": augment,
+        "lr": lr, "time_budget": time_budget, "augment": augment,
         "feature_weight": feature_weight,
     }.items() if v is not None}
     if time_budget == 0:

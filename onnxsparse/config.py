@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 
-from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import boolean, check, int_at_least, number_in, one_of, optional_int_at_least
 
 METHODS = ("unipts", "magnitude", "global-magnitude", "reconstruct")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -15,33 +14,10 @@ SAVE_FORMATS = ("dense", "sparse-initializer")
 QUANTIZE_FORMATS = ("int8",)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise OnnxSparseError(message)
-
-
-def _positive_int(value, flag: str, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{flag} must be an integer >= {minimum}, got {value!r}",
-    )
-
-
-def _number(value, flag: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    lb = "(" if lo_open else "["
-    rb = ")" if hi_open else "]"
-    _check(ok, f"{flag} must be in {lb}{lo:g}, {hi:g}{rb}, got {value!r}")
-
-
 # UniPTSConfig fields the CLI sets, by the flag that sets them; the others are named as the library's field.
 _UNIPTS_FLAGS = {"population": "--population", "generations": "--search-generations", "epochs": "--epochs",
                  "iterations": "--iterations", "lr": "--lr", "feature_weight": "--feature-weight",
-                 "time_budget": "--time-budget", "batch_size": "--batch-size", "augment": "--augment"}
+                 "time_budget": "--time-budget", "augment": "--augment"}
 
 
 def _unipts_flag(name: str) -> str:
@@ -66,7 +42,7 @@ class UniPTSConfig:
     # distillation + dynamic sparse training. None: what the work plan fits (methods/unipts/plan.py, at most 80)
     epochs: float | None = None
     iterations: int | None = None  # overrides epochs
-    batch_size: int = 64
+    # the training batch is PruneConfig.batch_size (--batch-size), the one every method and phase uses
     lr: float | None = None  # None: 0.05 (measured on the sample with T = 1; the paper preset uses 0.01 with T = 4)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -95,43 +71,43 @@ class UniPTSConfig:
 
     def __post_init__(self) -> None:
         flag = _unipts_flag
-        for name in ("population", "generations", "parents", "fitness_samples", "batch_size"):
-            _positive_int(getattr(self, name), flag(name))
+        for name in ("population", "generations", "parents", "fitness_samples"):
+            int_at_least(getattr(self, name), flag(name))
         for name in ("crossover", "mutation"):
-            _positive_int(getattr(self, name), flag(name), minimum=0)
-        _check(self.parents <= self.population,
+            int_at_least(getattr(self, name), flag(name), minimum=0)
+        check(self.parents <= self.population,
                f"{flag('parents')} must be <= {flag('population')} ({self.population}), got {self.parents}")
-        _check(self.crossover + self.mutation <= self.population,
+        check(self.crossover + self.mutation <= self.population,
                f"{flag('population')} must be at least {flag('crossover')} + {flag('mutation')} "
                f"({self.crossover} + {self.mutation}: the children of each generation), got {self.population}")
-        _number(self.mutation_prob, flag("mutation_prob"), 0, 1)
-        _number(self.regrow, flag("regrow"), 0, 1, hi_open=True)
-        _number(self.max_layer_sparsity, flag("max_layer_sparsity"), 0, 1, lo_open=True)
+        number_in(self.mutation_prob, flag("mutation_prob"), 0, 1)
+        number_in(self.regrow, flag("regrow"), 0, 1, hi_open=True)
+        number_in(self.max_layer_sparsity, flag("max_layer_sparsity"), 0, 1, lo_open=True)
         if self.epochs is not None:
-            _number(self.epochs, flag("epochs"), 0, 1e6)
-        _positive_int(self.iterations, flag("iterations"), allow_none=True, minimum=0)
+            number_in(self.epochs, flag("epochs"), 0, 1e6)
+        optional_int_at_least(self.iterations, flag("iterations"), minimum=0)
         if self.lr is not None:
-            _number(self.lr, flag("lr"), 0, 10, lo_open=True)
-        _number(self.momentum, flag("momentum"), 0, 1, hi_open=True)
-        _number(self.weight_decay, flag("weight_decay"), 0, 1)
-        _number(self.warmup_epochs, flag("warmup_epochs"), 0, 1e6)
-        _number(self.tau0, flag("tau0"), 0, 1e3, lo_open=True)
+            number_in(self.lr, flag("lr"), 0, 10, lo_open=True)
+        number_in(self.momentum, flag("momentum"), 0, 1, hi_open=True)
+        number_in(self.weight_decay, flag("weight_decay"), 0, 1)
+        number_in(self.warmup_epochs, flag("warmup_epochs"), 0, 1e6)
+        number_in(self.tau0, flag("tau0"), 0, 1e3, lo_open=True)
         if self.gamma is not None:
-            _number(self.gamma, flag("gamma"), 0, 1, lo_open=True)
-        _number(self.temperature, flag("temperature"), 0, 1e3, lo_open=True)
-        _number(self.pruned_decay, flag("pruned_decay"), 0, 1)
-        _number(self.feature_weight, flag("feature_weight"), 0, 1e3)
+            number_in(self.gamma, flag("gamma"), 0, 1, lo_open=True)
+        number_in(self.temperature, flag("temperature"), 0, 1e3, lo_open=True)
+        number_in(self.pruned_decay, flag("pruned_decay"), 0, 1)
+        number_in(self.feature_weight, flag("feature_weight"), 0, 1e3)
         if self.time_budget is not None:
-            _number(self.time_budget, flag("time_budget"), 0, 1e7, lo_open=True)
+            number_in(self.time_budget, flag("time_budget"), 0, 1e7, lo_open=True)
         if self.max_grad_norm is not None:
-            _number(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
-        _check(self.batchnorm in ("frozen", "train"),
+            number_in(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
+        check(self.batchnorm in ("frozen", "train"),
                f"{flag('batchnorm')} must be 'frozen' or 'train', got {self.batchnorm!r}")
 
     def with_population(self, population: int) -> UniPTSConfig:
         """This recipe with a population of ``population``: parents and children scaled in proportion, so that the
         children still fit (``--population`` alone gives a valid search)."""
-        _positive_int(population, "--population")
+        int_at_least(population, "--population")
         scale = population / self.population
         return replace(self, population=population, parents=max(1, min(population, round(self.parents * scale))),
                        crossover=int(self.crossover * scale), mutation=int(self.mutation * scale))
@@ -179,31 +155,29 @@ class PruneConfig:
     unipts: UniPTSConfig = field(default_factory=UniPTSConfig)
 
     def __post_init__(self) -> None:
-        _number(self.sparsity, "--sparsity", 0, 1, hi_open=True)
-        _check(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        number_in(self.sparsity, "--sparsity", 0, 1, hi_open=True)
+        one_of(self.method, "--method", METHODS)
         match = _PATTERN.match(str(self.pattern))
-        _check(match is not None, f"--pattern must be 'unstructured', 'channel' or N:M (e.g. 2:4), got {self.pattern!r}")
+        check(match is not None, f"--pattern must be 'unstructured', 'channel' or N:M (e.g. 2:4), got {self.pattern!r}")
         if match and match.group(2):
             n, m = int(match.group(2)), int(match.group(3))
-            _check(0 < n < m, f"--pattern N:M needs 0 < N < M, got {self.pattern!r}")
-        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-               f"--seed must be a non-negative integer, got {self.seed!r}")
-        _check(isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
+            check(0 < n < m, f"--pattern N:M needs 0 < N < M, got {self.pattern!r}")
+        int_at_least(self.seed, "--seed", minimum=0)
+        check(isinstance(self.device, str) and _DEVICE.match(self.device) is not None,
                f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check(isinstance(self.exclude, tuple), f"exclude must be a tuple of patterns, got {type(self.exclude).__name__}")
-        _positive_int(self.batch_size, "--batch-size")
-        _positive_int(self.max_samples, "--max-samples", allow_none=True, minimum=2)
-        _positive_int(self.selection_size, "--selection-size", allow_none=True, minimum=0)
-        _positive_int(self.correction_samples, "--correction-samples")
-        _positive_int(self.verify_size, "--verify-size", allow_none=True, minimum=0)
-        _number(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
-        _number(self.min_agreement, "--min-agreement", 0, 1)
-        _positive_int(self.checkpoint_every, "--checkpoint-every")
-        _check(isinstance(self.deterministic, bool), f"--deterministic must be True or False, got {self.deterministic!r}")
-        _positive_int(self.channel_multiple, "--channel-multiple")
-        _check(self.save_format in SAVE_FORMATS,
-               f"--save-format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
-        _check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,
+        check(isinstance(self.exclude, tuple), f"exclude must be a tuple of patterns, got {type(self.exclude).__name__}")
+        int_at_least(self.batch_size, "--batch-size")
+        optional_int_at_least(self.max_samples, "--max-samples", minimum=2)
+        optional_int_at_least(self.selection_size, "--selection-size", minimum=0)
+        int_at_least(self.correction_samples, "--correction-samples")
+        optional_int_at_least(self.verify_size, "--verify-size", minimum=0)
+        number_in(self.verify_tolerance, "--verify-tolerance", 0, 1, lo_open=True)
+        number_in(self.min_agreement, "--min-agreement", 0, 1)
+        int_at_least(self.checkpoint_every, "--checkpoint-every")
+        boolean(self.deterministic, "--deterministic")
+        int_at_least(self.channel_multiple, "--channel-multiple")
+        one_of(self.save_format, "--save-format", SAVE_FORMATS)
+        check(self.quantize is None or self.quantize in QUANTIZE_FORMATS,
                f"--quantize must be one of {', '.join(QUANTIZE_FORMATS)} (or not given), got {self.quantize!r}")
 
     @property

@@ -21,9 +21,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsparse.data.calibration import feed_batches, scan_calibration_folder
+from onnxsparse.data.calibration import scan_calibration_folder
+from onnxsparse.data.calibration_set import feed_batches
 from onnxsparse.data.images import DecoderPool, is_image_file
-from onnxsparse.data.preprocess import PreprocessConfig, ResolvedPreprocess, resolve_preprocess
+from onnxsparse.data.preprocess_options import PreprocessConfig
+from onnxsparse.data.preprocess_resolution import ResolvedPreprocess, resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import collect_files, is_tensor_file
 from onnxsparse import metrics

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from onnxsparse.signals import Signals
+from onnxsparse.signals import KINDS, Signals
+from onnxsparse.validate import one_of
 
 _EPS = 1e-8
-KINDS = ("class", "sequence", "binary", "dense")
 MEASURES = {
     "class": "top-1 agreement",
     "sequence": "per-position top-1 agreement",
@@ -57,8 +57,7 @@ class AgreementCount:
     value are measured as dense."""
 
     def __init__(self, kind: str, axis: int = -1, threshold: float = LOGIT_THRESHOLD):
-        if kind not in KINDS:
-            raise ValueError(f"output kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        one_of(kind, "output kind", KINDS)
         self.kind, self.axis, self.threshold = kind, axis, threshold
         self.hits = self.total = 0  # class / sequence: matching positions; binary: intersection, union
         self.sse = self.st = self.s1 = 0.0
@@ -208,7 +207,7 @@ class Agreement:
     ``score`` is higher-is-better: minus the mean of the per-output distances.
     """
 
-    def __init__(self, signals: Signals | bool):
+    def __init__(self, signals: Signals):
         self.signals = Signals.of(signals)
         self.terms: list[_Term] = []
         self.n = 0

@@ -21,7 +21,7 @@ import onnxsparse
 from onnxsparse.checkpoint import RunDir
 from onnxsparse.config import PruneConfig
 from onnxsparse.data import PreprocessConfig, load_calibration
-from onnxsparse.data.calibration import CalibrationSet, feed_batches
+from onnxsparse.data.calibration_set import CalibrationSet, feed_batches
 from onnxsparse.device import determinism, out_of_memory, resolve_device
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
@@ -29,7 +29,7 @@ from onnxsparse.exporter import check_output_path, save_atomic, tensor_arrays, v
 from onnxsparse.exporter.save import EXTERNAL_DATA_THRESHOLD, files_size, model_files, staged_data_path, zip_size
 from onnxsparse.exporter.shrink import shrink
 from onnxsparse.exporter.verify import export_fidelity, file_agreement
-from onnxsparse.exporter.writeback import external_bytes, to_sparse_initializers
+from onnxsparse.exporter.writeback import external_bytes, set_metadata, to_sparse_initializers
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
@@ -267,8 +267,7 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
             params_after = _parameter_count(pruned)
             macs_before, macs_after = selection.macs()
             achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
-            prop = pruned.metadata_props.add()
-            prop.key, prop.value = "onnxsparse.macs_removed", f"{achieved:.6g}"
+            set_metadata(pruned, "onnxsparse.macs_removed", f"{achieved:.6g}")
             storage = _storage(model_path, pruned, pruned, "dense", [])
         gate = _Gate(run)
         failed: QualityGateFailed | None = None
@@ -479,8 +478,7 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
             pruned, rows, int8_names = _quantize(run, pruned, rows, arrays)
     with run.timer("export"):
         achieved = sum(r["zeros"] for r in rows) / run.total
-        prop = pruned.metadata_props.add()
-        prop.key, prop.value = "onnxsparse.achieved_sparsity", f"{achieved:.6g}"
+        set_metadata(pruned, "onnxsparse.achieved_sparsity", f"{achieved:.6g}")
         to_save, storage = _storage_format(run, pruned, int8_names)
     gate = _Gate(run, int8=int8_names is not None)
     failed: QualityGateFailed | None = None
@@ -591,7 +589,7 @@ def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed
 
 def _check_distributed(dist: DistContext, config: PruneConfig, run_dir, resume: bool) -> None:
     if config.method == "unipts":
-        dist.local_batch(config.unipts.batch_size)  # refused before the search rather than after it
+        dist.local_batch(config.batch_size)  # refused before the search rather than after it
     if dist.active and (run_dir is not None or resume):
         raise OnnxSparseError(
             f"--run-dir/--resume are not supported with {dist.world_size} processes (checkpoints are written "

@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,15 @@ class Signals:
     def __init__(self, signals: Sequence[OutputSignal]):
         self.signals = tuple(signals)
 
-    @classmethod
-    def of(cls, value: Signals | bool) -> Signals:
-        """``value`` itself, or from a bool: True = one class-logit output, False = every output dense."""
-        if isinstance(value, Signals):
-            return value
-        return cls([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)] if value else [])
+    @staticmethod
+    def of(value: Signals) -> Signals:
+        """``value``, when it is a :class:`Signals`; anything else is refused."""
+        if not isinstance(value, Signals):
+            raise OnnxSparseError(
+                f"signals must be a Signals (the per-output description from describe_outputs, or Signals([]) for "
+                f"every output dense), got {value!r}"
+            )
+        return value
 
     def kind(self, index: int) -> str:
         """Kind of the ``index``-th compared tensor; outputs beyond the description are dense."""

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
+import pytest
 import torch
 
 import graphs
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.importer import import_model
+from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
+from onnxsparse.methods.unipts.search import sparsities_to_zeros
+from onnxsparse.signals import OutputSignal, Signals
 from onnxsparse.sparsity import allocation
-from onnxsparse.sparsity.correction import _channel_stats, fit_channel_correction, reestimate_batchnorm
+from onnxsparse.sparsity.correction import (
+    _channel_stats,
+    apply_correction,
+    fit_channel_correction,
+    reestimate_batchnorm,
+)
 from onnxsparse.sparsity.masks import apply_masks_inplace, magnitude_mask
+
+CLASS_LOGITS = Signals([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)])
 
 
 def _pruned(model, sparsity=0.8):
@@ -90,18 +105,13 @@ def test_batchnorm_channel_silenced_by_pruning_keeps_its_dense_variance():
 
 
 def test_search_candidates_share_the_dense_channel_statistics():
-    import contextlib
-
-    from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
-    from onnxsparse.methods.unipts.search import sparsities_to_zeros
-
     imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
     x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(2))
     teacher_calls = []
     imported.module.register_forward_hook(lambda *_: teacher_calls.append(1))
 
     def evaluator():
-        return FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
+        return FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=CLASS_LOGITS,
                                 has_batchnorm=False, channel_inputs=(x,),
                                 autocast=contextlib.nullcontext)
 
@@ -119,16 +129,10 @@ def test_search_candidates_share_the_dense_channel_statistics():
 def test_candidate_cost_is_timed_per_correction_mode(monkeypatch):
     # the search runs in one correction mode; its generations are planned from that mode's cost, not from an
     # average that includes the (dearer) modes scored once each before it
-    import contextlib
-    import time
-
-    from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
-    from onnxsparse.methods.unipts.search import sparsities_to_zeros
-
     imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
     x = torch.randn(8, 1, 12, 12, generator=torch.Generator().manual_seed(3))
-    evaluator = FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=True,
-                                 has_batchnorm=False, channel_inputs=(x,),
+    evaluator = FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)],
+                                 signals=CLASS_LOGITS, has_batchnorm=False, channel_inputs=(x,),
                                  autocast=contextlib.nullcontext)
     slow = 1.0  # far above a tiny candidate's own cost, even on a loaded machine
     monkeypatch.setattr(evaluator, "correct", lambda mode: time.sleep(slow) if mode == "channel" else None)
@@ -138,3 +142,18 @@ def test_candidate_cost_is_timed_per_correction_mode(monkeypatch):
     evaluator(zeros, "none")
     assert evaluator.seconds_per_candidate("none") < slow / 2
     assert evaluator.seconds_per_candidate("channel") >= slow
+
+
+def test_a_correction_mode_that_is_not_a_mode_name_is_refused_naming_the_modes():
+    imported = import_model(graphs.export_torch(graphs.tiny_cnn()))
+    x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    evaluator = FitnessEvaluator(imported.clone_module(), imported.module, imported.layers, [(x,)], signals=CLASS_LOGITS,
+                                 has_batchnorm=False, channel_inputs=(x,), autocast=contextlib.nullcontext)
+    zeros = sparsities_to_zeros({layer.name: 0.5 for layer in imported.layers}, imported.layers)
+    allowed = "none, channel, relative, reestimate"
+    for mode in (True, False, "bogus"):
+        with pytest.raises(OnnxSparseError, match=f"correction mode must be one of {allowed}, got {mode!r}"):
+            evaluator(zeros, mode)
+        with pytest.raises(OnnxSparseError, match=f"correction mode must be one of {allowed}, got {mode!r}"):
+            apply_correction(mode, imported.clone_module(), imported.module, imported.layers, bn_batches=None,
+                             channel_inputs=(x,))

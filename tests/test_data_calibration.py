@@ -15,7 +15,7 @@ from onnxsparse.data import (
     CalibrationSet,
     PreprocessConfig,
     check_batch_size,
-    default_selection_size,
+    default_held_out_size,
     load_calibration,
 )
 from onnxsparse.errors import OnnxSparseError
@@ -90,7 +90,7 @@ def test_non_float_input_with_image_folder(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"max_samples": 0}, "--max-samples must be a positive integer"),
+        ({"max_samples": 0}, "--max-samples must be an integer >= 1"),
         ({"selection_size": -1}, "--selection-size must be an integer >= 0"),
         ({"seed": 1.5}, "--seed must be an integer"),
         ({"preprocess": {"preset": "imagenet"}}, "preprocess must be a PreprocessConfig"),
@@ -107,8 +107,8 @@ def test_argument_validation(kwargs, match):
 @pytest.mark.parametrize(
     "n, expected", [(2, 0), (10, 3), (64, 21), (100, 32), (320, 32), (500, 50), (9999, 1000), (100_000, 1000)]
 )
-def test_default_selection_size(n, expected):
-    assert default_selection_size(n) == expected
+def test_default_held_out_size(n, expected):
+    assert default_held_out_size(n) == expected
 
 
 def test_fewer_than_two_samples():
@@ -224,7 +224,7 @@ def test_rank_sharding_covers_everything_evenly(calib):
 def test_batches_validate_arguments(calib):
     with pytest.raises(OnnxSparseError, match="split must be one of train, selection, verification, got 'test'"):
         list(calib.batches("test", 2, shuffle=False, seed=0))
-    with pytest.raises(OnnxSparseError, match="batch_size must be a positive integer"):
+    with pytest.raises(OnnxSparseError, match="batch_size must be an integer >= 1"):
         list(calib.batches("train", 0, shuffle=False, seed=0))
 
 
@@ -265,7 +265,7 @@ def test_check_batch_size(calib):
     check_batch_size(10, 10)
     with pytest.raises(OnnxSparseError, match="train split has 3 sample.*fewer than the batch size 4"):
         check_batch_size(3, 4)
-    with pytest.raises(OnnxSparseError, match="--batch-size must be a positive integer"):
+    with pytest.raises(OnnxSparseError, match="--batch-size must be an integer >= 1"):
         check_batch_size(3, 0)
     calib.check_batch_size(15)
     with pytest.raises(OnnxSparseError, match="selection split has 5 sample"):

@@ -18,7 +18,7 @@ from onnxsparse.data import (
     parse_size,
     resolve_preprocess,
 )
-from onnxsparse.data.preprocess import METADATA_KEY, SIDECAR_NAME
+from onnxsparse.data.preprocess_resolution import METADATA_KEY, SIDECAR_NAME
 from onnxsparse.errors import OnnxSparseError
 
 
@@ -117,7 +117,7 @@ def test_parse_helpers():
     "options, match",
     [
         ({"preset": "resnet"}, "--preset must be one of imagenet, caffe, tf, none, got 'resnet'"),
-        ({"resize": 0}, "--resize must be a positive integer, got 0"),
+        ({"resize": 0}, "--resize must be an integer >= 1, got 0"),
         ({"resize": 2.5}, "--resize"),
         ({"crop": (224, 0)}, "--crop"),
         ({"input_size": (224,)}, "--input-size"),
@@ -325,13 +325,13 @@ def test_non_image_input_cannot_take_images():
 
 def test_resize_smaller_than_crop_warns(caplog):
     # at_level: a CLI test run earlier may have left the root logger at ERROR (``-q``).
-    with caplog.at_level("WARNING", logger="onnxsparse.data.preprocess"):
+    with caplog.at_level("WARNING", logger="onnxsparse.data.preprocess_resolution"):
         resolve(["N", 3, 64, 64], resize=32)
     assert "padded with zeros" in caplog.text
 
 
 def test_resolution_is_logged(caplog):
-    caplog.set_level("INFO", logger="onnxsparse.data.preprocess")
+    caplog.set_level("INFO", logger="onnxsparse.data.preprocess_resolution")
     resolve(["N", 3, 224, 224], preset="imagenet")
     assert "resize=256 (preset)" in caplog.text
     assert "input_size=224x224 (model input shape)" in caplog.text

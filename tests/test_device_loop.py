@@ -12,7 +12,7 @@ import torch
 import graphs
 from onnxsparse import PruneConfig, prune
 from onnxsparse.config import UniPTSConfig
-from onnxsparse.data.calibration import CalibrationSet
+from onnxsparse.data.calibration_set import CalibrationSet
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_device, ort_providers, ort_session
 from onnxsparse.methods.unipts.feed import prefetch
@@ -113,7 +113,7 @@ def test_out_of_memory_names_phase_and_flag(tmp_path, monkeypatch, phase, flag):
     feeds = [{"input": np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
     config = PruneConfig(sparsity=0.5, device="cpu", batch_size=16, correction_samples=32, selection_size=8,
-                         unipts=UniPTSConfig(search=False, iterations=2, batch_size=16))
+                         unipts=UniPTSConfig(search=False, iterations=2))
     with pytest.raises(OnnxSparseError, match=f"out of memory on cpu during {phase} with {flag} per batch; "
                                               f"lower {flag.split()[0]}"):
         prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds, config, progress=False)
@@ -124,7 +124,7 @@ def test_cuda_prune_verifies_on_cuda_provider_or_falls_back(tmp_path):
     feeds = [{"input": np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32)}
              for _ in range(4)]
     config = PruneConfig(sparsity=0.5, device="cuda", batch_size=16, selection_size=16,
-                         unipts=UniPTSConfig(generations=2, population=6, iterations=8, batch_size=16))
+                         unipts=UniPTSConfig(generations=2, population=6, iterations=8))
     result = prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds, config, progress=False)
     assert result.report["device"].startswith("cuda")
     # at least the allotted zeros: a reconstructed start may zero a kept weight too (an input that is always 0)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _config() -> PruneConfig:
     return PruneConfig(sparsity=0.7, seed=0, device="cpu", batch_size=16, selection_size=32, verify_size=32,
                        unipts=UniPTSConfig(generations=3, population=6, parents=2, crossover=2, mutation=2,
-                                           iterations=24, batch_size=16, fitness_samples=32))
+                                           iterations=24, fitness_samples=32))
 
 
 def _calib() -> list[dict[str, np.ndarray]]:

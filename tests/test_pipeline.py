@@ -91,3 +91,16 @@ def test_sparsity_zero_is_bit_identical_with_default_options(tmp_path):
     assert before.keys() == after.keys()
     for name, array in before.items():
         assert array.dtype == after[name].dtype and np.array_equal(array, after[name]), name
+
+
+def test_a_pruned_model_pruned_again_keeps_one_metadata_entry_per_key(tmp_path):
+    """The documented two-step path (prune, then ``prune --sparsity 0 --quantize int8`` on the result) reads
+    a model that already carries onnxsparse's metadata: the second run must update it, not duplicate it."""
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    prune(graphs.export_torch(graphs.tiny_cnn()), first, _feeds(), PruneConfig(sparsity=0.5, method="magnitude"),
+          progress=False)
+    prune(first, second, _feeds(), PruneConfig(sparsity=0.7, method="magnitude"), progress=False)
+    keys = [p.key for p in onnx.load(str(second)).metadata_props]
+    assert len(keys) == len(set(keys))
+    props = {p.key: p.value for p in onnx.load(str(second)).metadata_props}
+    assert float(props["onnxsparse.achieved_sparsity"]) == pytest.approx(0.7, abs=0.03)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import graphs
 from onnxsparse import PruneConfig, UniPTSConfig, prune
+from onnxsparse.data.calibration import default_held_out_size
 from onnxsparse.evaluate import compare
 from onnxsparse.errors import QualityGateFailed
 from onnxsparse.exporter.verify import output_agreement
@@ -146,9 +147,7 @@ def _decisions(info):
 
 def _poisoned(x: np.ndarray, seed: int) -> np.ndarray:
     """``x`` with the samples the verification split takes (the first of the seeded permutation) replaced."""
-    from onnxsparse.data.calibration import default_verify_size
-
-    index = np.random.default_rng(seed).permutation(len(x))[: default_verify_size(len(x))]
+    index = np.random.default_rng(seed).permutation(len(x))[: default_held_out_size(len(x))]
     out = x.copy()
     out[index] = np.random.default_rng(99).uniform(-50, 50, out[index].shape).astype(np.float32)
     return out

@@ -16,7 +16,7 @@ from onnxsparse_cli.main import main
 CONFIG = PruneConfig(
     sparsity=0.8, method="unipts", seed=1, device="cpu", checkpoint_every=1, batch_size=16,
     unipts=UniPTSConfig(population=4, generations=2, parents=2, crossover=1, mutation=1, iterations=12,
-                        batch_size=8, fitness_samples=32),
+                        fitness_samples=32),
 )
 
 
@@ -76,7 +76,7 @@ def test_resumed_run_of_the_counted_plan_gives_the_same_model(tmp_path, monkeypa
     np.save(calib, np.random.default_rng(0).standard_normal((200, 1, 12, 12)).astype(np.float32))
     config = PruneConfig(sparsity=0.8, seed=1, device="cpu", checkpoint_every=20, batch_size=16, selection_size=24,
                          unipts=UniPTSConfig(population=4, generations=1, parents=2, crossover=1, mutation=1,
-                                             batch_size=16, fitness_samples=32))
+                                             fitness_samples=32))
     whole = prune(model, tmp_path / "a.onnx", calib, config, run_dir=tmp_path / "run-a", progress=False)
     training = whole.report["method_info"]["training"]
     assert training["iterations"] == whole.report["method_info"]["allocation"]["plan"]["iterations"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from onnxsparse.errors import OnnxSparseError
 from onnxsparse.importer import import_model
 from onnxsparse.signals import describe_outputs
 from onnxsparse.metrics import Agreement
@@ -171,3 +172,11 @@ def test_flip_agreement_tells_mirror_sensitive_outputs_apart():
     assert flip_agreement(_Nhwc(_Head()), cls, nhwc, "nhwc") < FLIP_AGREEMENT
     dense = Signals([])
     assert flip_agreement(_Pooled(), dense, batches, "nchw") == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value", [True, False, None])
+def test_signals_must_be_a_description_not_a_bool(value):
+    with pytest.raises(OnnxSparseError, match=r"signals must be a Signals \(the per-output description .*got " + repr(value)):
+        Agreement(value)
+    with pytest.raises(OnnxSparseError, match="signals must be a Signals"):
+        Distillation(value, tau0=8.0, gamma=0.99, temperature=1.0)

@@ -313,7 +313,14 @@ def test_keep_counts_meet_the_macs_target():
         assert target <= removed < target + 0.05
         assert all(1 <= k <= analysis.groups[i].channels for i, k in kept.items())
         kept16 = select.scale_to_target(analysis, {g.index: 1.0 for g in analysis.prunable()}, target, 16)
-        assert 1 - analysis.macs_after(kept16) / analysis.total_macs >= target
+        removed16 = 1 - analysis.macs_after(kept16) / analysis.total_macs
+        assert target <= removed16
+        # no single step of 16 channels can be given back without falling below the target
+        for i, k in kept16.items():
+            c = analysis.groups[i].channels
+            step = 16 if c % 16 == 0 else 1
+            if k + step <= c:
+                assert 1 - analysis.macs_after({**kept16, i: k + step}) / analysis.total_macs < target
         assert all(k % 16 == 0 for i, k in kept16.items() if analysis.groups[i].channels % 16 == 0)
 
 

@@ -17,9 +17,9 @@ from torch.nn.utils import parametrize
 import graphs
 from onnxsparse.config import PruneConfig, UniPTSConfig
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer
 from onnxsparse.methods.unipts.dst import TrainPlan, lr_at, train
-from onnxsparse.signals import raw_output_kind
+from onnxsparse.signals import OutputSignal, Signals, raw_output_kind
 from onnxsparse.metrics import Agreement
 from onnxsparse.methods.unipts.objective import (
     Distillation,
@@ -35,6 +35,10 @@ from onnxsparse.methods.unipts.search import (
     reduce_regrow,
 )
 from onnxsparse.sparsity.masks import attach_masks, bake_masks, current_masks, magnitude_mask
+
+# One class-logit output compared as itself; every output dense.
+CLASS_LOGITS = Signals([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)])
+DENSE = Signals([])
 
 
 # ------------------------------------------------------------------------------------------ allocation
@@ -102,7 +106,7 @@ def test_search_keeps_random_children_and_is_deterministic():
 
     def evaluate(zeros):
         seen.append(zeros.tobytes())
-        agreement = Agreement(False)
+        agreement = Agreement(DENSE)
         agreement.add([torch.tensor([float(zeros[0])])], [torch.tensor([0.0])])  # prefers few zeros in layer 0
         return agreement
 
@@ -192,7 +196,7 @@ def test_base_decayed_kl_equals_direct_computation():
     log_p = torch.log_softmax(z_s, 1)
     direct = (q * (torch.log(q) - log_p / tau)).sum() * T * T / 5
     torch.testing.assert_close(base_decayed_kl(z_s, z_t, tau, T), direct)
-    loss = Distillation(True, tau0=8.0, gamma=0.99, temperature=4.0)
+    loss = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=4.0)
     torch.testing.assert_close(loss([z_s], [z_t], 3), direct)
     ref = F.kl_div(F.log_softmax(z_s, 1) / tau, F.softmax(z_t / T, 1), reduction="sum") * T ** 2 / 5
     torch.testing.assert_close(loss([z_s], [z_t], 3), ref)
@@ -207,8 +211,9 @@ def test_feature_term_adds_the_layer_outputs_distance():
     with torch.no_grad():
         student[0].weight[:, :3] = 0.0  # the first layer's output moves, and so does the last one's
     batch = (torch.randn(16, 6),)
-    plain = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0)
-    both = Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5, feature_paths=["0", "2"])
+    plain = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0)
+    both = Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=0.5,
+                        feature_paths=["0", "2"])
     outputs = plain.forward(student, student, teacher, batch, 0)
     with torch.no_grad():
         h_s, h_t = student[0](batch[0]), teacher[0](batch[0])
@@ -218,16 +223,15 @@ def test_feature_term_adds_the_layer_outputs_distance():
     torch.testing.assert_close(both.forward(student, student, teacher, batch, 0), outputs + 0.5 * layer_term)
     # the hooks are gone afterwards, and a zero weight taps nothing
     assert not student[0]._forward_hooks and not teacher[0]._forward_hooks  # noqa: SLF001
-    assert Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_paths=["0"]).feature_paths == ()
+    assert Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_paths=["0"]).feature_paths == ()
     # the layer term alone (its path only) sends a gradient to the first layer
     student.zero_grad()
-    Distillation(True, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=1.0,
+    Distillation(CLASS_LOGITS, tau0=8.0, gamma=0.99, temperature=1.0, feature_weight=1.0,
                  feature_paths=["0"]).forward(student, student, teacher, batch, 0).backward()
     assert student[0].weight.grad.abs().sum() > 0
 
 
 def test_per_sample_distances_average_to_the_score_and_pair_up():
-    from onnxsparse.signals import OutputSignal, Signals
     from onnxsparse.metrics import PairedComparison, paired_improvement
 
     g = torch.Generator().manual_seed(0)
@@ -303,7 +307,7 @@ def test_lr_schedule_warmup_and_cosine():
 
 class _NanAfter(Distillation):
     def __init__(self, bad_calls):
-        super().__init__(True, tau0=8.0, gamma=0.9, temperature=4.0)
+        super().__init__(CLASS_LOGITS, tau0=8.0, gamma=0.9, temperature=4.0)
         self.calls = 0
         self.bad_calls = bad_calls
 
@@ -329,10 +333,11 @@ def test_training_reduces_distillation_loss():
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    selection = SelectionScorer(teacher, lambda: [b for b in batches(0)], signals=True, autocast=contextlib.nullcontext)
+    selection = AgreementScorer(teacher, lambda: [b for b in batches(0)], signals=CLASS_LOGITS,
+                                autocast=contextlib.nullcontext)
     before = selection(student).mean_kl
     plan = TrainPlan(iterations=60, iterations_per_epoch=4, warmup=4, lr=0.05, momentum=0.9, weight_decay=0.0)
-    loss = Distillation(False, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
+    loss = Distillation(DENSE, tau0=8.0, gamma=0.9, temperature=4.0)  # plain matching: the NMSE fallback
     result = train(student, teacher, batches, loss, plan, selection=selection, autocast=contextlib.nullcontext)
     assert len(result.curve) == 15
     assert result.curve[-1]["loss"] < result.curve[0]["loss"]
@@ -340,8 +345,7 @@ def test_training_reduces_distillation_loss():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-TINY = dict(population=4, generations=2, parents=2, crossover=2, mutation=1, epochs=2.0, fitness_samples=32,
-            batch_size=16)
+TINY = dict(population=4, generations=2, parents=2, crossover=2, mutation=1, epochs=2.0, fitness_samples=32)
 
 
 @pytest.mark.parametrize("keep_bn", [False, True], ids=["bn_folded", "bn_kept"])
@@ -351,7 +355,7 @@ def test_end_to_end_tiny_cnn(tmp_path, keep_bn):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=keep_bn), path)
     x = np.random.default_rng(0).standard_normal((96, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.9, selection_size=16, verify_size=16, unipts=UniPTSConfig(**TINY))
+    config = PruneConfig(sparsity=0.9, batch_size=16, selection_size=16, verify_size=16, unipts=UniPTSConfig(**TINY))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     report = result.report
     assert report["verification"]["export_max_rel_error"] < 1e-3
@@ -390,7 +394,7 @@ def test_same_seed_same_result(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     runs = []
     for name in ("a.onnx", "b.onnx"):
         prune(path, tmp_path / name, {"input": x}, config, progress=False)
@@ -405,7 +409,7 @@ def test_end_to_end_non_logit_output_uses_normalised_mse(tmp_path):
     path = tmp_path / "conv.onnx"
     onnx.save(graphs.conv_bn_relu(), path)
     x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, batch_size=16, selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, None, {"x": x}, config, progress=False)
     info = result.report["method_info"]
     assert info["training"]["loss"].startswith("normalised MSE") and not info["training"]["logits"]
@@ -430,7 +434,8 @@ def test_end_to_end_2_4_pattern(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(graphs.export_torch(graphs.tiny_cnn()), path)
     x = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.5, pattern="2:4", selection_size=16, unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
+    config = PruneConfig(sparsity=0.5, batch_size=16, pattern="2:4", selection_size=16,
+                         unipts=UniPTSConfig(**{**TINY, "epochs": 1.0}))
     result = prune(path, tmp_path / "out.onnx", {"input": x}, config, progress=False)
     info = result.report["method_info"]["allocation"]
     assert not info["ran"] and info["chosen"] == "pattern" and info["pattern"] == "2:4"
@@ -459,7 +464,8 @@ def test_augmentation_on_image_folders_measures_the_flip(tmp_path):
         Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
     seen = {}
     for augment in (False, True):
-        config = PruneConfig(sparsity=0.7, selection_size=16, unipts=UniPTSConfig(**{**TINY, "augment": augment}))
+        config = PruneConfig(sparsity=0.7, batch_size=16, selection_size=16,
+                             unipts=UniPTSConfig(**{**TINY, "augment": augment}))
         result = prune(path, tmp_path / f"{augment}.onnx", folder, config, progress=False)
         seen[augment] = result.report["method_info"]["training"]
     assert seen[False]["augment"] is False and seen[False]["flip"] is False and seen[False]["flip_agreement"] is None
@@ -520,7 +526,7 @@ def test_quick_recipe_gives_the_same_bytes_under_load(tmp_path):
     onnx.save(graphs.export_torch(graphs.tiny_cnn(), keep_bn=True), path)
     x = np.random.default_rng(0).standard_normal((160, 1, 12, 12)).astype(np.float32)
     tiny = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's own plan
-    config = PruneConfig(sparsity=0.8, device="cpu", unipts=UniPTSConfig(**tiny))
+    config = PruneConfig(sparsity=0.8, batch_size=16, device="cpu", unipts=UniPTSConfig(**tiny))
     quiet = prune(path, tmp_path / "quiet.onnx", {"input": x}, config, progress=False).report["method_info"]
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:

@@ -1,24 +1,24 @@
-"""Loading calibration data from any supported source into a train/selection CalibrationSet."""
+"""Loading calibration data from any supported source, and splitting it into a train/selection/verification
+:class:`~onnxsparse.data.calibration_set.CalibrationSet`."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
-from onnxsparse.data.augment import augment_batch
+from onnxsparse.data.calibration_set import CalibrationSet
 from onnxsparse.data.images import IMAGE_EXTENSIONS, DecodeStats, decode_files, is_image_file
-from onnxsparse.data.preprocess import PreprocessConfig, is_int, positive_int, resolve_preprocess
+from onnxsparse.data.preprocess_options import PreprocessConfig
+from onnxsparse.data.preprocess_resolution import resolve_preprocess
 from onnxsparse.data.spec import InputSpec, input_specs
 from onnxsparse.data.tensors import (
     FeedCollector,
@@ -29,12 +29,9 @@ from onnxsparse.data.tensors import (
     reader_items,
 )
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import is_int, optional_int_at_least
 
 log = logging.getLogger(__name__)
-
-# train: what methods fit on; selection: every choice a method makes (correction, start, keep rule); verification:
-# the quality gate and the report's headline agreement alone. Disjoint; methods are handed no verification samples.
-SPLITS = ("train", "selection", "verification")
 
 # Decoded images kept in memory when max_samples is not given (train + selection, float32).
 DEFAULT_IMAGE_CACHE_BYTES = 2 * 1024**3
@@ -42,190 +39,10 @@ DEFAULT_IMAGE_CACHE_BYTES = 2 * 1024**3
 MIN_SAMPLES = 2
 
 
-def default_selection_size(n: int) -> int:
-    """10% of the samples, at least 32 and at most 1000, and never more than a third of them (the selection and
-    the verification split take this much each; training keeps the rest)."""
+def default_held_out_size(n: int) -> int:
+    """The default size of the selection split and of the verification split, each: 10% of the samples, at least 32
+    and at most 1000, and never more than a third of them (training keeps the rest)."""
     return min(max(math.ceil(0.1 * n), 32), 1000, n // 3)
-
-
-default_verify_size = default_selection_size
-
-
-def check_batch_size(n_samples: int, batch_size: int, *, split: str = "train") -> None:
-    """Raise if a split is too small for a step that needs full batches of ``batch_size``."""
-    positive_int(batch_size, "--batch-size")
-    if n_samples < batch_size:
-        raise OnnxSparseError(
-            f"the calibration {split} split has {n_samples} sample(s), fewer than the batch size {batch_size}; "
-            "add calibration data, lower --batch-size, or lower the selection size"
-        )
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """Preprocessed calibration tensors split into three disjoint parts: training, selection and verification.
-
-    Arrays are float32 in the model's layout (integer and bool inputs: exactly their declared dtype),
-    keyed by input name, in ``input_names`` order. Methods train on ``train`` and make every choice on
-    ``selection``; ``verification`` is read by the quality gate alone, and :meth:`without_verification` is
-    what a method is handed. Augmentation touches the training split only.
-    ``layouts`` names the layout of each image input (needed to augment); ``dtypes`` holds the
-    declared element type of each input (``feeds`` casts to it).
-    """
-
-    train: dict[str, np.ndarray]
-    selection: dict[str, np.ndarray]
-    input_names: tuple[str, ...]
-    augment: bool
-    pipeline: dict
-    skipped: dict
-    layouts: dict[str, str] = field(default_factory=dict)
-    dtypes: dict[str, np.dtype] = field(default_factory=dict)
-    verification: dict[str, np.ndarray] | None = None  # None: no verification samples
-
-    def __post_init__(self) -> None:
-        names = tuple(self.input_names)
-        object.__setattr__(self, "input_names", names)
-        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            raise OnnxSparseError(f"input_names must be distinct strings, got {names!r}")
-        if self.verification is None and isinstance(self.train, Mapping):
-            object.__setattr__(self, "verification", {
-                name: a[:0] for name, a in self.train.items() if isinstance(a, np.ndarray)})
-        for split in SPLITS:
-            arrays = getattr(self, split)
-            if set(arrays) != set(names):
-                raise OnnxSparseError(f"{split} has arrays for {sorted(arrays)}, expected {list(names)}")
-            counts = set()
-            for name in names:
-                array = arrays[name]
-                declared = np.dtype(self.dtypes.get(name, np.float32))
-                exact = declared.kind in "iub" and isinstance(array, np.ndarray) and array.dtype == declared
-                if not isinstance(array, np.ndarray) or not (array.dtype == np.float32 or exact) or array.ndim < 1:
-                    raise OnnxSparseError(
-                        f"{split}[{name!r}] must be a numpy array with a batch axis, float32 (or the declared "
-                        f"integer dtype {declared} for an integer input), got "
-                        + (f"{array.dtype} of rank {array.ndim}" if isinstance(array, np.ndarray) else type(array).__name__)
-                    )
-                counts.add(len(array))
-            if len(counts) != 1:
-                raise OnnxSparseError(f"{split} inputs have different sample counts: {sorted(counts)}")
-        for name in names:
-            for split in SPLITS[1:]:
-                if self.train[name].shape[1:] != getattr(self, split)[name].shape[1:]:
-                    raise OnnxSparseError(
-                        f"train and {split} samples of {name!r} differ in shape: "
-                        f"{self.train[name].shape[1:]} vs {getattr(self, split)[name].shape[1:]}"
-                    )
-        if not isinstance(self.augment, bool):
-            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
-        if self.augment and not (len(names) == 1 and self.layouts.get(names[0]) in ("nchw", "nhwc")):
-            raise OnnxSparseError("augmentation needs exactly one image input with a known layout (nchw or nhwc)")
-        try:
-            json.dumps(self.pipeline)
-        except (TypeError, ValueError) as exc:
-            raise OnnxSparseError(f"pipeline must be JSON-serialisable: {exc}") from None
-
-    @property
-    def n_train(self) -> int:
-        return len(self.train[self.input_names[0]])
-
-    @property
-    def n_selection(self) -> int:
-        return len(self.selection[self.input_names[0]])
-
-    @property
-    def n_verification(self) -> int:
-        return len(self.verification[self.input_names[0]])
-
-    def without_verification(self) -> CalibrationSet:
-        """This set with an empty verification split: what a method (anything that decides) is handed."""
-        return dataclasses.replace(self, verification={n: a[:0] for n, a in self.verification.items()})
-
-    def _arrays(self, split: str) -> dict[str, np.ndarray]:
-        if split not in SPLITS:
-            raise OnnxSparseError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        return getattr(self, split)
-
-    def check_batch_size(self, batch_size: int, split: str = "train") -> None:
-        """Raise if ``split`` has fewer samples than ``batch_size``."""
-        check_batch_size(len(self._arrays(split)[self.input_names[0]]), batch_size, split=split)
-
-    def batches(
-        self,
-        split: str,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        augment: bool = False,
-        flip: bool = True,
-        device: torch.device | str = "cpu",
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        resident: dict[str, torch.Tensor] | None = None,
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Batches of torch tensors in ``input_names`` order, on ``device``.
-
-        ``shuffle`` permutes the order with ``seed``; augmentation applies when ``augment`` is True,
-        the set allows it (``self.augment``) and the split is "train" (never the selection); ``flip`` adds the
-        horizontal flip to the crop (off for models whose outputs a mirrored input changes). With
-        ``world_size`` > 1 the (shuffled) order is padded by wrapping around to a multiple of
-        ``world_size`` and rank ``rank`` takes every ``world_size``-th sample, so all ranks get the
-        same number of batches. ``resident`` (from :meth:`resident`) serves the same batches by indexing
-        tensors already on ``device`` instead of gathering and copying from the host.
-        """
-        arrays = self._arrays(split)
-        positive_int(batch_size, "batch_size")
-        if not is_int(world_size) or world_size < 1 or not is_int(rank) or not 0 <= rank < world_size:
-            raise OnnxSparseError(f"rank must be in 0..world_size-1 with world_size >= 1, got {rank}/{world_size}")
-        device = torch.device(device)
-        n = len(arrays[self.input_names[0]])
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        if world_size > 1 and n > 0:
-            order = np.resize(order, math.ceil(n / world_size) * world_size)[rank::world_size]
-        use_augment = bool(augment) and self.augment and split == "train"
-        generator = None
-        if use_augment:
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-        pin = device.type == "cuda"
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            if drop_last and len(index) < batch_size:
-                break
-            tensors = []
-            for name in self.input_names:
-                if resident is not None:
-                    tensor = resident[name][torch.from_numpy(index).to(resident[name].device)]
-                elif pin:
-                    tensor = torch.from_numpy(arrays[name][index]).pin_memory().to(device, non_blocking=True)
-                else:
-                    tensor = torch.from_numpy(arrays[name][index]).to(device)
-                if generator is not None:
-                    tensor = augment_batch(tensor, generator, self.layouts[name], flip=flip)
-                tensors.append(tensor)
-            yield tuple(tensors)
-
-    def resident(self, split: str, device: torch.device | str, max_bytes: int) -> dict[str, torch.Tensor] | None:
-        """The whole ``split`` as tensors on ``device`` for :meth:`batches`, or None above ``max_bytes``."""
-        arrays = self._arrays(split)
-        if sum(a.nbytes for a in arrays.values()) > max_bytes:
-            return None
-        return {name: torch.from_numpy(arrays[name]).to(device) for name in self.input_names}
-
-    def feeds(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """onnxruntime feed dicts in stored order, cast to each input's declared dtype, no augmentation."""
-        positive_int(batch_size, "batch_size")
-        return feed_batches(self._arrays(split), self.dtypes, batch_size)
-
-
-def feed_batches(arrays: dict[str, np.ndarray], dtypes: dict[str, np.dtype],
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Feed dicts of ``batch_size`` samples in stored order, each input cast to its dtype (default float32)."""
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch_size):
-        yield {name: a[start : start + batch_size].astype(dtypes.get(name, np.float32), copy=False)
-               for name, a in arrays.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +134,7 @@ def _split_sizes(
 
     ``max_samples`` caps the samples used (all three splits); without it, ``cap`` does (the memory
     budget for decoded images). The selection and verification sizes default to
-    :func:`default_selection_size` of that.
+    :func:`default_held_out_size` of that.
     """
     if n < MIN_SAMPLES:
         raise OnnxSparseError(
@@ -338,8 +155,8 @@ def _split_sizes(
             "using %d of %d samples to keep decoded images within %.1f GiB; pass max_samples to change",
             use, n, DEFAULT_IMAGE_CACHE_BYTES / 1024**3,
         )
-    selection = default_selection_size(use) if selection_size is None else selection_size
-    verification = default_verify_size(use) if verify_size is None else verify_size
+    selection = default_held_out_size(use) if selection_size is None else selection_size
+    verification = default_held_out_size(use) if verify_size is None else verify_size
     if selection + verification >= use:
         used = f"{where} has {n} sample(s)" + (f", {use} used (max_samples)" if use < n else "")
         raise OnnxSparseError(
@@ -355,12 +172,9 @@ def _validate_args(
 ) -> None:
     if not isinstance(preprocess, PreprocessConfig):
         raise OnnxSparseError(f"preprocess must be a PreprocessConfig, got {type(preprocess).__name__}")
-    if max_samples is not None:
-        positive_int(max_samples, "--max-samples")
-    if selection_size is not None and (not is_int(selection_size) or selection_size < 0):
-        raise OnnxSparseError(f"--selection-size must be an integer >= 0, got {selection_size!r}")
-    if verify_size is not None and (not is_int(verify_size) or verify_size < 0):
-        raise OnnxSparseError(f"--verify-size must be an integer >= 0, got {verify_size!r}")
+    optional_int_at_least(max_samples, "--max-samples")
+    optional_int_at_least(selection_size, "--selection-size", minimum=0)
+    optional_int_at_least(verify_size, "--verify-size", minimum=0)
     if not is_int(seed):
         raise OnnxSparseError(f"--seed must be an integer, got {seed!r}")
 

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import one_of
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,7 @@ class InputSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise OnnxSparseError(f"input name must be a non-empty string, got {self.name!r}")
-        if self.layout not in LAYOUTS:
-            raise OnnxSparseError(
-                f"layout of input {self.name!r} must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"
-            )
+        one_of(self.layout, f"layout of input {self.name!r}", LAYOUTS)
         shape = tuple(self.shape)
         for dim in shape:
             if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 0):

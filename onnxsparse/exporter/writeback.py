@@ -148,15 +148,21 @@ def write_back(imported: ImportedModel, module: nn.Module, metadata: dict[str, s
         changed.append(tracked.source.name)
     if external:
         _stream_external(model, imported.base_dir, data_file, streamed, module, changed)
-    if metadata:
-        props = {p.key: p.value for p in model.metadata_props}
-        props.update(metadata)
-        del model.metadata_props[:]
-        for key, value in props.items():
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
+    for key, value in (metadata or {}).items():
+        set_metadata(model, key, value)
     logger.info("wrote back %d changed tensor(s)", len(changed))
     return model, changed
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set one ``metadata_props`` entry in place: a model pruned again keeps one entry per key (the ONNX checker
+    refuses duplicates), in its original position."""
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
 
 
 _PLAIN = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,

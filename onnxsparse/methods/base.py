@@ -19,7 +19,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import ImportedModel
 from onnxsparse.signals import Signals
 from onnxsparse.sparsity.correction import CorrectionChoice, CorrectionReport, choose_correction, correction_modes
-from onnxsparse.methods.scoring import FixedBatches, SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer, FixedBatches
 from onnxsparse.signals import describe_outputs
 
 if TYPE_CHECKING:
@@ -58,8 +58,8 @@ class PruneContext:
             split = "selection" if self.calib.n_selection > 0 else "train"
             n = self.calib.n_selection if split == "selection" else min(self.calib.n_train, FALLBACK_SELECTION_SAMPLES)
             source = FixedBatches(self, split, n, self.config.batch_size)
-            self._scorer = SelectionScorer(self.teacher, source, signals=self.output_signals(),
-                                         autocast=contextlib.nullcontext)
+            self._scorer = AgreementScorer(self.teacher, source, signals=self.output_signals(),
+                                           autocast=contextlib.nullcontext)
             self._scorer.split = split if split == "selection" else "train (no selection split)"
         return self._scorer
 

@@ -76,7 +76,7 @@ class _Unfold:
     features_axis: int = -1  # axis of the activation holding the input features (-1 or -2)
 
 
-def _plan(layer: PrunableLayer, module: nn.Module, weight: torch.Tensor) -> _Unfold | str:
+def _unfolding_or_reason(layer: PrunableLayer, module: nn.Module, weight: torch.Tensor) -> _Unfold | str:
     """The unfolding for ``layer``, or why it cannot be reconstructed."""
     if layer.weight.shared:
         return "weight shared by several nodes"
@@ -439,7 +439,7 @@ def reconstruct_layer(ctx: PruneContext, layer: PrunableLayer, sparsity: float, 
     start = time.perf_counter()
     weight = layer.weight.get(ctx.student)
     module = ctx.student.get_submodule(layer.module_path)
-    plan = _plan(layer, module, weight)
+    plan = _unfolding_or_reason(layer, module, weight)
     if isinstance(plan, str):
         return {"layer": layer.name, "fitted": False, "reason": plan,
                 "mask": _prune_by_magnitude(weight, sparsity, fixed_mask)}

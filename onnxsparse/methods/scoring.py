@@ -45,11 +45,12 @@ class FixedBatches:
         return self.cached if self.cached is not None else take_samples(self._read(), self.n)
 
 
-class SelectionScorer:
-    """Agreement of the student with teacher outputs cached once, on a fixed list of batches."""
+class AgreementScorer:
+    """Agreement of the student with teacher outputs cached once, on a fixed list of batches (the selection split's,
+    or training samples: the allocation search's fitness)."""
 
     def __init__(self, teacher: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], *,
-                 signals: Signals | bool, autocast: Callable[[], contextlib.AbstractContextManager]):
+                 signals: Signals, autocast: Callable[[], contextlib.AbstractContextManager]):
         self.batches = batches
         self.signals = Signals.of(signals)
         self.autocast = autocast

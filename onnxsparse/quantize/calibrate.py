@@ -15,6 +15,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ class Calibration:
 
     def cache(self, method: str) -> Path:
         """The range cache of ``method``; quantize_static fills it on first use and reads it afterwards."""
-        if method not in METHODS:
-            raise OnnxSparseError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+        one_of(method, "calibration method", tuple(METHODS))
         return self.workdir / f"ranges-{method}.json"
 
     def reader(self, method: str) -> FeedReader | None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import int_at_least
 
 Clock = Callable[[], float]
 
@@ -37,8 +37,7 @@ class Latency:
 
 def cpu_session(model: onnx.ModelProto | str | os.PathLike, threads: int) -> ort.InferenceSession:
     """A CPU session with every graph optimisation (the deployed form) and ``threads`` intra-op threads."""
-    if not isinstance(threads, int) or threads < 1:
-        raise OnnxSparseError(f"threads must be an integer >= 1, got {threads!r}")
+    int_at_least(threads, "threads")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

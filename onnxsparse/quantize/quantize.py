@@ -22,6 +22,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ class Int8Settings:
     exclude: tuple[str, ...] = field(default=())  # names of nodes kept in float
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise OnnxSparseError(f"calibration method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        one_of(self.method, "calibration method", tuple(METHODS))
 
     def excluding(self, nodes) -> Int8Settings:
         return Int8Settings(self.method, self.op_types, tuple(dict.fromkeys((*self.exclude, *nodes))))

@@ -26,6 +26,7 @@ from torch import nn
 
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.state import copy_state, load_state
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -307,8 +308,8 @@ def relative_batchnorm(student: nn.Module, teacher: nn.Module, inputs: tuple[tor
     return len(names), int(inputs[0].shape[0])
 
 
-# The statistics corrections a run can choose between (sparsity.correction.choose), cheapest first: a tie
-# keeps the earlier one, so "none" wins wherever no correction helps.
+# The statistics corrections a run can choose between (:func:`choose_correction`), cheapest first: a tie keeps the
+# earlier one, so "none" wins wherever no correction helps.
 MODES_BATCHNORM = ("none", "channel", "relative", "reestimate")
 MODES_PLAIN = ("none", "channel")
 
@@ -317,6 +318,56 @@ def correction_modes(has_batchnorm: bool, layers: list[PrunableLayer]) -> tuple[
     if has_batchnorm:
         return MODES_BATCHNORM if any(correctable(layer) for layer in layers) else ("none", "relative", "reestimate")
     return MODES_PLAIN
+
+
+# (student, teacher, channel_inputs, bn_batches) -> (BatchNorm layers, samples), None where its data is not given
+_BatchnormStep = Callable[..., "tuple[int, int] | None"]
+
+
+def _relative_step(student, teacher, channel_inputs, bn_batches) -> tuple[int, int] | None:
+    return relative_batchnorm(student, teacher, channel_inputs) if channel_inputs is not None else None
+
+
+def _reestimate_step(student, teacher, channel_inputs, bn_batches) -> tuple[int, int] | None:
+    return reestimate_batchnorm(student, bn_batches()) if bn_batches is not None else None
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """What one correction mode does: a BatchNorm step (None: none), then the per-channel fit of the layers not
+    followed by BatchNorm, or not."""
+
+    batchnorm: _BatchnormStep | None
+    channel_fit: bool
+
+
+_MODES = {
+    "none": _Mode(None, channel_fit=False),
+    "channel": _Mode(None, channel_fit=True),
+    "relative": _Mode(_relative_step, channel_fit=True),  # dense-relative BatchNorm, then channel
+    "reestimate": _Mode(_reestimate_step, channel_fit=True),  # BatchNorm re-estimated, then channel
+}
+
+
+def check_correction_mode(mode: object) -> str:
+    """``mode``, when it names a correction mode."""
+    return one_of(mode, "correction mode", tuple(_MODES))
+
+
+def _batchnorm_step(
+    mode: str,
+    student: nn.Module,
+    teacher: nn.Module,
+    channel_inputs: tuple[torch.Tensor, ...] | None,
+    bn_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None,
+) -> tuple[_Mode, CorrectionReport]:
+    """Run ``mode``'s BatchNorm step on ``student``; its description and the report of what the step did."""
+    spec = _MODES[check_correction_mode(mode)]
+    report = CorrectionReport()
+    counts = spec.batchnorm(student, teacher, channel_inputs, bn_batches) if spec.batchnorm is not None else None
+    if counts is not None:
+        report.batchnorm_layers, report.batchnorm_samples = counts
+    return spec, report
 
 
 @torch.no_grad()
@@ -334,16 +385,9 @@ def apply_correction(
     ``relative`` (dense-relative BatchNorm, then channel); ``reestimate`` (BatchNorm re-estimated on the
     calibration data, then channel). ``dense``: the teacher's channel statistics on ``channel_inputs``
     (:func:`dense_channel_stats`), if already computed."""
-    report = CorrectionReport()
-    if mode == "none":
-        return report
-    if mode == "relative" and channel_inputs is not None:
-        report.batchnorm_layers, report.batchnorm_samples = relative_batchnorm(student, teacher, channel_inputs)
-    elif mode == "reestimate" and bn_batches is not None:
-        report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches)
-    elif mode not in ("channel", "relative", "reestimate"):
-        raise ValueError(f"unknown correction mode {mode!r}")
-    if channel_inputs is not None:
+    spec, report = _batchnorm_step(mode, student, teacher, channel_inputs,
+                                   None if bn_batches is None else lambda: bn_batches)
+    if spec.channel_fit and channel_inputs is not None:
         fit_channel_correction(student, teacher, layers, channel_inputs, report, dense=dense)
     return report
 
@@ -395,22 +439,16 @@ def choose_correction(
     scores: dict[str, float] = {}
     for mode in modes:
         load_state(student, start)
-        report = CorrectionReport()
-        if mode == "relative" and channel_inputs is not None:
-            report.batchnorm_layers, report.batchnorm_samples = relative_batchnorm(student, teacher, channel_inputs)
-        elif mode == "reestimate" and bn_batches is not None:
-            report.batchnorm_layers, report.batchnorm_samples = reestimate_batchnorm(student, bn_batches())
-        elif mode not in ("none", "channel", "relative", "reestimate"):
-            raise ValueError(f"unknown correction mode {mode!r}")
+        spec, report = _batchnorm_step(mode, student, teacher, channel_inputs, bn_batches)
         fitted = fit_channel_affine(student, teacher, layers, channel_inputs, dense=dense) \
-            if mode != "none" and channel_inputs is not None else {}
+            if spec.channel_fit and channel_inputs is not None else {}
         with channel_affine_applied(student, layers, fitted):
             scores[mode] = float(score())
-        trials[mode] = (_batchnorm_state(student) if mode in ("relative", "reestimate") else start, fitted, report)
+        trials[mode] = (_batchnorm_state(student) if spec.batchnorm is not None else start, fitted, report)
     best = max(modes, key=lambda m: (scores[m], -modes.index(m)))
     state, fitted, report = trials[best]
     load_state(student, state)
-    if best != "none" and channel_inputs is not None:
+    if _MODES[best].channel_fit and channel_inputs is not None:
         fold_channel_affine(student, layers, fitted, report, int(channel_inputs[0].shape[0]))
     logger.info("statistics correction: %s (%s)", best, ", ".join(f"{m} {v:.4g}" for m, v in scores.items()))
     return CorrectionChoice(best, scores, report, measured_on)

@@ -30,6 +30,7 @@ import torch
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.graph import PrunableLayer
 from onnxsparse.sparsity.masks import magnitude_mask
+from onnxsparse.validate import check, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def format_pattern(nm: tuple[int, int] | None) -> str:
 
 
 def _check_nm_args(n, m) -> None:
-    ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (n, m)) and 0 < n < m
-    if not ok:
-        raise OnnxSparseError(f"N:M pattern needs integers 0 < N < M, got {n!r}:{m!r}")
+    check(is_int(n) and is_int(m) and 0 < n < m, f"N:M pattern needs integers 0 < N < M, got {n!r}:{m!r}")
 
 
 def _check_axis(shape: tuple[int, ...], m: int, axis: int) -> int:

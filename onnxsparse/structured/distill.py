@@ -72,7 +72,7 @@ def distill(ctx, selection, *, budget: float | None) -> dict:
     losses = []
     for epoch in range(planned):
         total, count = 0.0, 0
-        for batch in ctx.train_batches(min(cfg.batch_size, ctx.calib.n_train), shuffle=True,
+        for batch in ctx.train_batches(min(ctx.config.batch_size, ctx.calib.n_train), shuffle=True,
                                        seed=ctx.config.seed + epoch):
             for group in opt.param_groups:  # cosine over the planned epochs
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * min(1.0, (epoch + count / 1e9) / planned)))

@@ -25,7 +25,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.shrink import shrink
 from onnxsparse.structured import select
 from onnxsparse.structured.groups import ChannelAnalysis, analyse
-from onnxsparse.data.calibration import feed_batches
+from onnxsparse.data.calibration_set import feed_batches
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.structured.groups import ChannelAnalysis, ChannelGroup, tensors_of
+from onnxsparse.validate import one_of
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ def importance(model: onnx.ModelProto, analysis: ChannelAnalysis, kind: str = "l
     ``activation``: for every consumer, ``||W[:, c]|| * rms(x_c)`` over the calibration data (the consumer's
     output that channel carries), normalised by the consumer's total, summed over consumers.
     """
-    if kind not in IMPORTANCE:
-        raise OnnxSparseError(f"channel importance must be one of {', '.join(IMPORTANCE)}, got {kind!r}")
+    one_of(kind, "channel importance", IMPORTANCE)
     tensors = tensors_of(model)
     arrays: dict[str, np.ndarray] = {}
 
@@ -266,7 +266,29 @@ def scale_to_target(analysis: ChannelAnalysis, weights: Mapping[int, float], tar
         else:
             hi = mid
     a = lo  # the largest scale that still removes at least ``target`` (or all it can)
-    return kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()}, multiple)
+    kept = kept_for_ratios(analysis, {i: min(1.0, max(0.0, a * w)) for i, w in weights.items()}, multiple)
+    return _give_back(analysis, kept, target, multiple)
+
+
+def _give_back(analysis: ChannelAnalysis, kept: dict[int, int], target: float, multiple: int) -> dict[int, int]:
+    """Channels given back one step (``multiple`` or one) at a time while the model still loses ``target`` of its
+    MACs, cheapest step first: with few, small groups one scale step can overshoot the target by 10 points."""
+    total = analysis.total_macs
+    kept = dict(kept)
+    while True:
+        best, best_removed = None, None
+        for i, k in kept.items():
+            c = analysis.groups[i].channels
+            step = multiple if multiple > 1 and c % multiple == 0 else 1
+            if k + step > c:
+                continue
+            trial = {**kept, i: k + step}
+            r = 1.0 - analysis.macs_after(trial) / total
+            if r >= target and (best_removed is None or r > best_removed):
+                best, best_removed = trial, r
+        if best is None:
+            return kept
+        kept = best
 
 
 def choose(scores: Mapping[int, np.ndarray], kept: Mapping[int, int]) -> dict[int, list[int]]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from onnxsparse.distributed import DistContext
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer
 from onnxsparse.methods.unipts.candidate import Candidate, materialise
 from onnxsparse.methods.unipts.objective import Distillation
 
@@ -110,7 +110,7 @@ def train(
     loss_fn: Distillation,
     plan: TrainPlan,
     *,
-    selection: SelectionScorer | None,
+    selection: AgreementScorer | None,
     autocast: Callable[[], contextlib.AbstractContextManager],
     progress=None,
     resume: dict | None = None,

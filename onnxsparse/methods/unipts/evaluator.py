@@ -11,11 +11,11 @@ from torch import nn
 
 from onnxsparse.device import oom_phase
 from onnxsparse.graph import PrunableLayer
-from onnxsparse.methods.scoring import SelectionScorer
+from onnxsparse.methods.scoring import AgreementScorer
 from onnxsparse.methods.unipts.candidate import Candidate, materialise
 from onnxsparse.metrics import Agreement
 from onnxsparse.signals import Signals
-from onnxsparse.sparsity.correction import apply_correction, dense_channel_stats
+from onnxsparse.sparsity.correction import apply_correction, check_correction_mode, dense_channel_stats
 
 
 class FitnessEvaluator:
@@ -35,7 +35,7 @@ class FitnessEvaluator:
         layers: Sequence[PrunableLayer],
         batches: list[tuple[torch.Tensor, ...]],
         *,
-        signals: Signals | bool,
+        signals: Signals,
         has_batchnorm: bool,
         channel_inputs: tuple[torch.Tensor, ...] | None,
         autocast: Callable[[], object],
@@ -58,7 +58,7 @@ class FitnessEvaluator:
                 layer.name: torch.argsort(layer.weight.get(student).detach().abs().flatten(), stable=True)
                 for layer in self.layers
             }
-        self.scorer = SelectionScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
+        self.scorer = AgreementScorer(teacher, lambda: self.batches, signals=self.signals, autocast=autocast)
 
     @property
     def n_samples(self) -> int:
@@ -96,7 +96,7 @@ class FitnessEvaluator:
     def correct(self, mode: str):
         """The statistics correction ``mode`` (:func:`onnxsparse.sparsity.correction.apply_correction`) applied to
         the student; "none" leaves it as it is."""
-        if mode == "none":
+        if check_correction_mode(mode) == "none":
             return None
         with self.autocast(), oom_phase("statistics correction"):
             if self._dense_stats is None and self.channel_inputs is not None:

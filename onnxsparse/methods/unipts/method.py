@@ -92,7 +92,7 @@ class UniPTS:
         macs, activations = work_per_sample(ctx.teacher, layers, first)
         # correction mode of the fitness -> the work plan (search generations, training iterations)
         work = functools.partial(
-            plan_work, macs, activations, n_train=ctx.calib.n_train, batch_size=cfg.batch_size,
+            plan_work, macs, activations, n_train=ctx.calib.n_train, batch_size=ctx.config.batch_size,
             fitness_samples=min(cfg.fitness_samples, ctx.calib.n_train), population=cfg.population,
             generations=cfg.generations, search=cfg.search and ctx.config.nm is None and len(layers) > 1,
             device_type=ctx.device.type)
@@ -306,7 +306,7 @@ def _train(ctx: PruneContext, cfg: UniPTSConfig, signals, start: Candidate, spar
     loss_fn = Distillation(signals, tau0=cfg.tau0, gamma=gamma, temperature=cfg.temperature,
                            feature_weight=cfg.feature_weight,
                            feature_paths=[layer.module_path for layer in ctx.layers])
-    train_bs = min(cfg.batch_size, ctx.calib.n_train)
+    train_bs = min(ctx.config.batch_size, ctx.calib.n_train)
     augment = bool(cfg.augment and ctx.calib.augment)
     flip, flip_measured = False, None
     if augment:

@@ -101,7 +101,7 @@ class Distillation:
     """The loss for one model: a term per output by its kind (see the module docstring), averaged, plus
     ``feature_weight`` times the layer-output term over the modules at ``feature_paths``."""
 
-    def __init__(self, signals: Signals | bool, *, tau0: float, gamma: float, temperature: float,
+    def __init__(self, signals: Signals, *, tau0: float, gamma: float, temperature: float,
                  feature_weight: float = 0.0, feature_paths: Sequence[str] = ()):
         self.signals = Signals.of(signals)
         self.tau0 = tau0

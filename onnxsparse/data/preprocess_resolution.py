@@ -1,12 +1,12 @@
-"""Image preprocessing options, presets, and their resolution against what the model declares.
+"""Resolving the user's preprocessing options against what the model declares, into the image pipeline for one
+model input (:class:`ResolvedPreprocess`).
 
 Resolution order for every setting, highest first: explicit user option, sidecar file
 (``preprocess.json`` next to the model), model metadata (``metadata_props`` key
 ``onnxsparse.preprocess``), preset, the model input shape, built-in default.
 
 Pixel values go through ``(pixel * scale - mean) / std`` where ``pixel`` is in 0..255 (16-bit images
-are rescaled into that range first). ``mean`` and ``std`` are given in the channel order the model
-receives, except preset values, which are stored in RGB order and reversed when the resolved
+are rescaled into that range first); preset mean/std, stored in RGB order, are reversed when the resolved
 channel order is BGR.
 """
 
@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
 
 from onnxsparse.data.images import DEFAULT_MAX_PIXELS, DecodePlan
+from onnxsparse.data.preprocess_options import (
+    DOCUMENTED_PARSERS,
+    PRESETS,
+    PreprocessConfig,
+    parse_documented,
+    parse_size,
+)
 from onnxsparse.data.spec import InputSpec
 from onnxsparse.errors import OnnxSparseError
+from onnxsparse.validate import one_of
 
 log = logging.getLogger(__name__)
 
@@ -42,212 +47,7 @@ SOURCE_SHAPE = "model input shape"
 SOURCE_DEFAULT = "default"
 SOURCES = (SOURCE_USER, SOURCE_SIDECAR, SOURCE_METADATA, SOURCE_PRESET, SOURCE_SHAPE, SOURCE_DEFAULT)
 
-CHANNEL_ORDERS = ("rgb", "bgr", "gray")
-IMAGE_LAYOUTS = ("nchw", "nhwc")
 DEFAULT_SCALE = 1.0 / 255.0
-
-# Keys a sidecar file or the model metadata may set.
-DOCUMENTED_KEYS = ("scale", "mean", "std", "channel_order", "layout", "input_size", "resize", "crop")
-
-# Preset mean/std are in RGB order (see module docstring).
-PRESETS: dict[str, dict[str, Any]] = {
-    # torchvision's ImageNet evaluation transform: Resize(256), CenterCrop(224), ToTensor, Normalize.
-    "imagenet": {
-        "resize": 256,
-        "crop": (224, 224),
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "scale": 1.0 / 255.0,
-        "channel_order": "rgb",
-    },
-    # Keras "caffe" mode: BGR, ImageNet mean pixel subtracted, no scaling; resized to the input size.
-    "caffe": {
-        "mean": (123.68, 116.779, 103.939),
-        "std": (1.0,),
-        "scale": 1.0,
-        "channel_order": "bgr",
-    },
-    # Keras "tf" mode: pixels mapped to [-1, 1]; resized to the input size.
-    "tf": {
-        "mean": (0.5,),
-        "std": (0.5,),
-        "scale": 1.0 / 255.0,
-        "channel_order": "rgb",
-    },
-    "none": {},
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Value parsing and validation, shared by PreprocessConfig, sidecar files and model metadata.
-# ``label`` names the value the way the user wrote it ("--mean", "mean in preprocess.json").
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def positive_int(value: Any, label: str) -> int:
-    if not is_int(value) or int(value) <= 0:
-        raise OnnxSparseError(f"{label} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def parse_size(value: Any, label: str = "--input-size") -> tuple[int, int]:
-    """A (height, width) pair from ``224``, ``(224, 224)``, ``[224, 224]``, ``"224"`` or ``"224x224"``."""
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*,]\s*(\d+)\s*)?", value)
-        if not match:
-            raise OnnxSparseError(f"{label} must be HxW (e.g. 224x224) or one number, got {value!r}")
-        height = int(match.group(1))
-        width = int(match.group(2)) if match.group(2) is not None else height
-        value = (height, width)
-    if is_int(value):
-        value = (value, value)
-    if (
-        not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(is_int(v) and int(v) > 0 for v in value)
-    ):
-        raise OnnxSparseError(
-            f"{label} must be one positive integer or two (height, width), got {value!r}"
-        )
-    return int(value[0]), int(value[1])
-
-
-def parse_floats(value: Any, label: str) -> tuple[float, ...]:
-    """A tuple of finite floats from a number, a sequence, or a string like ``"0.485,0.456,0.406"``."""
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[,\s]+", value.strip()) if p]
-        try:
-            value = tuple(_parse_number_text(p) for p in parts)
-        except ValueError:
-            raise OnnxSparseError(
-                f"{label} must be comma-separated numbers (e.g. 0.485,0.456,0.406), got {value!r}"
-            ) from None
-    if _is_number(value):
-        value = (value,)
-    if not isinstance(value, Sequence) or not value or not all(_is_number(v) for v in value):
-        raise OnnxSparseError(f"{label} must be one number or a list of numbers, got {value!r}")
-    floats = tuple(float(v) for v in value)
-    if not all(math.isfinite(v) for v in floats):
-        raise OnnxSparseError(f"{label} must be finite numbers, got {value!r}")
-    return floats
-
-
-def _parse_number_text(text: str) -> float:
-    if "/" in text:
-        numerator, denominator = text.split("/", 1)
-        return float(numerator) / float(denominator)
-    return float(text)
-
-
-def parse_scale(value: Any, label: str = "--scale") -> float:
-    """A positive finite factor from a number or a string like ``"1/255"`` or ``"0.00392"``."""
-    if isinstance(value, str):
-        try:
-            value = _parse_number_text(value.strip())
-        except (ValueError, ZeroDivisionError):
-            raise OnnxSparseError(f"{label} must be a number or a fraction like 1/255, got {value!r}") from None
-    if not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0:
-        raise OnnxSparseError(f"{label} must be a positive finite number (e.g. 1/255), got {value!r}")
-    return float(value)
-
-
-def _choice(value: Any, label: str, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in allowed:
-        raise OnnxSparseError(f"{label} must be one of {', '.join(allowed)}, got {value!r}")
-    return value.lower()
-
-
-def _std(value: Any, label: str) -> tuple[float, ...]:
-    floats = parse_floats(value, label)
-    if any(v <= 0 for v in floats):
-        raise OnnxSparseError(f"{label} values must be > 0, got {value!r}")
-    return floats
-
-
-def _crop(value: Any, label: str) -> int | tuple[int, int]:
-    if is_int(value):
-        return positive_int(value, label)
-    return parse_size(value, label)
-
-
-# Per documented key: (validator, CLI option name).
-_VALIDATORS = {
-    "resize": (positive_int, "--resize"),
-    "crop": (_crop, "--crop"),
-    "input_size": (parse_size, "--input-size"),
-    "mean": (parse_floats, "--mean"),
-    "std": (_std, "--std"),
-    "scale": (parse_scale, "--scale"),
-    "channel_order": (lambda v, label: _choice(v, label, CHANNEL_ORDERS), "--channel-order"),
-    "layout": (lambda v, label: _choice(v, label, IMAGE_LAYOUTS), "--layout"),
-}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Preprocessing options given by the user; ``None`` means "not given", resolved later.
-
-    ``crop`` and ``input_size`` take ints or (height, width); ``mean``/``std`` take one value for all
-    channels or one per channel, in the model's channel order; ``scale`` multiplies 0..255 pixels.
-    ``augment`` enables training-time augmentation for image sources; ``workers`` is the number of
-    decoding processes (0 decodes in this process); images larger than ``max_pixels`` are skipped.
-    """
-
-    preset: str | None = None
-    resize: int | None = None
-    crop: int | tuple[int, int] | None = None
-    input_size: tuple[int, int] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    scale: float | None = None
-    channel_order: str | None = None
-    layout: str | None = None
-    augment: bool = True
-    workers: int = 2
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        if self.preset is not None:
-            object.__setattr__(self, "preset", _choice(self.preset, "--preset", tuple(PRESETS)))
-        for key, (validate, option) in _VALIDATORS.items():
-            value = getattr(self, key)
-            if value is not None:
-                object.__setattr__(self, key, validate(value, option))
-        if not isinstance(self.augment, bool):
-            raise OnnxSparseError(f"augment must be True or False, got {self.augment!r}")
-        if not is_int(self.workers) or self.workers < 0:
-            raise OnnxSparseError(f"--workers must be an integer >= 0 (0 decodes in-process), got {self.workers!r}")
-        object.__setattr__(self, "workers", int(self.workers))
-        object.__setattr__(self, "max_pixels", positive_int(self.max_pixels, "max_pixels"))
-
-    def given(self) -> dict[str, Any]:
-        """The documented preprocessing keys the user set (not None)."""
-        return {key: getattr(self, key) for key in DOCUMENTED_KEYS if getattr(self, key) is not None}
-
-
-def parse_documented(obj: Any, where: str) -> dict[str, Any]:
-    """Validate a preprocessing JSON object from a sidecar file or the model metadata."""
-    if not isinstance(obj, Mapping):
-        raise OnnxSparseError(f"{where} must be a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - set(DOCUMENTED_KEYS))
-    if unknown:
-        raise OnnxSparseError(
-            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(DOCUMENTED_KEYS)}"
-        )
-    parsed = {}
-    for key, value in obj.items():
-        if value is None:
-            continue
-        validate, _ = _VALIDATORS[key]
-        parsed[key] = validate(value, f"{key} in {where}")
-    return parsed
 
 
 def read_model_metadata(model: onnx.ModelProto) -> dict[str, Any] | None:
@@ -289,8 +89,7 @@ class Setting:
     source: str
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise OnnxSparseError(f"setting source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        one_of(self.source, "setting source", SOURCES)
 
 
 def _jsonable(value: Any) -> Any:
@@ -445,7 +244,7 @@ class _Sources:
     def label(self, key: str, setting: Setting) -> str:
         """How an error names ``setting``: the CLI option, or the key and the file or metadata that set it."""
         if setting.source == SOURCE_USER:
-            return _VALIDATORS[key][1]
+            return DOCUMENTED_PARSERS[key][1]
         if setting.source == SOURCE_SIDECAR:
             return f"{key} in {self.sidecar_file}"
         if setting.source == SOURCE_METADATA:
