@@ -17,7 +17,9 @@ from onnxsparse.importer import import_model
 from onnxsparse.methods.unipts.candidate import Candidate, materialise, regrown, weight_key
 from onnxsparse.methods.unipts.keep import keep
 from onnxsparse.metrics import Agreement
+from onnxsparse.signals import OutputSignal, Signals
 
+CLASS_LOGITS = Signals([OutputSignal("", 0, "class", "class logits (the output itself)", None, 1)])
 UNIPTS = Path(__file__).resolve().parents[1] / "onnxsparse" / "methods" / "unipts"
 
 
@@ -69,7 +71,7 @@ def _scored(noise: float, samples: int = 64) -> Agreement:
     generator = torch.Generator().manual_seed(7)
     teacher = torch.randn(samples, 10, generator=generator)
     student = teacher + noise * torch.randn(samples, 10, generator=generator)
-    agreement = Agreement(True)
+    agreement = Agreement(CLASS_LOGITS)
     agreement.add([student], [teacher])
     return agreement
 
@@ -125,8 +127,8 @@ def test_magnitude_start_trains_from_dense_values_under_its_masks(tmp_path, monk
     monkeypatch.setattr(method, "reconstruct_all", worse)
     monkeypatch.setattr(method, "_train", spy)
     feeds = np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32)
-    config = PruneConfig(sparsity=0.7, device="cpu", batch_size=16, selection_size=16, min_agreement=0.0,
-                         unipts=UniPTSConfig(search=False, iterations=4, batch_size=8, fitness_samples=16))
+    config = PruneConfig(sparsity=0.7, device="cpu", batch_size=8, selection_size=16, min_agreement=0.0,
+                         unipts=UniPTSConfig(search=False, iterations=4, fitness_samples=16))
     result = prune(graphs.export_torch(graphs.tiny_cnn()), tmp_path / "o.onnx", feeds, config, progress=False)
     assert result.report["method_info"]["start"]["chosen"] == "magnitude+correction"
     masks = seen["start"].masks
