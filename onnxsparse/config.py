@@ -41,7 +41,8 @@ def _number(value, flag: str, lo: float, hi: float, *, lo_open: bool = False, hi
 # UniPTSConfig fields the CLI sets, by the flag that sets them; the others are named as the library's field.
 _UNIPTS_FLAGS = {"population": "--population", "generations": "--search-generations", "epochs": "--epochs",
                  "iterations": "--iterations", "lr": "--lr", "feature_weight": "--feature-weight",
-                 "time_budget": "--time-budget", "batch_size": "--batch-size", "augment": "--augment"}
+                 "time_budget": "--time-budget", "batch_size": "--batch-size", "augment": "--augment",
+                 "fake_quant_fraction": "--fake-quant-fraction"}
 
 
 def _unipts_flag(name: str) -> str:
@@ -92,6 +93,9 @@ class UniPTSConfig:
     # global gradient-norm clip per step (None: none). With frozen BatchNorm a channel of tiny running variance
     # multiplies its gradient by gamma / sqrt(var + eps)
     max_grad_norm: float | None = 1.0
+    # with --quantize int8: a second candidate replays this fraction of the training iterations with fake int8
+    # weights and activations; the quantize stage keeps the closer int8 model (0: no such candidate)
+    fake_quant_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         flag = _unipts_flag
@@ -125,6 +129,7 @@ class UniPTSConfig:
             _number(self.time_budget, flag("time_budget"), 0, 1e7, lo_open=True)
         if self.max_grad_norm is not None:
             _number(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
+        _number(self.fake_quant_fraction, flag("fake_quant_fraction"), 0, 1)
         _check(self.batchnorm in ("frozen", "train"),
                f"{flag('batchnorm')} must be 'frozen' or 'train', got {self.batchnorm!r}")
 

@@ -53,6 +53,7 @@ from onnxsparse.methods.unipts.dst import (
 )
 from onnxsparse.metrics import Agreement, paired_improvement
 from onnxsparse.methods.unipts import plan as plan_module
+from onnxsparse.methods.unipts.fakequant import train_last_part
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.methods.unipts.plan import WorkPlan, plan_work, work_per_sample
 from onnxsparse.methods.unipts.search import (
@@ -165,7 +166,7 @@ class UniPTS:
             self._check_finite(ctx)
         info["sparsities"] = sparsities
         info["time_s"] = {**phases.rounded(), "total": round(time.perf_counter() - started, 3)}
-        return MethodResult(sparsities, final_masks, info)
+        return MethodResult(sparsities, final_masks, info, alternatives=self._alternatives)
 
     # ------------------------------------------------------------------------------------------------
     def _allocate(self, ctx: PruneContext, cfg: UniPTSConfig, evaluator: FitnessEvaluator, started: float):
@@ -340,6 +341,10 @@ class UniPTS:
                             checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
                             freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
                             dist=ctx.dist)
+        fake_quant = train_last_part(ctx, plan, epoch_batches, loss_fn, selection=selection, autocast=autocast,
+                                     freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
+                                     trained_iterations=trained.iterations)  # --quantize: the int8 candidate
+        self._alternatives = fake_quant.alternatives
         report = {
             "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": loss_fn.gamma,
             "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
@@ -349,6 +354,8 @@ class UniPTS:
             "augment": augment, "flip": flip, "flip_agreement": flip_measured, "batchnorm": cfg.batchnorm,
             "max_grad_norm": cfg.max_grad_norm, "selection_before": before.as_dict(), **trained.as_dict(),
         }
+        if fake_quant.report is not None:
+            report["fake_quant"] = fake_quant.report
         return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
 
     @staticmethod
