@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 import graphs
 from onnxsparse import PruneConfig, prune
+from onnxsparse.config import UniPTSConfig
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.inspect import inspect_model
 from onnxsparse.quantize import Calibration, Int8Settings, check_int8_weights, choose_int8, int8_weights, quantize_int8
@@ -256,6 +257,12 @@ def test_config_and_cli_validate_quantize():
     result = CliRunner().invoke(main, ["prune", "m.onnx", "--sparsity", "0.5", "--calib", "c", "--quantize", "int4",
                                        "--dry-run"])
     assert result.exit_code == 2 and "int4" in result.output
+    with pytest.raises(OnnxSparseError, match=r"--fake-quant-fraction must be in \[0, 1\], got 1.5"):
+        UniPTSConfig(fake_quant_fraction=1.5)
+    result = CliRunner().invoke(main, ["prune", "m.onnx", "--sparsity", "0.5", "--calib", "c", "--quantize", "int8",
+                                       "--fake-quant-fraction", "-0.1", "--dry-run"])
+    assert result.exit_code != 0 and "--fake-quant-fraction must be in [0, 1]" in result.output
+    assert "--fake-quant-fraction" not in CliRunner().invoke(main, ["prune", "--help"]).output
 
 
 def test_latency_is_a_median_after_warm_up_with_an_injected_clock():
@@ -358,8 +365,6 @@ def test_fake_quant_activation_parameters_are_onnxruntime_s():
 
 
 def test_unipts_int8_keeps_the_closer_of_the_plain_and_fake_quant_students(tmp_path, monkeypatch):
-    from onnxsparse.config import UniPTSConfig
-
     monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
     model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
     out, report_path = tmp_path / "q.onnx", tmp_path / "r.json"
