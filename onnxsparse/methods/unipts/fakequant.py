@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,6 +208,7 @@ def train_last_part(ctx: PruneContext, plan: TrainPlan, epoch_batches, loss_fn, 
     if fraction == 0 or trained_iterations == 0:
         reason = "fake_quant_fraction is 0" if fraction == 0 else "no training iterations ran"
         return FakeQuantRun({"ran": False, "reason": reason})
+    started = time.perf_counter()
     part, first = last_part_plan(plan, fraction)
     offset = first // max(plan.iterations_per_epoch, 1)
     trained_state = copy_state(ctx.student)
@@ -236,7 +238,7 @@ def train_last_part(ctx: PruneContext, plan: TrainPlan, epoch_batches, loss_fn, 
         "activation_ranges": {path: list(r) for path, r in fake.ranges.items()},
         "selection_fake_quant_before": before.as_dict(), "selection_fake_quant_after": after.as_dict(),
         "correction": correction.as_dict(), "curve": result.curve, "rollbacks": result.rollbacks,
-        "kept": None,  # the quantize stage's choice (pipeline)
+        "seconds": round(time.perf_counter() - started, 3),
     }
     logger.info("UniPTS fake-quant part: %d iterations from step %d, selection (fake int8) %.4g -> %.4g",
                 result.iterations, first, before.score, after.score)
