@@ -95,7 +95,7 @@ class UniPTSConfig:
     max_grad_norm: float | None = 1.0
     # with --quantize int8: a second candidate replays this fraction of the training iterations with fake int8
     # weights and activations; the quantize stage keeps the closer int8 model (0: no such candidate)
-    fake_quant_fraction: float = 0.2
+    fake_quant_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         flag = _unipts_flag
