@@ -131,7 +131,7 @@ def main() -> None:
 @click.option("--fake-quant-fraction", cls=ExpertOption, type=float, default=None,
               help="UniPTS with --quantize int8: a second student replays this fraction of the training iterations "
                    "with fake int8 weights and activations; the closer int8 model on the selection is kept "
-                   "(0: none).")
+                   "(default 0.1; 0: none).")
 @click.option("--time-budget", cls=ExpertOption, type=float, default=None,
               help="UniPTS: optional cap, in seconds, on search + training (default: none; the work plan decides). "
                    "A run it cuts is reported as cut and is not reproducible.")
