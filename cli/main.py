@@ -128,6 +128,10 @@ def main() -> None:
 @click.option("--feature-weight", cls=ExpertOption, type=float, default=None,
               help="UniPTS: weight of the layer-output distillation term beside the outputs' (default 1; 0 with "
                    "--recipe paper, and 0 turns it off).")
+@click.option("--fake-quant-fraction", cls=ExpertOption, type=float, default=None,
+              help="UniPTS with --quantize int8: a second student replays this fraction of the training iterations "
+                   "with fake int8 weights and activations; the closer int8 model on the selection is kept "
+                   "(default 0.1; 0: none).")
 @click.option("--time-budget", cls=ExpertOption, type=float, default=None,
               help="UniPTS: optional cap, in seconds, on search + training (default: none; the work plan decides). "
                    "A run it cuts is reported as cut and is not reproducible.")
@@ -187,7 +191,8 @@ def _file_identity(path) -> tuple[int, int, int] | None:
 def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_format, quantize, seed, deterministic,
                   exclude, no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs,
                   iterations, search_generations, population, no_search, lr, time_budget, correction_samples,
-                  verify_tolerance, min_agreement, checkpoint_every, augment, feature_weight, channel_multiple):
+                  verify_tolerance, min_agreement, checkpoint_every, augment, feature_weight, channel_multiple,
+                  fake_quant_fraction):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -195,7 +200,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
     overrides = {k: v for k, v in {
         "epochs": epochs, "iterations": iterations, "generations": search_generations,
         "lr": lr, "time_budget": time_budget, "augment": augment,
-        "feature_weight": feature_weight,
+        "feature_weight": feature_weight, "fake_quant_fraction": fake_quant_fraction,
     }.items() if v is not None}
     if time_budget == 0:
         overrides["time_budget"] = None

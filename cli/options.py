@@ -22,10 +22,14 @@ def help_all(func):
     def show(ctx: click.Context, _param, value: bool) -> None:
         if not value or ctx.resilient_parsing:
             return
-        for param in ctx.command.params:
-            if isinstance(param, ExpertOption):
-                param.hidden = False
-        click.echo(ctx.get_help())
+        experts = [p for p in ctx.command.params if isinstance(p, ExpertOption) and p.hidden]
+        for param in experts:
+            param.hidden = False
+        try:
+            click.echo(ctx.get_help())
+        finally:  # the command object outlives this call (tests, embedding): --help stays short afterwards
+            for param in experts:
+                param.hidden = True
         ctx.exit()
 
     return click.option("--help-all", is_flag=True, expose_value=False, is_eager=True, callback=show,

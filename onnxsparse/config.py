@@ -17,7 +17,8 @@ QUANTIZE_FORMATS = ("int8",)
 # UniPTSConfig fields the CLI sets, by the flag that sets them; the others are named as the library's field.
 _UNIPTS_FLAGS = {"population": "--population", "generations": "--search-generations", "epochs": "--epochs",
                  "iterations": "--iterations", "lr": "--lr", "feature_weight": "--feature-weight",
-                 "time_budget": "--time-budget", "augment": "--augment"}
+                 "time_budget": "--time-budget", "augment": "--augment",
+                 "fake_quant_fraction": "--fake-quant-fraction"}
 
 
 def _unipts_flag(name: str) -> str:
@@ -68,6 +69,9 @@ class UniPTSConfig:
     # global gradient-norm clip per step (None: none). With frozen BatchNorm a channel of tiny running variance
     # multiplies its gradient by gamma / sqrt(var + eps)
     max_grad_norm: float | None = 1.0
+    # with --quantize int8: a second candidate replays this fraction of the training iterations with fake int8
+    # weights and activations; the quantize stage keeps the closer int8 model (0: no such candidate)
+    fake_quant_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         flag = _unipts_flag
@@ -101,6 +105,7 @@ class UniPTSConfig:
             number_in(self.time_budget, flag("time_budget"), 0, 1e7, lo_open=True)
         if self.max_grad_norm is not None:
             number_in(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
+        number_in(self.fake_quant_fraction, flag("fake_quant_fraction"), 0, 1)
         check(self.batchnorm in ("frozen", "train"),
                f"{flag('batchnorm')} must be 'frozen' or 'train', got {self.batchnorm!r}")
 

@@ -35,11 +35,12 @@ from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
 from onnxsparse.metrics import wilson_interval
 from onnxsparse.plain import json_default
-from onnxsparse.quantize import choose_int8
+from onnxsparse.quantize import Closeness, choose_int8
 from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
+from onnxsparse.state import copy_state, load_state
 from onnxsparse.structured.distill import distill
-from onnxsparse.structured.method import apply_to_student, select_channels
+from onnxsparse.structured.method import ChannelSelection, apply_to_student, select_channels
 from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
 logger = logging.getLogger(__name__)
@@ -231,9 +232,6 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
 
     if dist.active:
         raise OnnxSparseError("--pattern channel runs in one process; run it without torchrun")
-    if config_quantize := ctx.config.quantize:
-        raise OnnxSparseError(f"--quantize {config_quantize} is not available with --pattern channel yet; prune the "
-                              "channels first, then run prune --quantize on the result with --sparsity 0")
     imported, config = ctx.imported, ctx.config
     with timer("method"):
         proto = imported.proto
@@ -259,42 +257,42 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
     dry_dir = tempfile.TemporaryDirectory() if output is None else None
     save_path = Path(output) if output is not None else Path(dry_dir.name) / "dry-run.onnx"
     try:
-        with timer("export"):
-            pruned, changed = write_back(imported, run.student, run.metadata())
-            imported.release_dense()
-            params_before = _parameter_count(pruned)
-            pruned = shrink(pruned, selection.analysis, selection.plan.removed)
-            params_after = _parameter_count(pruned)
-            macs_before, macs_after = selection.macs()
-            achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
-            set_metadata(pruned, "onnxsparse.macs_removed", f"{achieved:.6g}")
-            storage = _storage(model_path, pruned, pruned, "dense", [])
-        gate = _Gate(run)
-        failed: QualityGateFailed | None = None
-        with timer("verify+save"):
-            try:
-                save_atomic(pruned, save_path, validate=gate)
-                storage["saved_bytes"] = files_size(save_path)
-            except QualityGateFailed as exc:
-                failed = exc
-        report = _report(run, [], achieved, storage, changed, gate, written=failed is None)
-        report["channels"] = {
-            "macs_before": macs_before, "macs_after": macs_after, "macs_removed": achieved,
-            "params_before": params_before, "params_after": params_after,
+        return _export_verify_save(run, None, save_path, report_path, channels=_Channels(selection))
+    finally:
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+@dataclass
+class _Channels:
+    """``--pattern channel``: the selection the written-back model is shrunk by, and the figures of the shrink."""
+
+    selection: ChannelSelection
+    params_before: int = 0
+    params_after: int = 0
+
+    def shrink(self, pruned: onnx.ModelProto) -> tuple[onnx.ModelProto, float]:
+        """The model without its removed channels, and the fraction of MACs removed (in its metadata)."""
+        self.params_before = _parameter_count(pruned)
+        pruned = shrink(pruned, self.selection.analysis, self.selection.plan.removed)
+        self.params_after = _parameter_count(pruned)
+        macs_before, macs_after = self.selection.macs()
+        achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
+        set_metadata(pruned, "onnxsparse.macs_removed", f"{achieved:.6g}")
+        return pruned, achieved
+
+    def report(self, storage: dict) -> dict:
+        selection = self.selection
+        macs_before, macs_after = selection.macs()
+        return {
+            "macs_before": macs_before, "macs_after": macs_after,
+            "macs_removed": 1.0 - macs_after / macs_before if macs_before else 0.0,
+            "params_before": self.params_before, "params_after": self.params_after,
             "bytes_before": storage.get("input_bytes"), "bytes_after": storage.get("saved_bytes"),
             "groups": selection.analysis.report(), "kept": {str(k): v for k, v in selection.kept.items()},
             "whole": [{"group": g.index, "channels": g.channels, "producers": list(g.producers), "reason": g.reason,
                        "stopped_by": g.stopped_by} for g in selection.analysis.whole()],
         }
-        if report_path is not None:
-            Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
-        if failed is not None:
-            failed.report = report
-            raise failed
-        return PruneResult(Path(output) if output is not None else None, config.sparsity, achieved, [], report)
-    finally:
-        if dry_dir is not None:
-            dry_dir.cleanup()
 
 
 def _parameter_count(model: onnx.ModelProto) -> int:
@@ -460,26 +458,66 @@ def _gate_warning(split: str, n: int) -> str | None:
     return None
 
 
-def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_path) -> PruneResult:
-    """Write back, verify and save; the caller removes the staged external data if anything fails."""
+@dataclass
+class _Export:
+    """The written-back float model of one final weight set, and what its zeros are checked on."""
+
+    name: str  # "plain", or the name of a MethodResult alternative
+    state: dict[str, torch.Tensor] | None  # the student's state for it (None: the student as the method left it)
+    pruned: onnx.ModelProto
+    changed: list[str]
+    arrays: dict[str, np.ndarray]
+    rows: list[dict]
+    macs_removed: float | None = None  # --pattern channel
+
+
+def _export(run: _Run, staged: Path | None, name: str, state, channels: _Channels | None) -> _Export:
+    """Write back the student: its layer table with every zero checked, or, for channels, the shrunk model."""
+    imported, config = run.imported, run.config
+    pruned, changed = write_back(imported, run.student, run.metadata(), data_file=staged)
+    if channels is not None:  # whole channels are removed, not zeroed: no layer table
+        pruned, macs_removed = channels.shrink(pruned)
+        return _Export(name, state, pruned, changed, {}, [], macs_removed)
+    arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
+                           staged.parent if staged is not None else None)
+    rows = _layer_table(imported, run.result, arrays, config.nm)
+    _check_zeros(rows, imported, arrays, config.nm)
+    return _Export(name, state, pruned, changed, arrays, rows)
+
+
+def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_path,
+                        channels: _Channels | None = None) -> PruneResult:
+    """Write back (and shrink, for ``--pattern channel``), quantize with ``--quantize``, verify and save; the caller
+    removes the staged external data if anything fails."""
     imported, config = run.imported, run.config
     with run.timer("export"):
-        pruned, changed = write_back(imported, run.student, run.metadata(), data_file=staged)
+        exports = [_export(run, staged, "plain", None, channels)]
+        alternatives = run.result.alternatives if config.quantize is not None else {}
+        if alternatives:  # the quantize stage chooses between them: each written back while the dense copy lives
+            plain = copy_state(run.student)
+            exports[0].state = plain
+            for name, state in alternatives.items():
+                load_state(run.student, state)
+                exports.append(_export(run, staged, name, state, channels))
+            load_state(run.student, plain)
         # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
         imported.release_dense()
         run.result.masks.clear()
-        arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
-                               staged.parent if staged is not None else None)
-        rows = _layer_table(imported, run.result, arrays, config.nm)
-        _check_zeros(rows, imported, arrays, config.nm)
     int8_names = None
+    chosen = exports[0]
+    pruned, rows = chosen.pruned, chosen.rows
     if config.quantize is not None:
         with run.timer("quantize"):
-            pruned, rows, int8_names = _quantize(run, pruned, rows, arrays)
+            chosen, pruned, rows, int8_names = _quantize(run, exports, channels is not None)
     with run.timer("export"):
-        achieved = sum(r["zeros"] for r in rows) / run.total
-        set_metadata(pruned, "onnxsparse.achieved_sparsity", f"{achieved:.6g}")
-        to_save, storage = _storage_format(run, pruned, int8_names)
+        if channels is not None:
+            achieved = chosen.macs_removed
+            storage = _storage(run.model_path, pruned, pruned, "dense", [])
+            to_save = pruned
+        else:
+            achieved = sum(r["zeros"] for r in rows) / run.total
+            set_metadata(pruned, "onnxsparse.achieved_sparsity", f"{achieved:.6g}")
+            to_save, storage = _storage_format(run, pruned, int8_names)
     gate = _Gate(run, int8=int8_names is not None)
     failed: QualityGateFailed | None = None
     with run.timer("verify+save"):
@@ -488,7 +526,9 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
             storage["saved_bytes"] = files_size(save_path)
         except QualityGateFailed as exc:
             failed = exc  # nothing is written; the report still is: it says why
-    report = _report(run, rows, achieved, storage, changed, gate, written=failed is None)
+    report = _report(run, rows, achieved, storage, chosen.changed, gate, written=failed is None)
+    if channels is not None:
+        report["channels"] = channels.report(storage)
     if report_path is not None:
         Path(report_path).write_text(json.dumps(report, indent=2, default=json_default))
     if failed is not None:
@@ -513,23 +553,54 @@ def _storage_format(run: _Run, pruned: onnx.ModelProto,
     return (sparse_model if config.save_format == "sparse-initializer" else pruned), storage
 
 
-def _quantize(run: _Run, pruned: onnx.ModelProto, rows: list[dict],
-              arrays) -> tuple[onnx.ModelProto, list[dict], dict[str, str] | None]:
-    """``--quantize int8``: the model to save, its layer rows counted on the stored integers, and which int8
-    initializer replaced each float weight (None when the float model is kept, the report says why)."""
+def _quantize(run: _Run, exports: list[_Export],
+              channels: bool) -> tuple[_Export, onnx.ModelProto, list[dict], dict[str, str] | None]:
+    """``--quantize int8``: the weight set kept, the model to save, its layer rows counted on the stored integers,
+    and which int8 initializer replaced each float weight (None when the float model is kept, the report says why).
+
+    With several weight sets (UniPTS's fake-quant-trained student beside the plain one), each is quantized as it
+    would be alone and the one whose final model is closer to the dense model on the selection split is kept (the
+    plain one on a tie); the student is left holding it."""
 
     imported, config = run.imported, run.config
-    # The int8 file does not compute what the torch student computes: the float model it is made from is
-    # checked against the student now, as the saved file is without --quantize.
-    fidelity = export_fidelity(pruned, run.verify_feeds(), run.student, run.calib.input_names,
-                               config.verify_tolerance)
     calibrate, select = run.quantize_feeds()
-    choice = choose_int8(pruned, run.model_path if run.model_path is not None else imported.proto, calibrate, select)
-    run.quantize_report = {"format": config.quantize, "export_max_rel_error": fidelity, **choice.report}
+    dense = run.model_path if run.model_path is not None else imported.proto
+    choices, fidelities = {}, {}
+    for export in exports:
+        if export.state is not None:
+            load_state(run.student, export.state)
+        # The int8 file does not compute what the torch student computes: the float model it is made from is
+        # checked against the student now, as the saved file is without --quantize.
+        fidelities[export.name] = export_fidelity(export.pruned, run.verify_feeds(), run.student,
+                                                  run.calib.input_names, config.verify_tolerance)
+        choices[export.name] = choose_int8(export.pruned, dense, calibrate, select)
+    scores = {name: Closeness(**choice.report["final_closeness"]) for name, choice in choices.items()}
+    chosen = max(exports, key=lambda e: (scores[e.name], e.name == "plain"))
+    if chosen.state is not None:
+        load_state(run.student, chosen.state)
+    choice = choices[chosen.name]
+    run.quantize_report = {"format": config.quantize, "export_max_rel_error": fidelities[chosen.name],
+                           **choice.report}
+    if len(exports) > 1:
+        kept = {"kept": chosen.name,
+                "rule": "the weight set whose final model (int8 where applied) is closer to the dense model on the "
+                        "selection split (lowest per-output agreement, then mean R^2; the plain one on a tie)",
+                "scores": {name: {**score.as_dict(), "int8": choices[name].applied}
+                           for name, score in scores.items()}}
+        run.quantize_report["weight_sets"] = kept
+        run.result.info["weight_set"] = kept
+        logger.info("int8: kept the %s weight set (selection %s)", chosen.name,
+                    ", ".join(f"{k} {v.agreement:.4f}" for k, v in scores.items()))
     if not choice.applied:
         run.notes.append(f"--quantize {config.quantize}: {choice.report.get('reason')}")
         logger.warning(run.notes[-1])
-        return pruned, rows, None
+        return chosen, chosen.pruned, chosen.rows, None
+    kept_float = sorted({k["node"] for k in choice.report["kept_float"]})
+    logger.info("int8: %d weights quantized, %d nodes kept in float (%s)", len(choice.weights), len(kept_float),
+                ", ".join(kept_float) or "none")
+    int8_names = {name: w.initializer for name, w in choice.weights.items()}
+    if channels:  # no zeros to count: whole channels were removed (check_int8_weights proved the int8 weights)
+        return chosen, choice.model, chosen.rows, int8_names
     present = {init.name for init in choice.model.graph.initializer}
     final: dict[str, np.ndarray] = {}
     for layer in imported.layers:
@@ -538,16 +609,13 @@ def _quantize(run: _Run, pruned: onnx.ModelProto, rows: list[dict],
         if weight is not None:
             final[name] = weight.centred()
         elif name in present or layer.weight.source.kind != "initializer":
-            final[name] = arrays[name]
+            final[name] = chosen.arrays[name]
         else:
             raise OnnxSparseError(f"weight {name!r} was quantized in a way whose zeros cannot be checked "
                                   f"(not an int8 input of its node); nothing was written")
     int8_rows = _layer_table(imported, run.result, final, config.nm)
     _check_zeros(int8_rows, imported, final, config.nm, rounded=True)
-    kept = sorted({k["node"] for k in choice.report["kept_float"]})
-    logger.info("int8: %d weights quantized, %d nodes kept in float (%s)", len(choice.weights), len(kept),
-                ", ".join(kept) or "none")
-    return choice.model, int8_rows, {name: w.initializer for name, w in choice.weights.items()}
+    return chosen, choice.model, int8_rows, int8_names
 
 
 def _report(run: _Run, rows: list[dict], achieved: float, storage: dict, changed: list[str], gate: _Gate,

@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 import graphs
 from onnxsparse import PruneConfig, prune
+from onnxsparse.config import UniPTSConfig
 from onnxsparse.errors import OnnxSparseError, QualityGateFailed
 from onnxsparse.inspect import inspect_model
 from onnxsparse.quantize import Calibration, Int8Settings, check_int8_weights, choose_int8, int8_weights, quantize_int8
@@ -256,6 +257,12 @@ def test_config_and_cli_validate_quantize():
     result = CliRunner().invoke(main, ["prune", "m.onnx", "--sparsity", "0.5", "--calib", "c", "--quantize", "int4",
                                        "--dry-run"])
     assert result.exit_code == 2 and "int4" in result.output
+    with pytest.raises(OnnxSparseError, match=r"--fake-quant-fraction must be in \[0, 1\], got 1.5"):
+        UniPTSConfig(fake_quant_fraction=1.5)
+    result = CliRunner().invoke(main, ["prune", "m.onnx", "--sparsity", "0.5", "--calib", "c", "--quantize", "int8",
+                                       "--fake-quant-fraction", "-0.1", "--dry-run"])
+    assert result.exit_code != 0 and "--fake-quant-fraction must be in [0, 1]" in result.output
+    assert "--fake-quant-fraction" not in CliRunner().invoke(main, ["prune", "--help"]).output
 
 
 def test_latency_is_a_median_after_warm_up_with_an_injected_clock():
@@ -307,3 +314,78 @@ def test_op_types_are_the_faster_set_when_both_agree():
         assert ops["chosen"] == min(ops["latency_ms"], key=ops["latency_ms"].get)
         chosen.append(ops["chosen"])
     assert chosen[0] != chosen[1]  # the timing decides, not a fixed preference
+
+
+def _grid_model() -> onnx.ModelProto:
+    """The pruned tiny CNN with a MatMul head behind it: Conv (dense, grouped), Gemm and MatMul weights."""
+    model = _pruned_cnn()
+    rng = np.random.default_rng(3)
+    head = rng.standard_normal((10, 6)).astype(np.float32)
+    head[:, 2] = 0  # an output channel of zeros
+    head[head < -0.8] = 0
+    model.graph.initializer.append(numpy_helper.from_array(head, "head_w"))
+    out = model.graph.output[0]
+    model.graph.node.append(helper.make_node("MatMul", [out.name, "head_w"], ["head_out"], name="head"))
+    model.graph.output.remove(out)
+    model.graph.output.append(helper.make_tensor_value_info("head_out", onnx.TensorProto.FLOAT, ["N", 6]))
+    return model
+
+
+def test_fake_quant_weights_are_the_int8_weights_onnxruntime_writes_dequantized(tmp_path):
+    import torch
+
+    from onnxsparse.importer import import_model
+    from onnxsparse.methods.unipts.fakequant import fake_quant_weight
+
+    model = _grid_model()
+    weights = check_int8_weights(model, _quantize(model, tmp_path))
+    imported = import_model(model)
+    assert {layer.op_type for layer in imported.layers} >= {"Conv", "Gemm", "MatMul"}
+    for layer in imported.layers:
+        w = layer.weight.get(imported.module).detach().clone().requires_grad_(True)
+        fq = fake_quant_weight(w, layer.out_axis_weight)
+        int8 = weights[layer.weight.source.name]
+        step = int8.scale.reshape([-1 if i == int8.axis else 1 for i in range(int8.values.ndim)])
+        dequantized = (int8.values.astype(np.float32) * step).astype(np.float32)
+        assert np.array_equal(layer.weight.layout.to_onnx(fq), dequantized), layer.name
+        assert (fq[w == 0] == 0).all() and (fq != w).any()
+        fq.sum().backward()  # straight through
+        assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_fake_quant_activation_parameters_are_onnxruntime_s():
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    from onnxsparse.methods.unipts.fakequant import activation_qparams
+
+    for low, high in ((-1.3, 4.7), (0.2, 3.0), (-2.0, -0.5), (0.0, 0.0)):
+        zero_point, scale = compute_scale_zp(np.array(low, np.float32), np.array(high, np.float32),
+                                             np.array(0, np.uint8), np.array(255, np.uint8))
+        assert activation_qparams(float(np.float32(low)), float(np.float32(high))) == (float(scale), int(zero_point))
+
+
+def test_unipts_int8_keeps_the_closer_of_the_plain_and_fake_quant_students(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
+    model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
+    out, report_path = tmp_path / "q.onnx", tmp_path / "r.json"
+    config = PruneConfig(sparsity=0.6, quantize="int8", min_agreement=0.0, selection_size=16, verify_size=16,
+                         unipts=UniPTSConfig(search=False, iterations=12, batch_size=16, fake_quant_fraction=0.5))
+    result = prune(model, out, _cnn_feeds(12), config, progress=False, report_path=report_path)
+    report = json.loads(report_path.read_text())
+    fake = report["method_info"]["training"]["fake_quant"]
+    assert fake["ran"] and fake["iterations"] == 6 and fake["from_step"] == 6 and not fake["weights_skipped"]
+    assert fake["lr"] < report["method_info"]["training"]["lr"]
+    sets = report["quantize"]["weight_sets"]
+    assert report["method_info"]["weight_set"] == sets and set(sets["scores"]) == {"plain", "fake-quant"}
+    score = {k: (v["agreement"], v["r2"]) for k, v in sets["scores"].items()}
+    assert sets["kept"] == max(score, key=lambda k: (score[k], k == "plain"))
+    final = report["quantize"]["final_closeness"]
+    assert (final["agreement"], final["r2"]) == score[sets["kept"]]
+    rows = {r.node: r for r in inspect_model(out)}
+    for row in result.layers:
+        assert rows[row["node"]].zeros == row["zeros"] >= row["target_zeros"]
+    # without --quantize there is no second student to train
+    plain = prune(model, None, _cnn_feeds(12), PruneConfig(sparsity=0.6, min_agreement=0.0, selection_size=16,
+                  verify_size=16, unipts=config.unipts), progress=False)
+    assert "fake_quant" not in plain.report["method_info"]["training"]
+    assert "weight_set" not in plain.report["method_info"]

@@ -359,7 +359,6 @@ def test_channel_pattern_config():
 @pytest.mark.slow
 def test_pipeline_channel_sample(tmp_path):
     from onnxsparse.config import PruneConfig
-    from onnxsparse.errors import OnnxSparseError
     from onnxsparse.pipeline import prune
 
     out = tmp_path / "ch.onnx"
@@ -375,9 +374,6 @@ def test_pipeline_channel_sample(tmp_path):
     written = onnx.load(str(out))
     onnx.checker.check_model(written, full_check=True)
     assert written.graph.output[0].type == onnx.load(str(SAMPLE / "model.onnx")).graph.output[0].type
-    with pytest.raises(OnnxSparseError, match="not available with --pattern channel"):
-        prune(str(SAMPLE / "model.onnx"), None, str(SAMPLE / "calib"),
-              PruneConfig(sparsity=0.3, pattern="channel", method="global-magnitude", max_samples=16), progress=False)
 
 
 @pytest.mark.slow
@@ -492,3 +488,44 @@ def test_ppocr_recogniser_with_observed_shapes():
     for feed in (x, np.random.default_rng(1).standard_normal((2, 3, 48, 256)).astype(np.float32)):
         s, m = _run(shrunk, feed)[0], _run(masked, feed)[0]
         assert s.shape == m.shape and float(np.abs(s - m).max()) <= 1e-3 * float(np.abs(m).max())
+
+
+def test_pipeline_channel_with_int8_quantizes_the_shrunk_model_and_gates_it(tmp_path, monkeypatch):
+    """--pattern channel --quantize int8: the int8 weights have the shrunk shapes, the gate read the int8 file."""
+    import json
+
+    from graphs import tiny_cnn
+    from onnxsparse.config import PruneConfig
+    from onnxsparse.pipeline import prune
+    from onnxsparse.quantize import check_int8_weights
+    from onnxsparse.quantize import search as search_module
+
+    # int8 timed faster than float, as on most CPUs: the int8 model is what gets written
+    monkeypatch.setattr(search_module, "LatencyMeter",
+                        lambda feed: lambda m: 10.0 - sum(n.op_type == "DequantizeLinear" for n in m.graph.node))
+    model_path, calib = tmp_path / "cnn.onnx", tmp_path / "x.npy"
+    onnx.save_model(export_torch(tiny_cnn()), str(model_path))
+    np.save(calib, (2.0 + 3.0 * np.random.default_rng(0).standard_normal((96, 1, 12, 12))).astype(np.float32))
+    config = dict(sparsity=0.4, pattern="channel", method="magnitude", min_agreement=0.0, channel_multiple=1)
+    float_out, int8_out, report_path = tmp_path / "f.onnx", tmp_path / "q.onnx", tmp_path / "r.json"
+    plain = prune(str(model_path), float_out, str(calib), PruneConfig(**config), progress=False)
+    result = prune(str(model_path), int8_out, str(calib), PruneConfig(**config, quantize="int8"), progress=False,
+                   report_path=report_path)
+    report = json.loads(report_path.read_text())
+    assert report["quantize"]["applied"] and report["quality_gate"]["passed"]
+    assert report["quality_gate"]["agreement"] == report["verification"]["agreement"]
+    assert report["channels"]["macs_removed"] == plain.report["channels"]["macs_removed"] >= 0.4
+    assert report["channels"]["bytes_after"] == int8_out.stat().st_size  # tiny: the QDQ nodes outweigh int8 bytes
+    shrunk, written = onnx.load(str(float_out)), onnx.load(str(int8_out))
+    onnx.checker.check_model(written, full_check=True)
+    assert {p.key: p.value for p in written.metadata_props}["onnxsparse.quantize"] == "int8"
+    weights = check_int8_weights(shrunk, written)
+    shapes = {i.name: list(i.dims) for i in shrunk.graph.initializer}
+    original = {i.name: list(i.dims) for i in onnx.load(str(model_path)).graph.initializer}
+    assert len(weights) == 4 and any(shapes[name] != original[name] for name in weights)
+    for name, w in weights.items():
+        assert list(w.values.shape) == shapes[name]
+    x = np.load(calib)[:8]
+    session = ort.InferenceSession(str(int8_out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": x})[0].shape == (8, 10)
+    assert result.achieved_sparsity == report["achieved_sparsity"]

@@ -101,6 +101,9 @@ class MethodResult:
     sparsities: dict[str, float]  # allotted per-layer sparsity, {tensor_name: sparsity}
     masks: dict[str, torch.Tensor]  # final masks (True = kept)
     info: dict = field(default_factory=dict)  # method-specific report (search history, training curve, ...)
+    # other final weight sets (student state dicts, masks baked) the pipeline may keep instead, by name: UniPTS's
+    # fake-quant-trained student with --quantize, chosen by the quantize stage
+    alternatives: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class PruningMethod(Protocol):

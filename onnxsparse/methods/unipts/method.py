@@ -27,6 +27,7 @@ from onnxsparse.methods.scoring import FixedBatches
 from onnxsparse.methods.unipts.candidate import Candidate, materialise, regrown
 from onnxsparse.methods.unipts.dst import train
 from onnxsparse.methods.unipts.evaluator import FitnessEvaluator
+from onnxsparse.methods.unipts.fakequant import train_last_part
 from onnxsparse.methods.unipts.feed import training_batches
 from onnxsparse.methods.unipts.flip import FLIP_AGREEMENT, decide_flip
 from onnxsparse.methods.unipts.keep import RULE, keep
@@ -122,8 +123,8 @@ class UniPTS:
         with phases("training"):
             materialise(training_start, ctx.student)
             plan = work(mode=info["allocation"]["correction_mode"])
-            info["training"], info["resumed"] = _train(ctx, cfg, signals, training_start, sparsities, autocast,
-                                                       started, resumed, plan)
+            info["training"], info["resumed"], alternatives = _train(ctx, cfg, signals, training_start, sparsities,
+                                                                     autocast, started, resumed, plan)
 
         with phases("finish"):
             final_masks = current_masks(ctx.student, layers)
@@ -140,7 +141,7 @@ class UniPTS:
             _check_finite(ctx)
         info["sparsities"] = sparsities
         info["time_s"] = {**phases.rounded(), "total": round(time.perf_counter() - started, 3)}
-        return MethodResult(sparsities, final_masks, info)
+        return MethodResult(sparsities, final_masks, info, alternatives=alternatives)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -295,7 +296,8 @@ def _start(ctx: PruneContext, evaluator: FitnessEvaluator, zeros, pattern_masks)
 # ------------------------------------------------------------------------------------------------------------
 def _train(ctx: PruneContext, cfg: UniPTSConfig, signals, start: Candidate, sparsities, autocast, started: float,
            resumed: bool, work: WorkPlan):
-    """Dynamic sparse training of the student, set to ``start``: (the report, what the run resumed)."""
+    """Dynamic sparse training of the student, set to ``start``: (the report, what the run resumed, the
+    alternative weight sets for the quantize stage: with ``--quantize``, the fake-quantized continuation)."""
     masks = {name: mask.clone() for name, mask in start.masks.items()}  # training moves these, not the start's
     for layer in ctx.layers:  # one mask function per layer: magnitude at s_l, or the layer's N:M groups
         attach_masks(ctx.student, [layer], masks, sparsities, dynamic=True, decay=cfg.pruned_decay,
@@ -325,6 +327,9 @@ def _train(ctx: PruneContext, cfg: UniPTSConfig, signals, start: Candidate, spar
                         checkpoint=checkpoint, checkpoint_every=ctx.config.checkpoint_every,
                         freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
                         dist=ctx.dist)
+    fake_quant = train_last_part(ctx, plan, epoch_batches, loss_fn, selection=selection, autocast=autocast,
+                                 freeze_batchnorm=cfg.batchnorm == "frozen", max_grad_norm=cfg.max_grad_norm,
+                                 trained_iterations=trained.iterations)
     report = {
         "loss": loss_fn.name, "logits": signals.logits, "tau0": cfg.tau0, "gamma": loss_fn.gamma,
         "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
@@ -334,7 +339,10 @@ def _train(ctx: PruneContext, cfg: UniPTSConfig, signals, start: Candidate, spar
         "augment": augment, "flip": flip, "flip_agreement": flip_measured, "batchnorm": cfg.batchnorm,
         "max_grad_norm": cfg.max_grad_norm, "selection_before": before.as_dict(), **trained.as_dict(),
     }
-    return report, {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
+    if fake_quant.report is not None:
+        report["fake_quant"] = fake_quant.report
+    resumed_at = {"allocation": resumed, "training_step": int(resume["step"]) if resume is not None else None}
+    return report, resumed_at, fake_quant.alternatives
 
 
 # ------------------------------------------------------------------------------------------------------------
