@@ -529,3 +529,127 @@ def test_pipeline_channel_with_int8_quantizes_the_shrunk_model_and_gates_it(tmp_
     session = ort.InferenceSession(str(int8_out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": x})[0].shape == (8, 10)
     assert result.achieved_sparsity == report["achieved_sparsity"]
+
+
+# -- distillation with regrowth, determinism ----------------------------------------------------------------
+class _ThreeConvs(nn.Module):
+    """Three prunable channel groups (8, 16, 16 channels); the last one read by a Gemm through Flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def _tiny_channel_setup(tmp_path) -> tuple[Path, Path]:
+    model = tmp_path / "three.onnx"
+    onnx.save(_export(_ThreeConvs(), (1, 1, 12, 12)), str(model))
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((48, 1, 12, 12)).astype(np.float32))
+    return model, calib
+
+
+def test_regrowth_schedule_and_validation():
+    from onnxsparse.errors import OnnxSparseError
+    from onnxsparse.structured.distill import Regrowth
+
+    r = Regrowth(fraction=0.4, updates=4, until=0.75)
+    assert r.steps(100) == [15, 30, 45, 60]
+    assert [round(r.fraction_at(k), 4) for k in range(4)] == [0.4, 0.3414, 0.2, 0.0586]
+    assert Regrowth(updates=8).steps(4) == [1, 2, 3]  # more swap points than steps: each step at most once
+    for bad, match in (({"fraction": 0}, "fraction"), ({"fraction": 1.5}, "fraction"), ({"updates": 0}, "updates"),
+                       ({"updates": True}, "updates"), ({"until": 0.0}, "until"), ({"refit": 1}, "refit")):
+        with pytest.raises(OnnxSparseError, match=match):
+            Regrowth(**bad)
+
+
+def test_regrowth_channel_map_matches_the_masks(tmp_path):
+    """The per-entry channel map the regrowth statistics use marks exactly the entries the masks hold at zero,
+    through the importer's layouts (Conv weights, the Gemm's transposed weight read through Flatten)."""
+    from onnxsparse.importer import import_model
+    from onnxsparse.structured.distill import _Regrower, column_masks
+    from onnxsparse.structured.method import ChannelSelection
+    from onnxsparse.structured.select import ChannelPlan
+
+    model_path, _ = _tiny_channel_setup(tmp_path)
+    imported = import_model(str(model_path))
+    analysis = analyse(onnx.load(str(model_path)))
+    assert len(analysis.prunable()) == 3
+    removed = _random_removal(analysis, 0.4, seed=3)
+    selection = ChannelSelection(analysis, ChannelPlan(removed), {})
+    regrower = _Regrower(selection, imported.tracked, imported.module)
+    masks = {id(p): m for p, m in column_masks(selection, imported.tracked, imported.module)}
+    checked = 0
+    for g in regrower.groups:
+        for param, channel in regrower.maps[g.index]:
+            dropped = torch.isin(channel, torch.tensor(removed[g.index]))
+            assert torch.equal(dropped, ~masks[id(param)] & (channel < g.channels))
+            assert int((channel < g.channels).sum()) == param.numel()  # each consumer reads one group here
+            checked += 1
+    assert checked == 3
+
+
+@pytest.mark.slow
+def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch):
+    """Channels swapped during distillation are the ones the exporter removes: with the trained student kept,
+    the export check (shrunk onnxruntime model vs the masked torch student, 1e-3) fails if the plan still named
+    the start's channels; every group keeps its channel count, so the MACs target holds."""
+    import onnxsparse.pipeline as pipeline
+    import onnxsparse.structured.distill as distill_module
+    from onnxsparse.config import PruneConfig, UniPTSConfig
+
+    plans = []
+
+    def recording(ctx, selection, **kwargs):
+        before = {i: list(c) for i, c in selection.plan.removed.items()}
+        report = distill_module.distill(ctx, selection, regrowth=distill_module.Regrowth(fraction=0.5), **kwargs)
+        plans.append((before, selection.plan.removed))
+        return report
+
+    monkeypatch.setattr(pipeline, "distill", recording)
+    monkeypatch.setattr(distill_module, "KEEP_TRAINED_Z", -1e9)  # keep the trained student whatever it scores
+    monkeypatch.setattr(distill_module, "KEEP_TRAINED_MARGIN", -1e9)
+    result = pipeline.prune(str(SAMPLE / "model.onnx"), tmp_path / "r.onnx", str(SAMPLE / "calib"),
+                            PruneConfig(sparsity=0.5, pattern="channel", method="unipts", max_samples=96,
+                                        min_agreement=0.0,
+                                        batch_size=16, unipts=UniPTSConfig(search=False, epochs=2.0)),
+                            progress=False)
+    info = result.report["method_info"]["distillation"]
+    assert info["kept"] == "trained" and info["regrowth"]["channels_moved"] > 0
+    (before, after), = plans
+    assert any(set(before[i]) != set(after[i]) for i in before)
+    assert {i: len(c) for i, c in before.items()} == {i: len(c) for i, c in after.items()}
+    assert result.report["verification"]["export_max_rel_error"] <= 1e-3
+    assert result.report["channels"]["macs_removed"] >= 0.5
+
+
+@pytest.mark.parametrize("regrow", [False, True])
+def test_channel_unipts_deterministic_bytes(tmp_path, monkeypatch, regrow):
+    """Same seed, --deterministic: search + distillation (with and without regrowth) write the same bytes."""
+    import functools
+
+    import onnxsparse.pipeline as pipeline
+    from onnxsparse.config import PruneConfig, UniPTSConfig
+    from onnxsparse.structured.distill import Regrowth, distill
+
+    monkeypatch.setattr(pipeline, "distill",
+                        functools.partial(distill, regrowth=Regrowth(fraction=0.5) if regrow else None))
+    model, calib = _tiny_channel_setup(tmp_path)
+    config = PruneConfig(sparsity=0.4, pattern="channel", method="unipts", channel_multiple=1, deterministic=True,
+                         min_agreement=0.0, batch_size=8, unipts=UniPTSConfig(epochs=3.0).with_population(4))
+    written, infos = [], []
+    for i in range(2):
+        out = tmp_path / f"p{i}.onnx"
+        result = pipeline.prune(str(model), out, str(calib), config, progress=False)
+        written.append(out.read_bytes())
+        infos.append(result.report["method_info"])
+    assert infos[0]["search"]["candidates"] > 1 and infos[0]["distillation"]["steps"] > 0
+    if regrow:
+        assert sum(s["swapped"] for s in infos[0]["distillation"]["regrowth"]["swaps"]) > 0
+    assert written[0] == written[1]

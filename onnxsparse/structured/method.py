@@ -40,6 +40,11 @@ class ChannelSelection:
     plan: select.ChannelPlan
     kept: dict[int, int]
     info: dict = field(default_factory=dict)
+    # what the refit used (the dense model, its tap statistics, the tensors it may write), for distillation to
+    # refit the consumers of channels it swaps (--method unipts); distillation releases them
+    model: onnx.ModelProto | None = None
+    stats: select.TapStats | None = None
+    writable: set[str] = field(default_factory=set)
 
     def macs(self) -> tuple[int, int]:
         return self.analysis.total_macs, int(round(self.analysis.macs_after(self.kept)))
@@ -176,7 +181,9 @@ def select_channels(model: onnx.ModelProto, calib, config, *, editable: set[str]
     plan = select.plan(model, analysis, removed, stats=stats, writable=writable)
     info.update({"importance": "l1" if not refit else "activation", "refit": refit, **plan.info,
                  "removed_channels": sum(len(c) for c in removed.values())})
-    return ChannelSelection(analysis, plan, kept, info)
+    if config.method != "unipts":  # only distillation's regrowth refits again; the Gram matrices can be large
+        return ChannelSelection(analysis, plan, kept, info)
+    return ChannelSelection(analysis, plan, kept, info, model, stats, set(writable))
 
 
 def apply_to_student(selection: ChannelSelection, tracked, student: torch.nn.Module) -> None:
