@@ -596,10 +596,12 @@ def test_regrowth_channel_map_matches_the_masks(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch):
-    """Channels swapped during distillation are the ones the exporter removes: with the trained student kept,
-    the export check (shrunk onnxruntime model vs the masked torch student, 1e-3) fails if the plan still named
-    the start's channels; every group keeps its channel count, so the MACs target holds."""
+@pytest.mark.parametrize("keep_trained", [True, False])
+def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch, keep_trained):
+    """Channels swapped during distillation are the ones the exporter removes when the trained student is kept
+    (the start's when it is not): the export check (shrunk onnxruntime model vs the masked torch student, 1e-3)
+    fails if the plan named other channels than the student's masks; every group keeps its channel count, so
+    the MACs target holds. The keep rule's verdict is forced both ways."""
     import onnxsparse.pipeline as pipeline
     import onnxsparse.structured.distill as distill_module
     from onnxsparse.config import PruneConfig, UniPTSConfig
@@ -612,18 +614,28 @@ def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch):
         plans.append((before, selection.plan.removed))
         return report
 
+    class Verdict:
+        def __init__(self, comparison):
+            self.comparison = comparison
+
+        def better(self, z, margin):
+            return keep_trained
+
+        def as_dict(self):
+            return self.comparison.as_dict()
+
+    compare = distill_module.paired_improvement
     monkeypatch.setattr(pipeline, "distill", recording)
-    monkeypatch.setattr(distill_module, "KEEP_TRAINED_Z", -1e9)  # keep the trained student whatever it scores
-    monkeypatch.setattr(distill_module, "KEEP_TRAINED_MARGIN", -1e9)
+    monkeypatch.setattr(distill_module, "paired_improvement", lambda a, b: Verdict(compare(a, b)))
     result = pipeline.prune(str(SAMPLE / "model.onnx"), tmp_path / "r.onnx", str(SAMPLE / "calib"),
                             PruneConfig(sparsity=0.5, pattern="channel", method="unipts", max_samples=96,
                                         min_agreement=0.0,
                                         batch_size=16, unipts=UniPTSConfig(search=False, epochs=2.0)),
                             progress=False)
     info = result.report["method_info"]["distillation"]
-    assert info["kept"] == "trained" and info["regrowth"]["channels_moved"] > 0
+    assert info["kept"] == ("trained" if keep_trained else "start") and info["regrowth"]["channels_moved"] > 0
     (before, after), = plans
-    assert any(set(before[i]) != set(after[i]) for i in before)
+    assert any(set(before[i]) != set(after[i]) for i in before) == keep_trained
     assert {i: len(c) for i, c in before.items()} == {i: len(c) for i, c in after.items()}
     assert result.report["verification"]["export_max_rel_error"] <= 1e-3
     assert result.report["channels"]["macs_removed"] >= 0.5
