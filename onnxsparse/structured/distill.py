@@ -6,15 +6,14 @@ the shrunk model computes; every other tensor the importer tracks trains (BatchN
 quick recipe). The loss is UniPTS's per-output distillation.
 
 With :class:`Regrowth`, the masks move during training in the spirit of dynamic sparse training: at a few points,
-per dependency group, the kept channels whose removal the first-order Taylor estimate says costs the loss least
-are removed and as many removed channels whose masked consumer columns received the most gradient since the last
-point are regrown (their columns start at zero and train; they are not dropped again at the next point). With
-``Regrowth.refit`` the consumers of a group that swapped are then refitted by least squares to the dense layer
-on the selection's statistics, as the start was: a dropped channel's share moves to the kept ones at once instead
-of being relearned by gradient steps. Every
-group keeps its channel count, so the MACs target holds; a removed channel's producer filter and per-channel
-parameters received no gradient while it was out (its consumer columns were zero), so it regrows as the dense
-model computed it.
+per dependency group, the kept channels whose removal the squared first-order Taylor estimate says costs the loss
+least are removed and as many removed channels whose masked consumer columns received the most gradient since the
+last point are regrown (their columns start at zero and train; they are not dropped again at the next point).
+Every group keeps its channel count, so the MACs target holds; a removed channel's producer filter and
+per-channel parameters received no gradient while it was out (its consumer columns were zero), so it regrows as
+the dense model computed it. With ``Regrowth.refit`` the consumers of a group that swapped are then refitted by
+least squares to the dense layer on the selection's statistics, as the start was: a dropped channel's share
+moves to the kept ones at once instead of being relearned by gradient steps.
 
 The trained student is kept only when it is closer to the dense model than its start on the selection split by
 the same paired rule UniPTS uses; the selection's plan then carries the final removed channels (the start's
