@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from onnxsparse.device import determinism
-from onnxsparse.errors import OnnxSparseError
 from onnxsparse.methods.unipts import KEEP_TRAINED_MARGIN, KEEP_TRAINED_Z
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.metrics import paired_improvement
 from onnxsparse.state import copy_state, load_state
 from onnxsparse.structured import select
 from onnxsparse.structured.select import _consumer_removed_columns
+from onnxsparse.validate import boolean, int_at_least, number_in
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +62,10 @@ class Regrowth:
     refit: bool = True
 
     def __post_init__(self) -> None:
-        ok = isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)
-        if not ok or not 0 < self.fraction <= 1:
-            raise OnnxSparseError(f"channel regrowth fraction must be in (0, 1], got {self.fraction!r}")
-        if not isinstance(self.updates, int) or isinstance(self.updates, bool) or self.updates < 1:
-            raise OnnxSparseError(f"channel regrowth updates must be an integer >= 1, got {self.updates!r}")
-        ok = isinstance(self.until, (int, float)) and not isinstance(self.until, bool)
-        if not ok or not 0 < self.until <= 1:
-            raise OnnxSparseError(f"channel regrowth until must be in (0, 1], got {self.until!r}")
-        if not isinstance(self.refit, bool):
-            raise OnnxSparseError(f"channel regrowth refit must be True or False, got {self.refit!r}")
+        number_in(self.fraction, "channel regrowth fraction", 0, 1, lo_open=True)
+        int_at_least(self.updates, "channel regrowth updates")
+        number_in(self.until, "channel regrowth until", 0, 1, lo_open=True)
+        boolean(self.refit, "channel regrowth refit")
 
     def fraction_at(self, k: int) -> float:
         return self.fraction * 0.5 * (1.0 + math.cos(math.pi * k / self.updates))
