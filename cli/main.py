@@ -132,6 +132,9 @@ def main() -> None:
               help="UniPTS with --quantize int8: a second student replays this fraction of the training iterations "
                    "with fake int8 weights and activations; the closer int8 model on the selection is kept "
                    "(default 0.1; 0: none).")
+@click.option("--channel-regrow", cls=ExpertOption, type=float, default=None,
+              help="UniPTS with --pattern channel: channels may regrow during distillation; this fraction of each "
+                   "group's kept channels is swapped at the first of 4 points, decaying (default: masks fixed).")
 @click.option("--time-budget", cls=ExpertOption, type=float, default=None,
               help="UniPTS: optional cap, in seconds, on search + training (default: none; the work plan decides). "
                    "A run it cuts is reported as cut and is not reproducible.")
@@ -192,7 +195,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
                   exclude, no_correction, batch_size, max_samples, selection_size, verify_size, recipe, epochs,
                   iterations, search_generations, population, no_search, lr, time_budget, correction_samples,
                   verify_tolerance, min_agreement, checkpoint_every, augment, feature_weight, channel_multiple,
-                  fake_quant_fraction):
+                  fake_quant_fraction, channel_regrow):
     from onnxsparse.config import PruneConfig, UniPTSConfig
 
     if output is None and not dry_run:
@@ -201,6 +204,7 @@ def _prune_config(output, dry_run, device, *, sparsity, method, pattern, save_fo
         "epochs": epochs, "iterations": iterations, "generations": search_generations,
         "lr": lr, "time_budget": time_budget, "augment": augment,
         "feature_weight": feature_weight, "fake_quant_fraction": fake_quant_fraction,
+        "channel_regrow": channel_regrow,
     }.items() if v is not None}
     if time_budget == 0:
         overrides["time_budget"] = None

@@ -18,7 +18,7 @@ QUANTIZE_FORMATS = ("int8",)
 _UNIPTS_FLAGS = {"population": "--population", "generations": "--search-generations", "epochs": "--epochs",
                  "iterations": "--iterations", "lr": "--lr", "feature_weight": "--feature-weight",
                  "time_budget": "--time-budget", "augment": "--augment",
-                 "fake_quant_fraction": "--fake-quant-fraction"}
+                 "fake_quant_fraction": "--fake-quant-fraction", "channel_regrow": "--channel-regrow"}
 
 
 def _unipts_flag(name: str) -> str:
@@ -72,6 +72,9 @@ class UniPTSConfig:
     # with --quantize int8: a second candidate replays this fraction of the training iterations with fake int8
     # weights and activations; the quantize stage keeps the closer int8 model (0: no such candidate)
     fake_quant_fraction: float = 0.1
+    # --pattern channel: fraction of each group's kept channels swapped at the first regrowth point (None: the
+    # channel masks stay fixed; off by default, docs/decisions.md)
+    channel_regrow: float | None = None
 
     def __post_init__(self) -> None:
         flag = _unipts_flag
@@ -106,6 +109,8 @@ class UniPTSConfig:
         if self.max_grad_norm is not None:
             number_in(self.max_grad_norm, flag("max_grad_norm"), 0, 1e6, lo_open=True)
         number_in(self.fake_quant_fraction, flag("fake_quant_fraction"), 0, 1)
+        if self.channel_regrow is not None:
+            number_in(self.channel_regrow, flag("channel_regrow"), 0, 1, lo_open=True)
         check(self.batchnorm in ("frozen", "train"),
                f"{flag('batchnorm')} must be 'frozen' or 'train', got {self.batchnorm!r}")
 

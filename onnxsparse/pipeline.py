@@ -33,13 +33,13 @@ from onnxsparse.exporter.writeback import external_bytes, set_metadata, to_spars
 from onnxsparse.graph import ImportedModel
 from onnxsparse.importer import import_model
 from onnxsparse.methods import MethodResult, PruneContext, get_method
+from onnxsparse.methods.unipts.candidate import Candidate, materialise
 from onnxsparse.metrics import wilson_interval
 from onnxsparse.plain import json_default
 from onnxsparse.quantize import Closeness, choose_int8
 from onnxsparse.sparsity import patterns
 from onnxsparse.sparsity.masks import zeros_for
-from onnxsparse.state import copy_state, load_state
-from onnxsparse.structured.distill import distill
+from onnxsparse.structured.distill import Regrowth, distill
 from onnxsparse.structured.method import ChannelSelection, apply_to_student, select_channels
 from onnxsparse.timing import Interrupted, Phases  # noqa: F401 - Interrupted: public here since 0.1
 
@@ -248,8 +248,10 @@ def _prune_channels(ctx: PruneContext, model_path: Path | None, calib_set: Calib
         if config.method == "unipts":  # distillation from the refitted start, removed channels held out
             budget = config.unipts.time_budget
             spent = selection.info.get("search", {}).get("seconds", 0.0)
+            regrow = config.unipts.channel_regrow
             selection.info["distillation"] = distill(ctx, selection,
-                                                     budget=None if budget is None else max(1.0, budget - spent))
+                                                     budget=None if budget is None else max(1.0, budget - spent),
+                                                     regrowth=Regrowth(regrow) if regrow is not None else None)
     result = MethodResult({}, {}, selection.info)
     run = _Run(imported, ctx.student.to("cpu").eval(), calib_set, config, ctx.device, model_path, output, result,
                signals, notes, timer, started)
@@ -494,12 +496,12 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
         exports = [_export(run, staged, "plain", None, channels)]
         alternatives = run.result.alternatives if config.quantize is not None else {}
         if alternatives:  # the quantize stage chooses between them: each written back while the dense copy lives
-            plain = copy_state(run.student)
-            exports[0].state = plain
+            plain = Candidate.capture(run.student, "plain")
+            exports[0].state = plain.state
             for name, state in alternatives.items():
-                load_state(run.student, state)
+                materialise(Candidate(name, state), run.student)
                 exports.append(_export(run, staged, name, state, channels))
-            load_state(run.student, plain)
+            materialise(plain, run.student)
         # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
         imported.release_dense()
         run.result.masks.clear()
@@ -568,7 +570,7 @@ def _quantize(run: _Run, exports: list[_Export],
     choices, fidelities = {}, {}
     for export in exports:
         if export.state is not None:
-            load_state(run.student, export.state)
+            materialise(Candidate(export.name, export.state), run.student)
         # The int8 file does not compute what the torch student computes: the float model it is made from is
         # checked against the student now, as the saved file is without --quantize.
         fidelities[export.name] = export_fidelity(export.pruned, run.verify_feeds(), run.student,
@@ -577,7 +579,7 @@ def _quantize(run: _Run, exports: list[_Export],
     scores = {name: Closeness(**choice.report["final_closeness"]) for name, choice in choices.items()}
     chosen = max(exports, key=lambda e: (scores[e.name], e.name == "plain"))
     if chosen.state is not None:
-        load_state(run.student, chosen.state)
+        materialise(Candidate(chosen.name, chosen.state), run.student)
     choice = choices[chosen.name]
     run.quantize_report = {"format": config.quantize, "export_max_rel_error": fidelities[chosen.name],
                            **choice.report}

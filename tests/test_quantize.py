@@ -368,8 +368,8 @@ def test_unipts_int8_keeps_the_closer_of_the_plain_and_fake_quant_students(tmp_p
     monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
     model = graphs.export_torch(graphs.tiny_cnn(), keep_bn=True)
     out, report_path = tmp_path / "q.onnx", tmp_path / "r.json"
-    config = PruneConfig(sparsity=0.6, quantize="int8", min_agreement=0.0, selection_size=16, verify_size=16,
-                         unipts=UniPTSConfig(search=False, iterations=12, batch_size=16, fake_quant_fraction=0.5))
+    config = PruneConfig(sparsity=0.6, quantize="int8", min_agreement=0.0, selection_size=16, verify_size=16, batch_size=16,
+                         unipts=UniPTSConfig(search=False, iterations=12, fake_quant_fraction=0.5))
     result = prune(model, out, _cnn_feeds(12), config, progress=False, report_path=report_path)
     report = json.loads(report_path.read_text())
     fake = report["method_info"]["training"]["fake_quant"]

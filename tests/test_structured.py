@@ -567,6 +567,12 @@ def test_regrowth_schedule_and_validation():
                        ({"updates": True}, "updates"), ({"until": 0.0}, "until"), ({"refit": 1}, "refit")):
         with pytest.raises(OnnxSparseError, match=match):
             Regrowth(**bad)
+    from onnxsparse.config import UniPTSConfig
+
+    assert UniPTSConfig().channel_regrow is None  # off by default (docs/decisions.md)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(OnnxSparseError, match=r"--channel-regrow"):
+            UniPTSConfig(channel_regrow=bad)
 
 
 def test_regrowth_channel_map_matches_the_masks(tmp_path):

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from onnxsparse.device import determinism
-from onnxsparse.methods.unipts import KEEP_TRAINED_MARGIN, KEEP_TRAINED_Z
+from onnxsparse.methods.unipts import KEEP_TRAINED_MARGIN, KEEP_TRAINED_Z, Candidate, materialise
 from onnxsparse.methods.unipts.objective import Distillation, default_gamma
 from onnxsparse.metrics import paired_improvement
-from onnxsparse.state import copy_state, load_state
 from onnxsparse.structured import select
 from onnxsparse.structured.select import _consumer_removed_columns
 from onnxsparse.validate import boolean, int_at_least, number_in
@@ -238,7 +237,7 @@ def _distill(ctx, selection, budget: float | None, regrowth: Regrowth | None) ->
     if not params or ctx.calib.n_train < 2:
         return {"skipped": "nothing to train"}
     scorer = ctx.selection_scorer()
-    start_state = copy_state(student)
+    start_state = Candidate.capture(student, "start")
     start = scorer(student)
     epochs = cfg.epochs if cfg.epochs is not None else 20.0
     loss_fn = Distillation(ctx.output_signals(), tau0=cfg.tau0, gamma=cfg.gamma or default_gamma(epochs),
@@ -305,7 +304,7 @@ def _distill(ctx, selection, budget: float | None, regrowth: Regrowth | None) ->
         if kept:
             _final_plan(selection, regrower, student)
     if not kept:
-        load_state(student, start_state)
+        materialise(start_state, student)
     student.eval()
     return report
 
