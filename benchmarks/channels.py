@@ -35,7 +35,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 from benchmarks import deploy  # noqa: E402
 from benchmarks.provenance import Environment, row_provenance  # noqa: E402
-from onnxsparse.config import PruneConfig  # noqa: E402
+from onnxsparse.config import PruneConfig, UniPTSConfig  # noqa: E402
 from onnxsparse.data import load_calibration  # noqa: E402
 from onnxsparse.pipeline import prune  # noqa: E402
 from onnxsparse.quantize import latency_table  # noqa: E402
@@ -118,9 +118,12 @@ def run_cell(name: str, model_path: Path, calib, preprocess, target: float, meth
                     cpu_session(out, 1).run(None, one)
                 else:
                     extra = {"preprocess": preprocess} if preprocess is not None else {}
+                    unipts = UniPTSConfig(time_budget=args.unipts_budget) if args.unipts_budget else UniPTSConfig()
                     result = prune(model_path, out, str(calib),
                                    PruneConfig(sparsity=target, method=method, pattern="channel", seed=args.seed,
-                                               min_agreement=0.0), progress=False, force=True, **extra)
+                                               min_agreement=0.0, unipts=unipts), progress=False, force=True,
+                                   **extra)
+                    row["cut_by_time_budget"] = bool(args.unipts_budget) and method == "unipts"
                     ch = result.report.get("channels", {})
                     groups = ch.get("groups") or []
                     row.update({"groups": len(groups), "whole_groups": sum(not g["prunable"] for g in groups),
@@ -199,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unipts-budget", type=float, default=None,
+                        help="UniPTS --time-budget per cell, seconds (search + distillation; default: none)")
     parser.add_argument("--results", type=Path, default=HERE / "channels.json")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args(argv)
@@ -234,7 +239,8 @@ def main(argv=None) -> int:
                             one={input_name: test.inputs[:1]})
             cell.update({"case": name, "target": target, "dense_accuracy": dense_acc,
                          "metric": case.metric.names[0], "percent": case.metric.percent})
-            record(f"{name}/{target:g}", cell, {"target": target, "methods": list(args.methods), "seed": args.seed})
+            record(f"{name}/{target:g}", cell, {"target": target, "methods": list(args.methods), "seed": args.seed,
+                                                "unipts_budget_s": args.unipts_budget})
     for name in args.latency_models:
         with tempfile.TemporaryDirectory(prefix="onnxsparse-channels-") as tmp:
             model, one, calib = deploy.build_latency_model(name, Path(tmp), seed=args.seed)
