@@ -474,17 +474,24 @@ class _Export:
 
 
 def _export(run: _Run, staged: Path | None, name: str, state, channels: _Channels | None) -> _Export:
-    """Write back the student: its layer table with every zero checked, or, for channels, the shrunk model."""
-    imported, config = run.imported, run.config
-    pruned, changed = write_back(imported, run.student, run.metadata(), data_file=staged)
+    """Write back the student (for channels, the shrunk model); its layer table comes after the dense copy is
+    released (:func:`_tabulate`): reading the written weights beside it would hold both in memory."""
+    pruned, changed = write_back(run.imported, run.student, run.metadata(), data_file=staged)
     if channels is not None:  # whole channels are removed, not zeroed: no layer table
         pruned, macs_removed = channels.shrink(pruned)
         return _Export(name, state, pruned, changed, {}, [], macs_removed)
-    arrays = tensor_arrays(pruned, [layer.weight.source for layer in imported.layers],
-                           staged.parent if staged is not None else None)
-    rows = _layer_table(imported, run.result, arrays, config.nm)
-    _check_zeros(rows, imported, arrays, config.nm)
-    return _Export(name, state, pruned, changed, arrays, rows)
+    return _Export(name, state, pruned, changed, {}, [])
+
+
+def _tabulate(run: _Run, export: _Export, staged: Path | None) -> None:
+    """The export's layer table, with every zero checked on the written tensors."""
+    if export.macs_removed is not None:
+        return
+    imported, config = run.imported, run.config
+    export.arrays = tensor_arrays(export.pruned, [layer.weight.source for layer in imported.layers],
+                                  staged.parent if staged is not None else None)
+    export.rows = _layer_table(imported, run.result, export.arrays, config.nm)
+    _check_zeros(export.rows, imported, export.arrays, config.nm)
 
 
 def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_path,
@@ -505,6 +512,8 @@ def _export_verify_save(run: _Run, staged: Path | None, save_path: Path, report_
         # Written back: the dense torch copy and the masks are no longer needed (the file holds the result).
         imported.release_dense()
         run.result.masks.clear()
+        for export in exports:
+            _tabulate(run, export, staged)
     int8_names = None
     chosen = exports[0]
     pruned, rows = chosen.pruned, chosen.rows

@@ -616,7 +616,7 @@ def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch, k
 
     def recording(ctx, selection, **kwargs):
         before = {i: list(c) for i, c in selection.plan.removed.items()}
-        report = distill_module.distill(ctx, selection, regrowth=distill_module.Regrowth(fraction=0.5), **kwargs)
+        report = distill_module.distill(ctx, selection, **kwargs)
         plans.append((before, selection.plan.removed))
         return report
 
@@ -636,7 +636,8 @@ def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch, k
     result = pipeline.prune(str(SAMPLE / "model.onnx"), tmp_path / "r.onnx", str(SAMPLE / "calib"),
                             PruneConfig(sparsity=0.5, pattern="channel", method="unipts", max_samples=96,
                                         min_agreement=0.0,
-                                        batch_size=16, unipts=UniPTSConfig(search=False, epochs=2.0)),
+                                        batch_size=16,
+                                        unipts=UniPTSConfig(search=False, epochs=2.0, channel_regrow=0.5)),
                             progress=False)
     info = result.report["method_info"]["distillation"]
     assert info["kept"] == ("trained" if keep_trained else "start") and info["regrowth"]["channels_moved"] > 0
@@ -650,17 +651,13 @@ def test_pipeline_channel_regrowth_reaches_the_exporter(tmp_path, monkeypatch, k
 @pytest.mark.parametrize("regrow", [False, True])
 def test_channel_unipts_deterministic_bytes(tmp_path, monkeypatch, regrow):
     """Same seed, --deterministic: search + distillation (with and without regrowth) write the same bytes."""
-    import functools
-
     import onnxsparse.pipeline as pipeline
     from onnxsparse.config import PruneConfig, UniPTSConfig
-    from onnxsparse.structured.distill import Regrowth, distill
 
-    monkeypatch.setattr(pipeline, "distill",
-                        functools.partial(distill, regrowth=Regrowth(fraction=0.5) if regrow else None))
     model, calib = _tiny_channel_setup(tmp_path)
     config = PruneConfig(sparsity=0.4, pattern="channel", method="unipts", channel_multiple=1, deterministic=True,
-                         min_agreement=0.0, batch_size=8, unipts=UniPTSConfig(epochs=3.0).with_population(4))
+                         min_agreement=0.0, batch_size=8,
+                         unipts=UniPTSConfig(epochs=3.0, channel_regrow=0.5 if regrow else None).with_population(4))
     written, infos = [], []
     for i in range(2):
         out = tmp_path / f"p{i}.onnx"
