@@ -117,6 +117,10 @@ def build_latency_model(name: str, workdir: Path, seed: int = 0) -> tuple[Path, 
         shape = (1, 3, 224, 224)
     else:
         raise ValueError(f"unknown latency model {name!r}; known: {', '.join(LATENCY_MODELS)}")
+    with torch.no_grad():  # default inits repeat tensors (zero biases, unit BatchNorm): the exporter would share
+        for tensor in [*net.parameters(), *net.buffers()]:  # them, which no trained model does
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand_like(tensor) * 1e-2 if tensor.dim() <= 1 else torch.zeros_like(tensor))
     net.eval()
     path = workdir / f"{name}.onnx"
     x = torch.randn(*shape)
