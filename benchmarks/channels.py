@@ -36,7 +36,6 @@ if str(HERE.parent) not in sys.path:
 from benchmarks import deploy  # noqa: E402
 from benchmarks.provenance import Environment, row_provenance  # noqa: E402
 from onnxsparse.config import PruneConfig, UniPTSConfig  # noqa: E402
-from onnxsparse.data import load_calibration  # noqa: E402
 from onnxsparse.pipeline import prune  # noqa: E402
 from onnxsparse.quantize import latency_table  # noqa: E402
 from onnxsparse.quantize.latency import cpu_session  # noqa: E402
@@ -84,19 +83,6 @@ def _peer(method: str, dense: onnx.ModelProto, target: float, feeds: list[dict],
     return best_model, {"fraction": hi, "removed": best_removed, "below_target": False, "tried": tried}
 
 
-def _calib_feeds(model_path: Path, calib, preprocess, seed: int, n: int = 64) -> list[dict]:
-    proto = onnx.load(str(model_path))
-    extra = {"preprocess": preprocess} if preprocess is not None else {}
-    data = load_calibration(str(calib), proto, model_path=model_path, seed=seed, **extra)
-    feeds, got = [], 0
-    for feed in data.feeds("train", 16):
-        if got >= n:
-            break
-        feeds.append(feed)
-        got += len(next(iter(feed.values())))
-    return feeds
-
-
 def run_cell(name: str, model_path: Path, calib, preprocess, target: float, methods, args, *, metric=None,
              inputs=None, reference=None, one: dict) -> dict:
     """Every method at ``target`` on one model; their rows and one latency table over all of them."""
@@ -112,7 +98,7 @@ def run_cell(name: str, model_path: Path, calib, preprocess, target: float, meth
             t0 = time.perf_counter()
             try:
                 if method in PEERS:
-                    feeds = feeds or _calib_feeds(model_path, calib, preprocess, args.seed)
+                    feeds = feeds or deploy.train_feeds(model_path, calib, preprocess, args.seed, 64, 16)
                     pruned, row["peer"] = _peer(method, dense, target, feeds, macs_dense, one)
                     onnx.save(pruned, str(out))
                     cpu_session(out, 1).run(None, one)

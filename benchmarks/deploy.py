@@ -81,6 +81,22 @@ def sizes(path: Path) -> dict[str, int]:
     return {"bytes": files_size(path), "zip_bytes": zip_size(*model_files(path))}
 
 
+def train_feeds(model_path: Path, calib, preprocess, seed: int, samples: int, batch: int) -> list[dict]:
+    """The first ``samples`` (rounded up to a batch) of the training split ``prune`` makes of ``calib`` with
+    ``seed``: what our methods fit on, handed to a peer."""
+    from onnxsparse.data import load_calibration
+
+    extra = {"preprocess": preprocess} if preprocess is not None else {}
+    data = load_calibration(str(calib), onnx.load(str(model_path)), model_path=model_path, seed=seed, **extra)
+    feeds, got = [], 0
+    for feed in data.feeds("train", batch):
+        if got >= samples:
+            break
+        feeds.append(feed)
+        got += len(next(iter(feed.values())))
+    return feeds
+
+
 def first_sample(inputs: np.ndarray | dict) -> dict[str, np.ndarray]:
     """A batch-1 feed from a case's preprocessed test inputs (one array, or one per graph input)."""
     if isinstance(inputs, dict):

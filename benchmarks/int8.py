@@ -36,7 +36,6 @@ if str(HERE.parent) not in sys.path:
 from benchmarks import deploy  # noqa: E402
 from benchmarks.provenance import Environment, row_provenance  # noqa: E402
 from onnxsparse.config import PruneConfig  # noqa: E402
-from onnxsparse.data import load_calibration  # noqa: E402
 from onnxsparse.data.preprocess_resolution import SIDECAR_NAME  # noqa: E402
 from onnxsparse.pipeline import QUANTIZE_SAMPLES, prune  # noqa: E402
 from onnxsparse.quantize import Calibration, latency_table, peer_int8  # noqa: E402
@@ -49,16 +48,8 @@ HEADING = "## int8 with the zeros kept: accuracy, size, latency (`benchmarks/int
 
 def _peer(model: Path, calib, preprocess, out: Path, workdir: Path, seed: int) -> None:
     """``quantize_static`` of the dense model on the training samples ``--quantize`` calibrates with."""
-    proto = onnx.load(str(model))
-    extra = {"preprocess": preprocess} if preprocess is not None else {}
-    data = load_calibration(str(calib), proto, model_path=model, seed=seed, **extra)
-    kept, n = [], 0
-    for feed in data.feeds("train", 32):
-        if n >= QUANTIZE_SAMPLES:
-            break
-        kept.append(feed)
-        n += len(next(iter(feed.values())))
-    onnx.save_model(peer_int8(proto, Calibration(kept, workdir), workdir), str(out))
+    feeds = deploy.train_feeds(model, calib, preprocess, seed, QUANTIZE_SAMPLES, 32)
+    onnx.save_model(peer_int8(onnx.load(str(model)), Calibration(feeds, workdir), workdir), str(out))
 
 
 def build(model: Path, calib, preprocess, sparsity: float, method: str, pattern: str, workdir: Path, *,
