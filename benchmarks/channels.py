@@ -49,7 +49,9 @@ BISECT_STEPS = 7
 
 
 def _parameters(model: onnx.ModelProto) -> int:
-    return int(sum(np.prod(t.dims) for t in model.graph.initializer))
+    """Elements of the constant tensors: initializers and Constant nodes (where Paddle's exporter keeps weights)."""
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return int(sum(np.prod(t.dims) for t in [*model.graph.initializer, *consts]))
 
 
 def _peer(method: str, dense: onnx.ModelProto, target: float, feeds: list[dict], macs_dense: int,
@@ -136,6 +138,10 @@ def run_cell(name: str, model_path: Path, calib, preprocess, target: float, meth
             "methods": rows, "latency": latency, "load_before_latency": load}
 
 
+def _count(n: int | None) -> str:
+    return f"{n:,}" if n else "-"
+
+
 def markdown(results: dict) -> str:
     acc = ["| case | target | method | accuracy (dense) | MACs removed | parameters | zip bytes | b1 t1 x dense | "
            "wall s | note |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -160,7 +166,7 @@ def markdown(results: dict) -> str:
                 note = (f"below target: {p['removed']:.3f} at fraction {p['fraction']:.2f}" if p["below_target"]
                         else f"channel fraction {p['fraction']:.3f}")
             acc.append(f"| {cell['case']} | {cell['target']:g} | {method} | {fmt(row.get('accuracy'))} "
-                       f"({fmt(dense_acc)}) | {row['macs_removed']:.3f} | {row['parameters']:,} | "
+                       f"({fmt(dense_acc)}) | {row['macs_removed']:.3f} | {_count(row['parameters'])} | "
                        f"{row['zip_bytes']:,} | {b1['ratio']:.2f} | {row.get('wall_s')} | {note} |"
                        if b1 else f"| {cell['case']} | {cell['target']:g} | {method} | - | - | - | - | - | - | |")
         for r in cell["latency"]:
@@ -172,7 +178,7 @@ def markdown(results: dict) -> str:
     head = (f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; code at {', '.join(commits)}. MACs counted "
             "on the written ONNX graph (Conv/Gemm/MatMul, batch 1). Latency: onnxruntime CPU, fastest of interleaved "
             "passes of the median of repeated runs, warm-up excluded; `x dense` is against the dense model in the "
-            "same pass.")
+            "same pass. Parameters '-': a row counted before Constant-node weights (the Paddle models) were.")
     return "\n".join([head, "", *acc, "", "<details><summary>every latency</summary>", "", *lat, "", "</details>"])
 
 

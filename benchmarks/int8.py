@@ -150,6 +150,18 @@ def run_latency_model(name: str, sparsity: float, args, env, results: dict, save
     save()
 
 
+def _kept_summary(kept: list[str]) -> str:
+    """``node (reason)`` entries counted by reason, the first few named."""
+    if not kept:
+        return "none"
+    reasons: dict[str, int] = {}
+    for entry in kept:
+        reason = entry.rsplit("(", 1)[-1].rstrip(")")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    shown = ", ".join(kept[:4]) + (f", ... ({len(kept) - 4} more)" if len(kept) > 4 else "")
+    return f"{len(kept)} nodes ({', '.join(f'{n} for {r}' for r, n in reasons.items())}): {shown}"
+
+
 def markdown(results: dict) -> str:
     """The accuracy/size table and the latency table of every row."""
     lines = ["| case | method @ sparsity | model | accuracy | MACs | bytes | zip bytes | zip / dense fp32 |",
@@ -177,7 +189,7 @@ def markdown(results: dict) -> str:
         q = row["quantize"]
         notes.append(f"- {row['case']} {cell}: int8 {'applied' if q.get('applied') else 'not applied'}, "
                      f"{q.get('calibration')} calibration, op types {q.get('op_types')}; kept in float: "
-                     f"{', '.join(q.get('kept_float') or []) or 'none'}; commit {row.get('commit', '?')}"
+                     f"{_kept_summary(q.get('kept_float') or [])}; commit {row.get('commit', '?')[:7]}"
                      f"{' (dirty)' if row.get('dirty') else ''}; load {row['load_before'][0]:.1f}")
     machine = results.get("machine", {})
     head = (f"Machine: {machine.get('cpu')}, {machine.get('cores')} cores; onnxruntime CPU, latency = fastest of "
