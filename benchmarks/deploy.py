@@ -97,13 +97,6 @@ def train_feeds(model_path: Path, calib, preprocess, seed: int, samples: int, ba
     return feeds
 
 
-def first_sample(inputs: np.ndarray | dict) -> dict[str, np.ndarray]:
-    """A batch-1 feed from a case's preprocessed test inputs (one array, or one per graph input)."""
-    if isinstance(inputs, dict):
-        return {k: np.ascontiguousarray(v[:1]) for k, v in inputs.items()}
-    raise TypeError("pass the feed as {input name: array}")
-
-
 def build_latency_model(name: str, workdir: Path, seed: int = 0) -> tuple[Path, dict[str, np.ndarray], Path]:
     """``name`` (one of LATENCY_MODELS) exported to ONNX with a dynamic batch, a batch-1 feed, and a folder
     of 64 random calibration tensors (``.npy``) for it. Random weights: only speed and size mean anything."""

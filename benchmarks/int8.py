@@ -39,6 +39,7 @@ from onnxsparse.config import PruneConfig  # noqa: E402
 from onnxsparse.data.preprocess_resolution import SIDECAR_NAME  # noqa: E402
 from onnxsparse.pipeline import QUANTIZE_SAMPLES, prune  # noqa: E402
 from onnxsparse.quantize import Calibration, latency_table, peer_int8  # noqa: E402
+from onnxsparse.quantize.latency import cpu_session  # noqa: E402
 
 logger = logging.getLogger("benchmarks.int8")
 MODELS = ("dense fp32", "sparse fp32", "dense int8 (peer)", "sparse int8")
@@ -95,7 +96,7 @@ def run_case(name: str, sparsities, method: str, pattern: str, args, env, result
     test = load_test(case)
     proto = onnx.load(str(case.model))
     input_name = proto.graph.input[0].name
-    dense_sess = deploy_session(case.model)
+    dense_sess = cpu_session(case.model, 1)
     reference = case.metric.reference(dense_sess, test.inputs, test.labels)
     feed = {input_name: test.inputs[:1]}
     for sparsity in sparsities:
@@ -115,17 +116,11 @@ def run_case(name: str, sparsities, method: str, pattern: str, args, env, result
         logger.info("%s: %s", key, {m: row["accuracy"].get(m) for m in MODELS})
 
 
-def deploy_session(path):
-    from onnxsparse.quantize.latency import cpu_session
-
-    return cpu_session(path, 1)
-
-
 def _measure(paths: dict[str, Path], feed, args, *, metric=None, inputs=None, reference=None) -> dict:
     row: dict = {"sizes": {label: deploy.sizes(p) for label, p in paths.items()},
                  "macs": {label: deploy.count_macs(onnx.load(str(p)), feed) for label, p in paths.items()},
                  "load_before": list(os.getloadavg())}
-    row["accuracy"] = ({label: metric.measure(deploy_session(p), inputs, reference)[metric.names[0]]
+    row["accuracy"] = ({label: metric.measure(cpu_session(p, 1), inputs, reference)[metric.names[0]]
                         for label, p in paths.items()} if metric is not None else {})
     row["latency"] = latency_table(paths, feed, batches=tuple(args.batches), threads=tuple(args.threads),
                                    passes=args.passes)
