@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 from benchmarks import deploy  # noqa: E402
-from benchmarks.provenance import Environment, row_provenance  # noqa: E402
 from onnxsparse.config import PruneConfig, UniPTSConfig  # noqa: E402
 from onnxsparse.pipeline import prune  # noqa: E402
 from onnxsparse.quantize import latency_table  # noqa: E402
@@ -190,30 +188,16 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--methods", nargs="+", default=[*OURS, *PEERS], choices=[*OURS, *PEERS])
     parser.add_argument("--latency-models", nargs="*", default=[], choices=deploy.LATENCY_MODELS)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    deploy.add_run_arguments(parser, HERE / "channels.json")
     parser.add_argument("--unipts-budget", type=float, default=None,
                         help="UniPTS --time-budget per cell, seconds (search + distillation; default: none)")
-    parser.add_argument("--results", type=Path, default=HERE / "channels.json")
-    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import torch
-
     from benchmarks.cases import get_case, load_test
-    from benchmarks.run import machine_info
 
-    torch.set_num_threads(1)
-    env = Environment.capture(1)
-    store = deploy.ResultsFile(args.results)
-    results = store.load()
-    results["machine"] = machine_info(1)
+    env, store, results = deploy.open_run(args)
 
     def record(key: str, cell: dict, config: dict) -> None:
-        cell.update(row_provenance(env, config))
-        cell["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        deploy.stamp(cell, env, config)
         results["rows"][key] = cell
         store.save(results)
         logger.info("%s: %s", key, {m: (r.get("accuracy"), r.get("macs_removed"), r.get("error"))

@@ -7,15 +7,20 @@ would be deployed, never from the torch student.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from benchmarks.provenance import Environment, row_provenance
 from onnxsparse.exporter.save import files_size, model_files, zip_size
 from onnxsparse.structured.select import observe_shapes
 
@@ -174,3 +179,41 @@ class ResultsFile:
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The latency grid, seed and results file both deployment benchmarks take."""
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", type=Path, default=results)
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+
+
+def open_run(args: argparse.Namespace) -> tuple[Environment, ResultsFile, dict]:
+    """Logging, one torch thread, the provenance of this run and the results so far (this invocation recorded)."""
+    import torch
+
+    from benchmarks.run import machine_info
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    env = Environment.capture(1)
+    store = ResultsFile(args.results)
+    results = store.load()
+    results["machine"] = machine_info(1)
+    results.setdefault("invocations", []).append({"argv": sys.argv, "commit": env.git.commit, "dirty": env.git.dirty,
+                                                  "started": _now()})
+    return env, store, results
+
+
+def stamp(row: dict, env: Environment, config: dict) -> dict:
+    """``row`` with its provenance (commit, configuration, machine, versions) and the time it finished."""
+    row.update(row_provenance(env, config))
+    row["finished"] = _now()
+    return row
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -25,7 +25,6 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import onnx
@@ -34,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 from benchmarks import deploy  # noqa: E402
-from benchmarks.provenance import Environment, row_provenance  # noqa: E402
+from benchmarks.deploy import stamp  # noqa: E402
 from onnxsparse.config import PruneConfig  # noqa: E402
 from onnxsparse.data.preprocess_resolution import SIDECAR_NAME  # noqa: E402
 from onnxsparse.pipeline import QUANTIZE_SAMPLES, prune  # noqa: E402
@@ -108,9 +107,8 @@ def run_case(name: str, sparsities, method: str, pattern: str, args, env, result
         row.update({"case": name, "title": case.title, "method": method, "pattern": pattern,
                     "sparsity": sparsity, "two_step": args.two_step, "quantize": _quant_summary(quant), **walls,
                     "metric": case.metric.names[0], "percent": case.metric.percent})
-        row.update(row_provenance(env, {"method": method, "sparsity": sparsity, "pattern": pattern,
-                                        "seed": args.seed, "two_step": args.two_step}))
-        row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp(row, env, {"method": method, "sparsity": sparsity, "pattern": pattern, "seed": args.seed,
+                         "two_step": args.two_step})
         results["rows"][key] = row
         save()
         logger.info("%s: %s", key, {m: row["accuracy"].get(m) for m in MODELS})
@@ -138,9 +136,7 @@ def run_latency_model(name: str, sparsity: float, args, env, results: dict, save
     row.update({"case": name, "title": f"{name} (random weights: latency and size only)", "method": "magnitude",
                 "pattern": "unstructured", "sparsity": sparsity, "two_step": True,
                 "quantize": _quant_summary(quant), **walls})
-    row.update(row_provenance(env, {"method": "magnitude", "sparsity": sparsity, "latency_model": name,
-                                    "seed": args.seed}))
-    row["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp(row, env, {"method": "magnitude", "sparsity": sparsity, "latency_model": name, "seed": args.seed})
     results["rows"][key] = row
     save()
 
@@ -205,25 +201,9 @@ def main(argv=None) -> int:
                         help="quantize the sparse fp32 file as it is instead of a second prune --quantize run")
     parser.add_argument("--latency-models", nargs="*", default=[], choices=deploy.LATENCY_MODELS)
     parser.add_argument("--latency-sparsity", type=float, default=0.7)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", type=Path, default=HERE / "int8.json")
-    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    deploy.add_run_arguments(parser, HERE / "int8.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import torch
-
-    from benchmarks.run import machine_info
-
-    torch.set_num_threads(1)
-    env = Environment.capture(1)
-    store = deploy.ResultsFile(args.results)
-    results = store.load()
-    results["machine"] = machine_info(1)
-    results.setdefault("invocations", []).append({"argv": sys.argv, "commit": env.git.commit, "dirty": env.git.dirty,
-                                                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    env, store, results = deploy.open_run(args)
 
     def save() -> None:
         store.save(results)
