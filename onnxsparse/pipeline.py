@@ -278,17 +278,19 @@ class _Channels:
         self.params_before = _parameter_count(pruned)
         pruned = shrink(pruned, self.selection.analysis, self.selection.plan.removed)
         self.params_after = _parameter_count(pruned)
+        set_metadata(pruned, "onnxsparse.macs_removed", f"{self.macs_removed:.6g}")
+        return pruned, self.macs_removed
+
+    @property
+    def macs_removed(self) -> float:
         macs_before, macs_after = self.selection.macs()
-        achieved = 1.0 - macs_after / macs_before if macs_before else 0.0
-        set_metadata(pruned, "onnxsparse.macs_removed", f"{achieved:.6g}")
-        return pruned, achieved
+        return 1.0 - macs_after / macs_before if macs_before else 0.0
 
     def report(self, storage: dict) -> dict:
         selection = self.selection
         macs_before, macs_after = selection.macs()
         return {
-            "macs_before": macs_before, "macs_after": macs_after,
-            "macs_removed": 1.0 - macs_after / macs_before if macs_before else 0.0,
+            "macs_before": macs_before, "macs_after": macs_after, "macs_removed": self.macs_removed,
             "params_before": self.params_before, "params_after": self.params_after,
             "bytes_before": storage.get("input_bytes"), "bytes_after": storage.get("saved_bytes"),
             "groups": selection.analysis.report(), "kept": {str(k): v for k, v in selection.kept.items()},
