@@ -291,6 +291,9 @@ def _print_summary(report: dict) -> None:
                        f"{lat.get('float_ms', 0):.3f} ms float (batch 1, 1 thread)", err=True)
         else:
             click.echo(f"int8: not applied: {quant.get('reason')}", err=True)
+        storage_entry = quant.get("weight_storage") or {}
+        if storage_entry.get("candidates"):
+            click.echo(f"int8 storage (computed in float): {storage_entry.get('reason')}", err=True)
         for kept in quant.get("kept_float", []):
             click.echo(f"kept float {kept['node']} ({kept['op']}, {kept['for']}): {kept['reason']}", err=True)
     info = report.get("method_info", {})

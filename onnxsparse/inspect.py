@@ -1,8 +1,8 @@
 """Per-layer sparsity and N:M pattern of any ONNX model, from the graph alone (no conversion).
 
 Sparse initializers (``--save-format sparse-initializer``) are read as their dense values. A weight stored
-quantized (a constant behind ``DequantizeLinear``, as ``--quantize int8`` writes it) is read as its integers:
-a weight is zero where its integer equals its zero point.
+quantized (a constant behind ``DequantizeLinear``, or behind ``Cast`` -> ``Mul`` by a constant scale: the two
+forms ``--quantize int8`` writes) is read as its integers: a weight is zero where its integer equals its zero point.
 """
 
 from __future__ import annotations
@@ -58,31 +58,73 @@ def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto])
     return None
 
 
+def integer_source(value: str, constants: dict[str, onnx.TensorProto],
+                   producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The node that turns a constant integer tensor into the float ``value``, or None: a ``DequantizeLinear`` of
+    a constant, or a ``Mul`` of a ``Cast`` of a constant integer tensor by a constant scale (int8 weights computed
+    in float; onnxruntime folds the pair into a float constant when it loads the model)."""
+    node = producer.get(value)
+    if node is None:
+        return None
+    if node.op_type == "DequantizeLinear":
+        return node if node.input[0] in constants else None
+    if node.op_type == "Mul" and len(node.input) == 2:
+        return node if _cast_integers(node, constants, producer) is not None else None
+    return None
+
+
+def _cast_integers(mul: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+                   producer: dict[str, onnx.NodeProto]) -> tuple[str, str] | None:
+    """(integer constant, scale constant) of ``Mul(Cast(integers), scale)`` in either input order, or None."""
+    for i in (0, 1):
+        cast, scale = producer.get(mul.input[i]), mul.input[1 - i]
+        if (cast is not None and cast.op_type == "Cast" and cast.input[0] in constants and scale in constants
+                and constants[cast.input[0]].data_type in _INTEGER_TYPES):
+            return cast.input[0], scale
+    return None
+
+
+_INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32)
+
+
+def integer_parts(source: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+                  producer: dict[str, onnx.NodeProto]) -> tuple[str, str, str | None, int | None]:
+    """(integer tensor, scale tensor, zero-point tensor or None, axis or None) of an :func:`integer_source` node.
+    ``axis`` is where a 1-D DequantizeLinear scale runs; for ``Mul`` the scale is shaped to broadcast (None)."""
+    if source.op_type == "DequantizeLinear":
+        axis = next((int(onnx.helper.get_attribute_value(a)) for a in source.attribute if a.name == "axis"), 1)
+        zero = source.input[2] if len(source.input) > 2 and source.input[2] in constants else None
+        return source.input[0], source.input[1], zero, axis
+    integers, scale = _cast_integers(source, constants, producer)
+    return integers, scale, None, None
+
+
 def _quantized_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
                        producer: dict[str, onnx.NodeProto]) -> tuple[int, onnx.NodeProto] | None:
-    """(input index, DequantizeLinear node) of a prunable node's weight stored as integers, or None."""
-    def dequantized(value: str) -> onnx.NodeProto | None:
-        dq = producer.get(value)
-        return dq if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in constants else None
+    """(input index, integer source node) of a prunable node's weight stored as integers, or None."""
+    def integers(value: str) -> onnx.NodeProto | None:
+        return integer_source(value, constants, producer)
 
     if node.op_type in ("Conv", "ConvTranspose"):
-        dq = dequantized(node.input[1]) if len(node.input) > 1 else None
-        return (1, dq) if dq is not None else None
-    found = [(i, dequantized(node.input[i])) for i in (0, 1) if i < len(node.input)]
-    found = [(i, dq) for i, dq in found if dq is not None and len(constants[dq.input[0]].dims) == 2]
+        source = integers(node.input[1]) if len(node.input) > 1 else None
+        return (1, source) if source is not None else None
+    found = [(i, integers(node.input[i])) for i in (0, 1) if i < len(node.input)]
+    found = [(i, s) for i, s in found
+             if s is not None and len(constants[integer_parts(s, constants, producer)[0]].dims) == 2]
     return found[0] if len(found) == 1 else None
 
 
-def _centred(dq: onnx.NodeProto, constants: dict[str, onnx.TensorProto], base_dir: str) -> np.ndarray:
-    """The integers of a DequantizeLinear's constant input minus its zero point (per tensor or along axis)."""
-    values = numpy_helper.to_array(constants[dq.input[0]], base_dir).astype(np.int64)
-    if len(dq.input) < 3 or not dq.input[2] or dq.input[2] not in constants:
-        return values
-    zero = numpy_helper.to_array(constants[dq.input[2]], base_dir).astype(np.int64)
+def _centred(source: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+             producer: dict[str, onnx.NodeProto], base_dir: str) -> tuple[str, np.ndarray]:
+    """The integer tensor's name and its integers minus the zero point (per tensor or along axis)."""
+    integers, _, zero_name, axis = integer_parts(source, constants, producer)
+    values = numpy_helper.to_array(constants[integers], base_dir).astype(np.int64)
+    if zero_name is None:
+        return integers, values
+    zero = numpy_helper.to_array(constants[zero_name], base_dir).astype(np.int64)
     if zero.ndim == 1 and values.ndim > 1:
-        axis = next((int(onnx.helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1)
         zero = zero.reshape([-1 if i == axis % values.ndim else 1 for i in range(values.ndim)])
-    return values - zero
+    return integers, values - zero
 
 
 def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]:
@@ -106,9 +148,8 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
             quantized = _quantized_operand(node, constants, producer)
             if quantized is None:
                 continue
-            index, dq = quantized
-            value = dq.input[0]
-            array = _centred(dq, constants, base_dir)
+            index, source = quantized
+            value, array = _centred(source, constants, producer, base_dir)
             axis = onnx_group_axis(node, index, array.ndim)
         else:
             array = numpy_helper.to_array(constants[value], base_dir)

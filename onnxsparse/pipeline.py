@@ -605,12 +605,15 @@ def _quantize(run: _Run, exports: list[_Export],
         logger.info("int8: kept the %s weight set (selection %s)", chosen.name,
                     ", ".join(f"{k} {v.agreement:.4f}" for k, v in scores.items()))
     if not choice.applied:
-        run.notes.append(f"--quantize {config.quantize}: {choice.report.get('reason')}")
+        run.notes.append(f"--quantize {config.quantize}: {choice.report.get('reason')}"
+                         + (f"; {len(choice.stored)} weight(s) stored int8 and computed in float" if choice.stored
+                            else ""))
         logger.warning(run.notes[-1])
+    if not choice.weights:
         return chosen, chosen.pruned, chosen.rows, None
     kept_float = sorted({k["node"] for k in choice.report["kept_float"]})
-    logger.info("int8: %d weights quantized, %d nodes kept in float (%s)", len(choice.weights), len(kept_float),
-                ", ".join(kept_float) or "none")
+    logger.info("int8: %d weights int8 (%d of them computed in float), %d nodes kept in float (%s)",
+                len(choice.weights), len(choice.stored), len(kept_float), ", ".join(kept_float) or "none")
     int8_names = {name: w.initializer for name, w in choice.weights.items()}
     if channels:  # no zeros to count: whole channels were removed (check_int8_weights proved the int8 weights)
         return chosen, choice.model, chosen.rows, int8_names

@@ -136,13 +136,78 @@ def test_an_op_class_whose_int8_form_is_slower_stays_float(tmp_path):
     assert latency.calls > 4
 
 
-def test_int8_slower_than_float_keeps_the_float_model(tmp_path):
+def test_int8_slower_than_float_keeps_float_compute_with_the_weights_stored_int8(tmp_path):
     model = _pruned_cnn()
     choice = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)],
                          latency=_ScriptedLatency(gain=-1.0, grouped_cost=1.0), max_drop=1.0)
-    assert not choice.applied and not choice.weights
+    assert not choice.applied and "not faster than float" in choice.report["reason"]
     assert not any(n.op_type == "DequantizeLinear" for n in choice.model.graph.node)
-    assert "not faster than float" in choice.report["reason"]
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert set(choice.stored) == weights == set(choice.weights)
+    assert choice.report["weight_storage"]["stored"] == list(choice.stored)
+    floats = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name, w in choice.weights.items():
+        assert w.values.dtype == np.int8 and (w.centred()[floats[name] == 0] == 0).all()
+
+
+class _SlowCast:
+    """10 ms plus 1 per Cast node: storing weights as int8 makes this model slower."""
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        return 10.0 + sum(n.op_type == "Cast" for n in model.graph.node)
+
+
+def test_weights_stored_int8_only_where_not_slower_and_within_the_agreement_drop():
+    model = _pruned_cnn()
+    slow = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=_SlowCast(),
+                       max_drop=1.0)
+    assert not slow.applied and not slow.stored and not slow.weights
+    assert "kept float" in slow.report["weight_storage"]["reason"] and slow.model.graph.node[0].op_type != "Cast"
+    # the outlier weight's int8 form collapses the output: stored, it would cost agreement, so nothing is stored
+    # (no fallback trial here; with one, fc1 is kept float for agreement and its weight is not a candidate)
+    mlp = _outlier_mlp()
+    choice = choose_int8(mlp, mlp, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
+                         latency=lambda m: 10.0, max_drop=0.05, max_trials=0)
+    assert not choice.applied and choice.report["weight_storage"]["candidates"] == ["w1", "w2"]
+    entry = choice.report["weight_storage"]
+    assert not choice.stored and "below" in entry["reason"] and entry["closeness"]["agreement"] < 0.6
+
+
+def test_stored_int8_weights_compute_the_dequantized_weights_at_float_speed_and_inspect_reads_them(tmp_path):
+    import onnxruntime as ort
+
+    from onnxsparse.quantize.storage import storable_weights, store_int8_weights
+
+    model = _pruned_cnn()
+    names = list(storable_weights(model))
+    assert len(names) == 4
+    stored = store_int8_weights(model, names)
+    onnx.checker.check_model(stored, full_check=True)
+    weights = int8_weights(model, stored)
+    # the float model with the dequantized weights computes what the stored model computes
+    dequantized = onnx.ModelProto()
+    dequantized.CopyFrom(model)
+    for init in dequantized.graph.initializer:
+        if init.name in weights:
+            w = weights[init.name]
+            step = w.scale.reshape([-1 if i == w.axis else 1 for i in range(w.values.ndim)])
+            init.CopyFrom(numpy_helper.from_array((w.centred() * step).astype(np.float32), init.name))
+    feed = _cnn_feeds(1)[0]
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+           for m in (stored, dequantized)]
+    np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-6)
+    # onnxruntime folds every Cast -> Mul into a float constant at load: the optimised graph computes in float
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(stored.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
+    assert "Cast" not in ops and "Mul" not in ops and "Conv" in ops
+    floats = {r.node: r.zeros for r in inspect_model(model)}
+    rows = inspect_model(stored)
+    assert {r.node for r in rows} == set(floats) and all(r.tensor.endswith("_int8") for r in rows)
+    # zeros are counted on the integers: every float zero, plus weights that rounded to zero
+    assert all(r.zeros >= floats[r.node] for r in rows)
 
 
 def _outlier_mlp() -> onnx.ModelProto:
@@ -186,6 +251,7 @@ def test_a_layer_whose_int8_form_breaks_agreement_stays_float():
     assert fallback["reached"] and choice.applied
     assert [k["node"] for k in choice.report["kept_float"] if k["for"] == "agreement"] == ["fc1"]
     assert set(choice.weights) == {"w2"} and choice.report["final_closeness"]["agreement"] >= 0.95
+    assert choice.report["weight_storage"]["candidates"] == []  # fc1 keeps its float weight: it is kept for agreement
 
 
 def test_prune_quantize_int8_on_the_tiny_cnn_keeps_2_4_and_gates_the_int8_file(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.inspect import weight_operand
+from onnxsparse.inspect import integer_parts, integer_source, weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.validate import one_of
 
@@ -98,7 +98,8 @@ def quantize_int8(float_path: Path, calibration: Calibration, settings: Int8Sett
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """A weight stored as int8 behind a DequantizeLinear: ``(values - zero_point) * scale`` along ``axis``."""
+    """A weight stored as int8: ``(values - zero_point) * scale`` along ``axis``, behind a DequantizeLinear (int8
+    compute) or a Cast -> Mul (float compute; zero point 0)."""
 
     tensor: str  # the float initializer it replaces
     node: str  # the node that consumes it
@@ -138,16 +139,28 @@ def int8_weights(float_model: onnx.ModelProto, quantized: onnx.ModelProto) -> di
         if tensor is None or q_node is None:
             continue
         value = q_node.input[list(node.input).index(tensor)]
-        dq = producer.get(value)
-        if value == tensor or dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in q_inits:
+        source = integer_source(value, q_inits, producer)  # None while the weight is a float initializer
+        if source is None:
             continue
-        axis = next((int(onnx.helper.get_attribute_value(a)) for a in dq.attribute if a.name == "axis"), 1)
-        values = numpy_helper.to_array(q_inits[dq.input[0]])
-        scale = numpy_helper.to_array(q_inits[dq.input[1]])
-        zero = (numpy_helper.to_array(q_inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2]
+        integers, scale_name, zero_name, axis = integer_parts(source, q_inits, producer)
+        values = numpy_helper.to_array(q_inits[integers])
+        scale = numpy_helper.to_array(q_inits[scale_name])
+        if axis is None:  # Cast -> Mul: the scale is shaped to broadcast along one axis
+            axis = _broadcast_axis(scale, values.shape)
+            scale = scale.reshape(-1)
+        zero = (numpy_helper.to_array(q_inits[zero_name]) if zero_name is not None
                 else np.zeros_like(scale, dtype=values.dtype))
-        found[tensor] = Int8Weight(tensor, node.name, dq.input[0], values, scale, zero, axis)
+        found[tensor] = Int8Weight(tensor, node.name, integers, values, scale, zero, axis)
     return found
+
+
+def _broadcast_axis(scale: np.ndarray, shape: tuple[int, ...]) -> int:
+    """The axis a broadcast scale runs along (0 for a single scale, which then counts as one channel's)."""
+    if scale.ndim == len(shape):
+        for axis, (s, n) in enumerate(zip(scale.shape, shape)):
+            if s == n and scale.size == n:
+                return axis
+    return 0
 
 
 def check_int8_weights(float_model: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, Int8Weight]:

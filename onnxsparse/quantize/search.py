@@ -11,6 +11,9 @@ Speed: the candidates are timed in onnxruntime on this machine (``latency``: bat
 (op type, depthwise and grouped Conv apart) whose int8 form makes the model slower is kept in float, and when
 the int8 model is still not faster than the float one, the float model is kept: ``--quantize`` never makes a
 model slower on the machine it ran on.
+
+Size: weights left in float (for speed, or because int8 was not applied at all) are stored as int8 and computed
+in float (:mod:`onnxsparse.quantize.storage`) where the selection feeds and the timings allow it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from onnxsparse.quantize.quantize import (
     named_copy,
     quantize_int8,
 )
+from onnxsparse.quantize.storage import storable_weights, store_int8_weights
 from onnxsparse.signals import onnx_output_kinds
 
 logger = logging.getLogger(__name__)
@@ -132,13 +136,15 @@ def indirect_weight_consumers(model: onnx.ModelProto) -> dict[str, str]:
 
 @dataclass
 class Int8Choice:
-    """The model to save (int8, or the float model when int8 was not applied) and why."""
+    """The model to save and why: int8 compute where ``applied`` (QDQ), and weights left in float stored as int8
+    where ``stored`` (computed in float); the float model when neither."""
 
     model: onnx.ModelProto
     applied: bool
     settings: Int8Settings | None
-    weights: dict[str, Int8Weight] = field(default_factory=dict)
+    weights: dict[str, Int8Weight] = field(default_factory=dict)  # every int8 weight, either form
     report: dict = field(default_factory=dict)
+    stored: tuple[str, ...] = ()  # weights stored int8 but computed in float (Cast -> Mul)
 
 
 class _Search:
@@ -234,16 +240,51 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         # 4. speed: op classes whose int8 form is slower stay float; int8 itself only if faster than float
         settings, applied = _speed(search, settings, speed_margin, kept, report)
         final = search.quantize(settings) if applied else model
-        weights = check_int8_weights(model, final) if applied else {}
-        if applied and not weights:
+        if applied and not check_int8_weights(model, final):
             applied, final = False, model
             report["reason"] = "no weight is int8 after the choices above: the float model is kept"
+        report.setdefault("reason", "int8 is faster than float and agrees within the allowed drop"
+                          if applied else report.get("reason"))
+
+        # 5. size: weights still float are stored as int8 and computed in float, where that agrees within the
+        # allowed drop and is not slower (layers kept float for agreement keep their float weights)
+        for_agreement = [k["node"] for k in kept if k["for"] == "agreement"]
+        final, stored = _store(search, final, base, max_drop, speed_margin, for_agreement, report)
+        weights = check_int8_weights(model, final)
         report.update(applied=applied, settings=asdict(settings) if applied else None,
                       final_closeness=search.scorer(final).as_dict(), int8_weights=len(weights),
                       kept_float=kept, quantizations=search.quantizations)
-        report.setdefault("reason", "int8 is faster than float and agrees within the allowed drop"
-                          if applied else report.get("reason"))
-    return Int8Choice(final, applied, settings if applied else None, weights, report)
+    return Int8Choice(final, applied, settings if applied else None, weights, report, stored)
+
+
+def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: float, margin: float,
+           skip: list[str], report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+    """``model`` with its storable float weights as int8 computed in float, or ``model`` itself when the
+    selection feeds or the timings say no (or nothing is storable); the report's ``weight_storage`` says which."""
+    names = tuple(storable_weights(model, skip))
+    entry: dict = {"form": "int8 per output channel, Cast -> Mul to float (folded by onnxruntime at load)",
+                   "candidates": list(names), "stored": []}
+    report["weight_storage"] = entry
+    if not names:
+        entry["reason"] = "no weight is left in float, or none can be stored"
+        return model, ()
+    stored = store_int8_weights(model, names)
+    before, after = search.scorer(model), search.scorer(stored)
+    floor = min(base.agreement - max_drop, before.agreement)
+    before_ms, after_ms = _timed(search.latency, [model, stored], SPEED_PASSES)
+    entry.update(closeness=after.as_dict(), closeness_before=before.as_dict(), target_agreement=floor,
+                 ms=after_ms, ms_before=before_ms)
+    if after.agreement < floor:
+        entry["reason"] = (f"selection agreement {after.agreement:.4f} with the weights stored int8, below "
+                           f"{floor:.4f}: kept float")
+        return model, ()
+    if after_ms > before_ms * (1 + margin):
+        entry["reason"] = f"{after_ms:.3f} ms stored int8 against {before_ms:.3f} ms float: kept float"
+        return model, ()
+    entry.update(stored=list(names), reason=f"{len(names)} weight(s) stored int8 at selection agreement "
+                                            f"{after.agreement:.4f} (at least {floor:.4f}), {after_ms:.3f} ms "
+                                            f"against {before_ms:.3f} ms")
+    return stored, names
 
 
 def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closeness, base: Closeness,
@@ -255,7 +296,7 @@ def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closen
         return settings, current
     quantized = [n for n in search.quantized_nodes(settings) if n.op_type in WEIGHT_OPS]
     if len(quantized) > max_trials:
-        quantized = quantized[: max_trials // 2] + quantized[-(max_trials - max_trials // 2):]
+        quantized = quantized[: max_trials // 2] + quantized[len(quantized) - (max_trials - max_trials // 2):]
     singles = []
     for node in quantized:
         score = search.scorer(search.quantize(settings.excluding([node.name])))
