@@ -85,7 +85,7 @@ def _quant_summary(quant: dict) -> dict:
     return {"applied": quant.get("applied"), "calibration": (quant.get("calibration") or {}).get("chosen"),
             "op_types": (quant.get("op_types") or {}).get("chosen"),
             "kept_float": [f"{k.get('node')} ({k.get('for')})" for k in quant.get("kept_float") or []],
-            "reason": quant.get("reason")}
+            "reason": quant.get("reason"), "stored_int8": len((quant.get("weight_storage") or {}).get("stored") or [])}
 
 
 def run_case(name: str, sparsities, method: str, pattern: str, args, env, results: dict, save) -> None:
@@ -178,7 +178,9 @@ def markdown(results: dict) -> str:
                        + " | ".join(f"{ms[m]:.3f}" for m in MODELS)
                        + f" | {ms['sparse int8'] / d:.2f} | {ms['dense int8 (peer)'] / d:.2f} |")
         q = row["quantize"]
-        notes.append(f"- {row['case']} {cell}: int8 {'applied' if q.get('applied') else 'not applied'}, "
+        stored = (f", {q['stored_int8']} weights stored int8 and computed in float" if q.get("stored_int8")
+                  else "")
+        notes.append(f"- {row['case']} {cell}: int8 {'applied' if q.get('applied') else 'not applied'}{stored}, "
                      f"{q.get('calibration')} calibration, op types {q.get('op_types')}; kept in float: "
                      f"{_kept_summary(q.get('kept_float') or [])}; commit {row.get('commit', '?')[:7]}"
                      f"{' (dirty)' if row.get('dirty') else ''}; load {row['load_before'][0]:.1f}")
