@@ -455,3 +455,69 @@ def test_unipts_int8_keeps_the_closer_of_the_plain_and_fake_quant_students(tmp_p
                   verify_size=16, unipts=config.unipts), progress=False)
     assert "fake_quant" not in plain.report["method_info"]["training"]
     assert "weight_set" not in plain.report["method_info"]
+
+
+def _conv_bn_graph() -> onnx.ModelProto:
+    """x -> Conv (no bias, pruned) -> BN -> Relu -> Conv (bias) -> BN -> y, and a Conv whose output feeds a BN and
+    the graph output z too (that pair cannot be folded)."""
+    rng = np.random.default_rng(0)
+
+    def bn(prefix: str, c: int) -> list[onnx.TensorProto]:
+        return [numpy_helper.from_array((rng.random(c) + 0.5).astype(np.float32), f"{prefix}_gamma"),
+                numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), f"{prefix}_beta"),
+                numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), f"{prefix}_mean"),
+                numpy_helper.from_array((rng.random(c) + 0.1).astype(np.float32), f"{prefix}_var")]
+
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w1[np.abs(w1) < 0.8] = 0
+    inits = [numpy_helper.from_array(w1, "w1"), *bn("bn1", 8),
+             numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2"), *bn("bn2", 4),
+             numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w3"), *bn("bn3", 4)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn1_gamma", "bn1_beta", "bn1_mean", "bn1_var"], ["n1"],
+                              name="bn1", epsilon=1e-3),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+             helper.make_node("BatchNormalization", ["c2", "bn2_gamma", "bn2_beta", "bn2_mean", "bn2_var"], ["y"],
+                              name="bn2"),
+             helper.make_node("Conv", ["x", "w3"], ["z"], name="conv3"),
+             helper.make_node("BatchNormalization", ["z", "bn3_gamma", "bn3_beta", "bn3_mean", "bn3_var"], ["n3"],
+                              name="bn3"),
+             helper.make_node("Add", ["y", "n3"], ["s"], name="add")]
+    vi = lambda n, c: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", c, 6, 6])  # noqa: E731
+    graph = helper.make_graph(nodes, "convbn", [vi("x", 3)], [vi("s", 4), vi("z", 4)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_batchnorm_folds_into_its_conv_keeping_weight_names_and_zeros():
+    import onnxruntime as ort
+
+    from onnxsparse.quantize.fold import fold_batchnorm
+
+    model = _conv_bn_graph()
+    folded, names = fold_batchnorm(model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert names == ["bn1", "bn2"]  # bn3's Conv output is also a graph output
+    assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 1
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    assert {"w1", "w2", "b2", "w3"} <= set(after) and not {"bn1_gamma", "bn2_var"} & set(after)
+    assert ((after["w1"] == 0) == (before["w1"] == 0)).all()  # rescaled per channel: zeros exactly where they were
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+            for m in (model, folded)]
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_search_quantizes_the_folded_model_and_returns_the_input_when_nothing_is_kept():
+    model = _conv_bn_graph()
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 3, 6, 6)).astype(np.float32)} for s in range(3)]
+    faster = choose_int8(model, model, feeds, feeds, latency=_faster_int8, max_drop=1.0)
+    assert faster.applied and faster.report["batchnorm_folded"] == 2
+    assert [n.op_type for n in faster.model.graph.node].count("BatchNormalization") == 1
+    assert {"w1", "w2"} <= set(faster.weights)
+    slow = choose_int8(model, model, feeds, feeds, latency=_SlowCast(), max_drop=1.0)
+    assert not slow.applied and not slow.weights
+    assert [n.op_type for n in slow.model.graph.node] == [n.op_type for n in model.graph.node]

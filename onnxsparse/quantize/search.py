@@ -32,6 +32,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
 from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
+from onnxsparse.quantize.fold import fold_batchnorm
 from onnxsparse.quantize.latency import LatencyMeter
 from onnxsparse.quantize.quantize import (
     WEIGHT_OPS,
@@ -185,12 +186,15 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
     """
     selection_feeds = list(selection_feeds)
     meter = latency or LatencyMeter(selection_feeds[0])
-    model = named_copy(float_model)
+    original = named_copy(float_model)
+    # every candidate is made from the model with BatchNormalization folded into its Conv (weight names kept);
+    # the float model itself is returned unfolded when neither int8 form is kept
+    model, folded = fold_batchnorm(original)
     with tempfile.TemporaryDirectory(prefix="onnxsparse-int8-") as tmp:
         scorer = SelectionScorer(dense_model, selection_feeds, kinds)
         search = _Search(model, Calibration(calibration_feeds, tmp), scorer, meter, Path(tmp))
         report: dict = {"calibration_samples": search.calibration.samples, "selection_samples": search.scorer.samples,
-                        "max_agreement_drop": max_drop}
+                        "max_agreement_drop": max_drop, "batchnorm_folded": len(folded)}
         base = search.scorer(model)
         report["float_closeness"] = base.as_dict()
         indirect = indirect_weight_consumers(model)
@@ -251,6 +255,8 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         for_agreement = [k["node"] for k in kept if k["for"] == "agreement"]
         final, stored = _store(search, final, base, max_drop, speed_margin, for_agreement, report)
         weights = check_int8_weights(model, final)
+        if not weights:
+            final = original
         report.update(applied=applied, settings=asdict(settings) if applied else None,
                       final_closeness=search.scorer(final).as_dict(), int8_weights=len(weights),
                       kept_float=kept, quantizations=search.quantizations)

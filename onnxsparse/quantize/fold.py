@@ -1,0 +1,100 @@
+"""BatchNormalization folded into the Conv in front of it, before int8 quantization.
+
+onnxruntime folds a Conv -> BatchNormalization pair when it loads a float model, so a float model runs the same
+either way. Quantized, the pair is another matter: ``quantize_static`` leaves BatchNormalization in float between a
+DequantizeLinear and a QuantizeLinear, so every such Conv pays a round trip through float, and the file keeps four
+float tensors per channel. onnxruntime's own advice is to pre-process (fold) before quantizing; this is that fold,
+limited to what keeps the weights' names: the Conv's weight is rescaled per output channel in place (a zero stays
+exactly zero) and its bias is rewritten or added, so every pruned weight is still found, and counted, by name.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with every inference-mode BatchNormalization whose input is the output of a Conv read
+    by nothing else folded into that Conv, and the names of the BatchNormalization nodes folded. A pair is left
+    as it is where the Conv's weight or bias is not a float initializer of its own, the Conv's output is a graph
+    output, or the normalisation's tensors are not constant."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {init.name: init for init in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers[value] = readers.get(value, 0) + 1
+    producer = {o: node for node in graph.node for o in node.output}
+    outputs = {v.name for v in graph.output}
+    taken = set(inits) | {v for n in graph.node for v in (*n.input, *n.output)} | {n.name for n in graph.node}
+    folded: list[str] = []
+    drop: list[onnx.NodeProto] = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.input) != 5 or any(o for o in bn.output[1:]):
+            continue
+        if _attr(bn, "training_mode", 0) or not _attr(bn, "spatial", 1):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or readers.get(bn.input[0]) != 1 or bn.input[0] in outputs:
+            continue
+        params = [inits.get(name) for name in bn.input[1:]]
+        weight = inits.get(conv.input[1])
+        bias = inits.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        if any(p is None or p.data_type != onnx.TensorProto.FLOAT for p in params) or weight is None:
+            continue
+        if weight.data_type != onnx.TensorProto.FLOAT or readers.get(weight.name) != 1:
+            continue
+        if len(conv.input) > 2 and conv.input[2] and (bias is None or readers.get(bias.name) != 1):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(p).astype(np.float64) for p in params)
+        w = numpy_helper.to_array(weight)
+        if gamma.shape != (w.shape[0],):
+            continue
+        scale = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        w_new = (w.astype(np.float64) * scale.reshape([-1] + [1] * (w.ndim - 1))).astype(np.float32)
+        b = numpy_helper.to_array(bias).astype(np.float64) if bias is not None else np.zeros_like(mean)
+        b_new = ((b - mean) * scale + beta).astype(np.float32)
+        weight.CopyFrom(numpy_helper.from_array(w_new, weight.name))
+        if bias is not None:
+            bias.CopyFrom(numpy_helper.from_array(b_new, bias.name))
+        else:
+            name = _unique(f"{weight.name}_folded_bias", taken)
+            graph.initializer.append(numpy_helper.from_array(b_new, name))
+            while len(conv.input) < 3:
+                conv.input.append("")
+            conv.input[2] = name
+        conv.output[0] = bn.output[0]
+        drop.append(bn)
+        folded.append(bn.name)
+    if not folded:
+        return out, []
+    for bn in drop:
+        graph.node.remove(bn)
+    used = {v for n in graph.node for v in n.input} | outputs
+    stale = {name for bn in drop for name in bn.input[1:]} - used  # the normalisation's own tensors
+    for init in [init for init in graph.initializer if init.name in stale]:
+        graph.initializer.remove(init)
+    for value in [value for value in graph.input if value.name in stale]:  # IR < 4 lists initializers as inputs
+        graph.input.remove(value)
+    names = {v for n in graph.node for v in n.output} | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    keep = [v for v in graph.value_info if v.name in names]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+    return out, folded
