@@ -241,6 +241,16 @@ def _faster_int8(model: onnx.ModelProto) -> float:
     return 10.0 - sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
 
 
+def test_int8_that_stays_below_the_agreement_target_is_not_applied():
+    mlp = _outlier_mlp()
+    # no fallback trial: nothing brings the int8 model back within the drop, so int8 compute is refused however
+    # fast it is, and the weight that breaks it is not stored int8 either
+    choice = choose_int8(mlp, mlp, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
+                         latency=_faster_int8, max_drop=0.05, max_trials=0)
+    assert not choice.applied and "below" in choice.report["reason"] and "latency" not in choice.report
+    assert "w1" not in choice.stored
+
+
 def test_a_layer_whose_int8_form_breaks_agreement_stays_float():
     model = _outlier_mlp()
     choice = choose_int8(model, model, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
@@ -278,10 +288,16 @@ def test_prune_quantize_int8_on_the_tiny_cnn_keeps_2_4_and_gates_the_int8_file(t
 
 
 def test_quantization_that_breaks_the_gate_writes_nothing_and_exits_3(tmp_path, monkeypatch):
+    import functools
+
+    import onnxsparse.pipeline as pipeline_module
+
     monkeypatch.setattr(search_module, "LatencyMeter", lambda feed: _faster_int8)
-    # no layer kept in float for agreement: the int8 model is the one that collapses
+    # no layer kept in float for agreement, and any agreement drop allowed: the int8 model is the one that
+    # collapses, and only the gate (on samples no choice saw) stands between it and the file
     monkeypatch.setattr(search_module, "_agreement_fallback",
                         lambda search, settings, current, *rest: (settings, current))
+    monkeypatch.setattr(pipeline_module, "choose_int8", functools.partial(choose_int8, max_drop=1.0))
     model_path, calib = tmp_path / "mlp.onnx", tmp_path / "x.npy"
     onnx.save_model(_outlier_mlp(), str(model_path))
     np.save(calib, np.concatenate([f["x"] for f in _mlp_feeds(8)]))
@@ -493,7 +509,7 @@ def _conv_bn_graph() -> onnx.ModelProto:
 def test_batchnorm_folds_into_its_conv_keeping_weight_names_and_zeros():
     import onnxruntime as ort
 
-    from onnxsparse.quantize.fold import fold_batchnorm
+    from onnxsparse.quantize.prepare import fold_batchnorm
 
     model = _conv_bn_graph()
     folded, names = fold_batchnorm(model)
@@ -521,3 +537,20 @@ def test_int8_search_quantizes_the_folded_model_and_returns_the_input_when_nothi
     slow = choose_int8(model, model, feeds, feeds, latency=_SlowCast(), max_drop=1.0)
     assert not slow.applied and not slow.weights
     assert [n.op_type for n in slow.model.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_weights_in_constant_nodes_are_quantized_and_stored_by_the_constant_s_name():
+    model = _conv_bn_graph()
+    for name in ("w1", "w2"):  # as paddle2onnx writes weights: Constant nodes, no initializer
+        init = next(i for i in model.graph.initializer if i.name == name)
+        model.graph.initializer.remove(init)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], name=f"const_{name}", value=init))
+    onnx.checker.check_model(model)
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 3, 6, 6)).astype(np.float32)} for s in range(3)]
+    faster = choose_int8(model, model, feeds, feeds, latency=_faster_int8, max_drop=1.0)
+    assert faster.applied and faster.report["constants_as_initializers"] == 2
+    assert {"w1", "w2"} <= set(faster.weights) and not faster.stored
+    stored = choose_int8(model, model, feeds, feeds, latency=lambda m: 10.0, max_drop=1.0)
+    assert not stored.applied and {"w1", "w2"} <= set(stored.stored) == set(stored.weights)
+    w1 = numpy_helper.to_array(next(n for n in model.graph.node if n.name == "const_w1").attribute[0].t)
+    assert (stored.weights["w1"].centred()[w1 == 0] == 0).all()

@@ -32,7 +32,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
 from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
-from onnxsparse.quantize.fold import fold_batchnorm
+from onnxsparse.quantize.prepare import prepare_for_int8
 from onnxsparse.quantize.latency import LatencyMeter
 from onnxsparse.quantize.quantize import (
     WEIGHT_OPS,
@@ -120,17 +120,24 @@ def op_class(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) ->
     return node.op_type
 
 
+_FORWARDING_OPS = ("Transpose", "Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
+
+
 def indirect_weight_consumers(model: onnx.ModelProto) -> dict[str, str]:
     """Nodes that read a weight-like initializer (rank >= 2) other than as the weight operand of a
-    Conv/ConvTranspose/Gemm/MatMul: a ``Transpose``, ``Cast`` or ``Identity`` in front of a weight, by name, with
-    the initializer. Kept float, the initializer stays as it is, and the zeros the pipeline counts are the
-    zeros the file holds."""
+    Conv/ConvTranspose/Gemm/MatMul, where that initializer is a weight operand elsewhere or the node forwards it
+    (a ``Transpose``, ``Cast``, ``Identity`` or reshape in front of a weight), by name, with the initializer. Kept
+    float, the initializer stays as it is, and the zeros the pipeline counts are the zeros the file holds. A
+    per-channel constant of an ``Add`` or ``Mul`` is not a weight: its node is quantized as usual."""
     initializers = {init.name: init for init in model.graph.initializer}
+    direct = {node.name: weight_operand(node, initializers) if node.op_type in WEIGHT_OPS and len(node.input) > 1
+              else None for node in model.graph.node}
+    weights = {w for w in direct.values() if w is not None}
     found = {}
     for node in model.graph.node:
-        direct = weight_operand(node, initializers) if node.op_type in WEIGHT_OPS and len(node.input) > 1 else None
         for value in node.input:
-            if value != direct and value in initializers and len(initializers[value].dims) >= 2:
+            if (value != direct[node.name] and value in initializers and len(initializers[value].dims) >= 2
+                    and (value in weights or node.op_type in _FORWARDING_OPS)):
                 found[node.name] = value
     return found
 
@@ -187,14 +194,14 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
     selection_feeds = list(selection_feeds)
     meter = latency or LatencyMeter(selection_feeds[0])
     original = named_copy(float_model)
-    # every candidate is made from the model with BatchNormalization folded into its Conv (weight names kept);
-    # the float model itself is returned unfolded when neither int8 form is kept
-    model, folded = fold_batchnorm(original)
+    # every candidate is made from the model with Constant-node tensors as initializers and BatchNormalization
+    # folded into its Conv (weight names kept); the float model is returned as it was when no int8 form is kept
+    model, prepared = prepare_for_int8(original, selection_feeds[0])
     with tempfile.TemporaryDirectory(prefix="onnxsparse-int8-") as tmp:
         scorer = SelectionScorer(dense_model, selection_feeds, kinds)
         search = _Search(model, Calibration(calibration_feeds, tmp), scorer, meter, Path(tmp))
         report: dict = {"calibration_samples": search.calibration.samples, "selection_samples": search.scorer.samples,
-                        "max_agreement_drop": max_drop, "batchnorm_folded": len(folded)}
+                        "max_agreement_drop": max_drop, **prepared}
         base = search.scorer(model)
         report["float_closeness"] = base.as_dict()
         indirect = indirect_weight_consumers(model)
@@ -241,8 +248,16 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         # 3. layers kept in float where the selection feeds say int8 costs too much agreement
         settings, current = _agreement_fallback(search, settings, current, base, max_drop, max_trials, kept, report)
 
-        # 4. speed: op classes whose int8 form is slower stay float; int8 itself only if faster than float
-        settings, applied = _speed(search, settings, speed_margin, kept, report)
+        # 4. speed: op classes whose int8 form is slower stay float; int8 itself only if faster than float, and
+        # only if the layers kept float brought it within max_drop of the float model
+        if current.agreement < base.agreement - max_drop:
+            applied = False
+            report["reason"] = (f"int8 agrees {current.agreement:.4f} on the selection split with "
+                                f"{sum(k['for'] == 'agreement' for k in kept)} layer(s) kept float, below "
+                                f"{base.agreement - max_drop:.4f} (the float model's {base.agreement:.4f} less "
+                                f"{max_drop:g}): the float model is kept")
+        else:
+            settings, applied = _speed(search, settings, speed_margin, kept, report)
         final = search.quantize(settings) if applied else model
         if applied and not check_int8_weights(model, final):
             applied, final = False, model
