@@ -554,3 +554,17 @@ def test_weights_in_constant_nodes_are_quantized_and_stored_by_the_constant_s_na
     assert not stored.applied and {"w1", "w2"} <= set(stored.stored) == set(stored.weights)
     w1 = numpy_helper.to_array(next(n for n in model.graph.node if n.name == "const_w1").attribute[0].t)
     assert (stored.weights["w1"].centred()[w1 == 0] == 0).all()
+
+
+def test_a_whole_op_class_kept_float_for_agreement_when_that_is_closest():
+    model = _outlier_mlp()  # fc1 (MatMul) breaks int8; fc2 becomes a Gemm: two weighted op classes
+    fc2 = next(n for n in model.graph.node if n.name == "fc2")
+    fc2.op_type = "Gemm"
+    choice = choose_int8(model, model, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
+                         latency=_faster_int8, max_drop=0.05)
+    trials = choice.report["agreement_fallback"]["trials"]
+    assert {t["float"] for t in trials[:2]} == {"MatMul", "Gemm"}
+    assert choice.applied and choice.report["agreement_fallback"]["reached"]
+    kept = [k for k in choice.report["kept_float"] if k["for"] == "agreement"]
+    assert [k["node"] for k in kept] == ["fc1"] and kept[0]["op"] == "MatMul" and "every MatMul" in kept[0]["reason"]
+    assert len(trials) == 2  # reached by the class: no single-layer trial

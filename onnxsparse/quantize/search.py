@@ -315,11 +315,31 @@ def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closen
     report["agreement_fallback"] = fallback
     if current.agreement >= target:
         return settings, current
+    # a whole weighted op class in float first (a transformer's MatMuls behind a CNN's Convs, say): the
+    # class whose float form is closest, when it is closer than the model so far
+    classes: dict[str, list[onnx.NodeProto]] = {}
+    for node in search.quantized_nodes(settings):
+        if node.op_type in WEIGHT_OPS:
+            classes.setdefault(op_class(node, search.initializers), []).append(node)
+    if len(classes) > 1:
+        by_class = []
+        for name, nodes in classes.items():
+            trial = settings.excluding([n.name for n in nodes])
+            score = search.scorer(search.quantize(trial))
+            fallback["trials"].append({"float": name, **score.as_dict()})
+            by_class.append((score, name, trial))
+        score, name, trial = max(by_class, key=lambda item: item[0])
+        if score > current:
+            kept.extend({"node": n.name, "op": name, "for": "agreement",
+                         "reason": f"selection agreement {current.agreement:.4f} with every {name} int8, "
+                                   f"{score.agreement:.4f} with them float (target {target:.4f})"}
+                        for n in classes[name])
+            settings, current = trial, score
     quantized = [n for n in search.quantized_nodes(settings) if n.op_type in WEIGHT_OPS]
     if len(quantized) > max_trials:
         quantized = quantized[: max_trials // 2] + quantized[len(quantized) - (max_trials - max_trials // 2):]
     singles = []
-    for node in quantized:
+    for node in quantized if current.agreement < target else ():
         score = search.scorer(search.quantize(settings.excluding([node.name])))
         fallback["trials"].append({"float": [node.name], **score.as_dict()})
         singles.append((score, node))
