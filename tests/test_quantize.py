@@ -170,7 +170,7 @@ def test_weights_stored_int8_only_where_not_slower_and_within_the_agreement_drop
                          latency=lambda m: 10.0, max_drop=0.05, max_trials=0)
     assert not choice.applied and choice.report["weight_storage"]["candidates"] == ["w1", "w2"]
     entry = choice.report["weight_storage"]
-    assert not choice.stored and "below" in entry["reason"] and entry["closeness"]["agreement"] < 0.6
+    assert not choice.stored and "below" in entry["reason"] and entry["attempts"][0]["closeness"]["agreement"] < 0.6
 
 
 def test_stored_int8_weights_compute_the_dequantized_weights_at_float_speed_and_inspect_reads_them(tmp_path):
@@ -261,7 +261,11 @@ def test_a_layer_whose_int8_form_breaks_agreement_stays_float():
     assert fallback["reached"] and choice.applied
     assert [k["node"] for k in choice.report["kept_float"] if k["for"] == "agreement"] == ["fc1"]
     assert set(choice.weights) == {"w2"} and choice.report["final_closeness"]["agreement"] >= 0.95
-    assert choice.report["weight_storage"]["candidates"] == []  # fc1 keeps its float weight: it is kept for agreement
+    # fc1 (kept float for agreement) is tried stored int8 with the rest; its int8 weight breaks the output, and
+    # without it nothing is left to store
+    storage = choice.report["weight_storage"]
+    assert storage["candidates"] == ["w1"] and not choice.stored and len(storage["attempts"]) == 1
+    assert "below" in storage["attempts"][0]["reason"]
 
 
 def test_prune_quantize_int8_on_the_tiny_cnn_keeps_2_4_and_gates_the_int8_file(tmp_path, monkeypatch):
@@ -568,3 +572,13 @@ def test_a_whole_op_class_kept_float_for_agreement_when_that_is_closest():
     kept = [k for k in choice.report["kept_float"] if k["for"] == "agreement"]
     assert [k["node"] for k in kept] == ["fc1"] and kept[0]["op"] == "MatMul" and "every MatMul" in kept[0]["reason"]
     assert len(trials) == 2  # reached by the class: no single-layer trial
+
+
+def test_storage_retries_without_the_layers_kept_float_for_agreement():
+    mlp = _outlier_mlp()
+    choice = choose_int8(mlp, mlp, _mlp_feeds(4), _mlp_feeds(8, seed=1), kinds=[("class", 1)],
+                         latency=lambda m: 10.0, max_drop=0.05)  # int8 compute no faster: refused for speed
+    assert not choice.applied
+    storage = choice.report["weight_storage"]
+    assert [a["weights"] for a in storage["attempts"]] == [2, 1] and "below" in storage["attempts"][0]["reason"]
+    assert choice.stored == ("w2",) and set(choice.weights) == {"w2"}

@@ -279,33 +279,43 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
 
 
 def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: float, margin: float,
-           skip: list[str], report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+           for_agreement: list[str], report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """``model`` with its storable float weights as int8 computed in float, or ``model`` itself when the
-    selection feeds or the timings say no (or nothing is storable); the report's ``weight_storage`` says which."""
-    names = tuple(storable_weights(model, skip))
+    selection feeds or the timings say no (or nothing is storable); the report's ``weight_storage`` says which.
+    Every float weight is tried first; when that costs too much agreement and some layers were kept float for
+    agreement (their int8 compute was harmful; int8 weights alone may not be), again without those."""
+    attempts = [tuple(storable_weights(model))]
+    if for_agreement:
+        attempts.append(tuple(storable_weights(model, for_agreement)))
     entry: dict = {"form": "int8 per output channel, Cast -> Mul to float (folded by onnxruntime at load)",
-                   "candidates": list(names), "stored": []}
+                   "candidates": list(attempts[0]), "stored": [], "attempts": []}
     report["weight_storage"] = entry
-    if not names:
-        entry["reason"] = "no weight is left in float, or none can be stored"
-        return model, ()
-    stored = store_int8_weights(model, names)
-    before, after = search.scorer(model), search.scorer(stored)
+    before = search.scorer(model)
     floor = min(base.agreement - max_drop, before.agreement)
-    before_ms, after_ms = _timed(search.latency, [model, stored], SPEED_PASSES)
-    entry.update(closeness=after.as_dict(), closeness_before=before.as_dict(), target_agreement=floor,
-                 ms=after_ms, ms_before=before_ms)
-    if after.agreement < floor:
-        entry["reason"] = (f"selection agreement {after.agreement:.4f} with the weights stored int8, below "
-                           f"{floor:.4f}: kept float")
-        return model, ()
-    if after_ms > before_ms * (1 + margin):
-        entry["reason"] = f"{after_ms:.3f} ms stored int8 against {before_ms:.3f} ms float: kept float"
-        return model, ()
-    entry.update(stored=list(names), reason=f"{len(names)} weight(s) stored int8 at selection agreement "
-                                            f"{after.agreement:.4f} (at least {floor:.4f}), {after_ms:.3f} ms "
-                                            f"against {before_ms:.3f} ms")
-    return stored, names
+    entry.update(closeness_before=before.as_dict(), target_agreement=floor)
+    for names in dict.fromkeys(attempts):
+        if not names:
+            continue
+        stored = store_int8_weights(model, names)
+        after = search.scorer(stored)
+        attempt: dict = {"weights": len(names), "closeness": after.as_dict()}
+        entry["attempts"].append(attempt)
+        if after.agreement < floor:
+            attempt["reason"] = (f"selection agreement {after.agreement:.4f} with the weights stored int8, below "
+                                 f"{floor:.4f}")
+            continue
+        before_ms, after_ms = _timed(search.latency, [model, stored], SPEED_PASSES)
+        attempt.update(ms=after_ms, ms_before=before_ms)
+        if after_ms > before_ms * (1 + margin):
+            attempt["reason"] = f"{after_ms:.3f} ms stored int8 against {before_ms:.3f} ms float"
+            break  # slower is slower with fewer weights too
+        entry.update(stored=list(names), reason=f"{len(names)} weight(s) stored int8 at selection agreement "
+                                                f"{after.agreement:.4f} (at least {floor:.4f}), {after_ms:.3f} ms "
+                                                f"against {before_ms:.3f} ms")
+        return stored, names
+    entry["reason"] = ("; ".join(a["reason"] for a in entry["attempts"]) + ": kept float" if entry["attempts"]
+                       else "no weight is left in float, or none can be stored")
+    return model, ()
 
 
 def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closeness, base: Closeness,
