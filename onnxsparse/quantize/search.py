@@ -56,6 +56,9 @@ SPEED_MARGIN = 0.03
 # sensitive ones) are tried. Each is one quantization and one pass over the selection feeds: the PP-OCR line
 # classifier (53 Conv) took 3 s per candidate on a 2-core CPU
 MAX_FALLBACK_TRIALS = 12
+# Weights scored one at a time when storing every float weight as int8 costs too much agreement (the largest;
+# the rest stay float then). One selection pass each: the recogniser's 47 took about a minute on a 2-core CPU
+MAX_STORAGE_TRIALS = 64
 # Rounds of the speed search; each times every op class still int8 once (the line classifier needed 7 rounds of
 # one class each before the rounds accepted every class that helped)
 SPEED_ROUNDS = 3
@@ -266,9 +269,8 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
                           if applied else report.get("reason"))
 
         # 5. size: weights still float are stored as int8 and computed in float, where that agrees within the
-        # allowed drop and is not slower (layers kept float for agreement keep their float weights)
-        for_agreement = [k["node"] for k in kept if k["for"] == "agreement"]
-        final, stored = _store(search, final, base, max_drop, speed_margin, for_agreement, report)
+        # allowed drop and is not slower
+        final, stored = _store(search, final, base, max_drop, speed_margin, report)
         weights = check_int8_weights(model, final)
         if not weights:
             final = original
@@ -279,43 +281,62 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
 
 
 def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: float, margin: float,
-           for_agreement: list[str], report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
+           report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """``model`` with its storable float weights as int8 computed in float, or ``model`` itself when the
     selection feeds or the timings say no (or nothing is storable); the report's ``weight_storage`` says which.
-    Every float weight is tried first; when that costs too much agreement and some layers were kept float for
-    agreement (their int8 compute was harmful; int8 weights alone may not be), again without those."""
-    attempts = [tuple(storable_weights(model))]
-    if for_agreement:
-        attempts.append(tuple(storable_weights(model, for_agreement)))
+
+    Every float weight is tried first. When that costs too much agreement, each weight (the
+    ``MAX_STORAGE_TRIALS`` largest) is scored stored alone, and the longest run of them, least harmful first,
+    that stays within the drop together is found by bisection: a sensitive few (depthwise kernels, a layer kept
+    float for agreement) stay float and the rest are stored."""
+    storable = storable_weights(model)
     entry: dict = {"form": "int8 per output channel, Cast -> Mul to float (folded by onnxruntime at load)",
-                   "candidates": list(attempts[0]), "stored": [], "attempts": []}
+                   "candidates": list(storable), "stored": [], "attempts": []}
     report["weight_storage"] = entry
+    if not storable:
+        entry["reason"] = "no weight is left in float, or none can be stored"
+        return model, ()
     before = search.scorer(model)
     floor = min(base.agreement - max_drop, before.agreement)
     entry.update(closeness_before=before.as_dict(), target_agreement=floor)
-    for names in dict.fromkeys(attempts):
-        if not names:
-            continue
+
+    def score(names: tuple[str, ...]) -> tuple[onnx.ModelProto, Closeness]:
         stored = store_int8_weights(model, names)
-        after = search.scorer(stored)
-        attempt: dict = {"weights": len(names), "closeness": after.as_dict()}
-        entry["attempts"].append(attempt)
-        if after.agreement < floor:
-            attempt["reason"] = (f"selection agreement {after.agreement:.4f} with the weights stored int8, below "
-                                 f"{floor:.4f}")
-            continue
-        before_ms, after_ms = _timed(search.latency, [model, stored], SPEED_PASSES)
-        attempt.update(ms=after_ms, ms_before=before_ms)
-        if after_ms > before_ms * (1 + margin):
-            attempt["reason"] = f"{after_ms:.3f} ms stored int8 against {before_ms:.3f} ms float"
-            break  # slower is slower with fewer weights too
-        entry.update(stored=list(names), reason=f"{len(names)} weight(s) stored int8 at selection agreement "
-                                                f"{after.agreement:.4f} (at least {floor:.4f}), {after_ms:.3f} ms "
-                                                f"against {before_ms:.3f} ms")
-        return stored, names
-    entry["reason"] = ("; ".join(a["reason"] for a in entry["attempts"]) + ": kept float" if entry["attempts"]
-                       else "no weight is left in float, or none can be stored")
-    return model, ()
+        closeness = search.scorer(stored)
+        entry["attempts"].append({"weights": len(names), **closeness.as_dict()})
+        return stored, closeness
+
+    names = tuple(storable)
+    stored, after = score(names)
+    if after.agreement < floor:
+        sizes = {n: int(np.prod(init.dims)) for init in model.graph.initializer if (n := init.name) in storable}
+        trial = sorted(storable, key=lambda n: -sizes[n])[:MAX_STORAGE_TRIALS]
+        alone = {n: score((n,))[1] for n in trial}
+        entry["alone"] = {n: c.agreement for n, c in alone.items()}
+        order = sorted(trial, key=lambda n: (alone[n], sizes[n]), reverse=True)
+        good, lo, hi = None, 0, len(order)  # the longest prefix within the floor: ``lo`` passes, ``hi`` fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            candidate = score(tuple(order[:mid]))
+            if candidate[1].agreement >= floor:
+                lo, good = mid, candidate
+            else:
+                hi = mid
+        if lo == 0 and alone[order[0]].agreement >= floor:
+            lo, good = 1, score((order[0],))
+        if good is None:
+            entry["reason"] = f"no weight stored int8 keeps the selection agreement at {floor:.4f} or above: kept float"
+            return model, ()
+        names, (stored, after) = tuple(n for n in storable if n in set(order[:lo])), good
+    before_ms, after_ms = _timed(search.latency, [model, stored], SPEED_PASSES)
+    entry.update(ms=after_ms, ms_before=before_ms, closeness=after.as_dict())
+    if after_ms > before_ms * (1 + margin):
+        entry["reason"] = f"{after_ms:.3f} ms stored int8 against {before_ms:.3f} ms float: kept float"
+        return model, ()
+    entry.update(stored=list(names), reason=f"{len(names)} of {len(storable)} weight(s) stored int8 at selection "
+                                            f"agreement {after.agreement:.4f} (at least {floor:.4f}), "
+                                            f"{after_ms:.3f} ms against {before_ms:.3f} ms")
+    return stored, names
 
 
 def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closeness, base: Closeness,
