@@ -28,7 +28,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_K`` with the first K that is not taken; the name returned is added to ``taken``."""
     name, k = base, 0
     while name in taken:
         k += 1
@@ -164,7 +165,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         if bias is not None:
             bias.CopyFrom(numpy_helper.from_array(b_new, bias.name))
         else:
-            name = _unique(f"{weight.name}_folded_bias", taken)
+            name = unique_name(f"{weight.name}_folded_bias", taken)
             graph.initializer.append(numpy_helper.from_array(b_new, name))
             while len(conv.input) < 3:
                 conv.input.append("")

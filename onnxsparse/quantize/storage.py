@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxsparse.inspect import weight_operand
+from onnxsparse.quantize.prepare import unique_name
 from onnxsparse.quantize.quantize import WEIGHT_OPS
 
 
@@ -33,15 +34,6 @@ def output_axis(node: onnx.NodeProto, index: int, rank: int) -> int:
     if node.op_type == "Gemm":
         return (0 if attr("transB", 0) else 1) if index == 1 else (1 if attr("transA", 0) else 0)
     return rank - 1 if index == 1 else rank - 2  # MatMul: B (.., K, N) along N; A (.., M, K) along M
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
 
 
 def storable_weights(model: onnx.ModelProto, skip: Iterable[str] = ()) -> dict[str, tuple[onnx.NodeProto, int]]:
@@ -93,14 +85,14 @@ def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
         scale = np.abs(weight).max(axis=reduce, keepdims=True).astype(np.float32) / np.float32(127)
         scale[scale == 0] = 1  # an all-zero channel: any scale keeps it zero
         values = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
-        int_name, scale_name = _unique(f"{name}_int8", taken), _unique(f"{name}_int8_scale", taken)
-        cast_out = _unique(f"{name}_int8_float", taken)
+        int_name, scale_name = unique_name(f"{name}_int8", taken), unique_name(f"{name}_int8_scale", taken)
+        cast_out = unique_name(f"{name}_int8_float", taken)
         graph.initializer.remove(init)
         graph.initializer.extend([numpy_helper.from_array(values, int_name),
                                   numpy_helper.from_array(scale, scale_name)])
-        nodes += [helper.make_node("Cast", [int_name], [cast_out], name=_unique(f"{name}_int8_cast", taken),
+        nodes += [helper.make_node("Cast", [int_name], [cast_out], name=unique_name(f"{name}_int8_cast", taken),
                                    to=onnx.TensorProto.FLOAT),
-                  helper.make_node("Mul", [cast_out, scale_name], [name], name=_unique(f"{name}_int8_mul", taken))]
+                  helper.make_node("Mul", [cast_out, scale_name], [name], name=unique_name(f"{name}_int8_mul", taken))]
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + rest)
