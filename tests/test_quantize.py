@@ -151,18 +151,21 @@ def test_int8_slower_than_float_keeps_float_compute_with_the_weights_stored_int8
 
 
 class _SlowCast:
-    """10 ms plus 1 per Cast node: storing weights as int8 makes this model slower."""
+    """10 ms plus 1 per Cast node (int8 compute is no faster than float here)."""
 
     def __call__(self, model: onnx.ModelProto) -> float:
         return 10.0 + sum(n.op_type == "Cast" for n in model.graph.node)
 
 
-def test_weights_stored_int8_only_where_not_slower_and_within_the_agreement_drop():
+def test_weights_stored_int8_only_where_folded_at_load_and_within_the_agreement_drop(monkeypatch):
     model = _pruned_cnn()
+    # a runtime that would run the pairs every inference: nothing is stored
+    monkeypatch.setattr(search_module, "unfolded_at_load", lambda stored, names, workdir: list(names))
     slow = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=_SlowCast(),
                        max_drop=1.0)
     assert not slow.applied and not slow.stored and not slow.weights
-    assert "kept float" in slow.report["weight_storage"]["reason"] and slow.model.graph.node[0].op_type != "Cast"
+    assert "does not fold" in slow.report["weight_storage"]["reason"] and slow.model.graph.node[0].op_type != "Cast"
+    monkeypatch.undo()
     # the outlier weight's int8 form collapses the output: stored with the other, it costs the agreement; alone,
     # the other one does not (no fallback trial here: int8 compute is refused for speed and agreement)
     mlp = _outlier_mlp()
@@ -177,7 +180,7 @@ def test_weights_stored_int8_only_where_not_slower_and_within_the_agreement_drop
 def test_stored_int8_weights_compute_the_dequantized_weights_at_float_speed_and_inspect_reads_them(tmp_path):
     import onnxruntime as ort
 
-    from onnxsparse.quantize.storage import storable_weights, store_int8_weights
+    from onnxsparse.quantize.storage import storable_weights, store_int8_weights, unfolded_at_load
 
     model = _pruned_cnn()
     names = list(storable_weights(model))
@@ -204,6 +207,13 @@ def test_stored_int8_weights_compute_the_dequantized_weights_at_float_speed_and_
     ort.InferenceSession(stored.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimised.onnx")).graph.node}
     assert "Cast" not in ops and "Mul" not in ops and "Conv" in ops
+    assert unfolded_at_load(stored, names, tmp_path) == []
+    # a pair onnxruntime cannot fold (its scale is a graph input, not a constant) is named
+    unfoldable = onnx.ModelProto()
+    unfoldable.CopyFrom(stored)
+    scale = next(i for i in unfoldable.graph.initializer if i.name == f"{names[0]}_int8_scale")
+    unfoldable.graph.input.append(helper.make_tensor_value_info(scale.name, onnx.TensorProto.FLOAT, list(scale.dims)))
+    assert unfolded_at_load(unfoldable, names, tmp_path) == [names[0]]
     floats = {r.node: r.zeros for r in inspect_model(model)}
     rows = inspect_model(stored)
     assert {r.node for r in rows} == set(floats) and all(r.tensor.endswith("_int8") for r in rows)
@@ -530,13 +540,14 @@ def test_batchnorm_folds_into_its_conv_keeping_weight_names_and_zeros():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_int8_search_quantizes_the_folded_model_and_returns_the_input_when_nothing_is_kept():
+def test_int8_search_quantizes_the_folded_model_and_returns_the_input_when_nothing_is_kept(monkeypatch):
     model = _conv_bn_graph()
     feeds = [{"x": np.random.default_rng(s).standard_normal((4, 3, 6, 6)).astype(np.float32)} for s in range(3)]
     faster = choose_int8(model, model, feeds, feeds, latency=_faster_int8, max_drop=1.0)
     assert faster.applied and faster.report["batchnorm_folded"] == 2
     assert [n.op_type for n in faster.model.graph.node].count("BatchNormalization") == 1
     assert {"w1", "w2"} <= set(faster.weights)
+    monkeypatch.setattr(search_module, "unfolded_at_load", lambda stored, names, workdir: list(names))
     slow = choose_int8(model, model, feeds, feeds, latency=_SlowCast(), max_drop=1.0)
     assert not slow.applied and not slow.weights
     assert [n.op_type for n in slow.model.graph.node] == [n.op_type for n in model.graph.node]

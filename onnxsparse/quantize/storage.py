@@ -12,9 +12,11 @@ runtime. Zeros stay exactly zero (round(0 / s) = 0 and 0 * s = 0).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxsparse.inspect import weight_operand
@@ -97,3 +99,18 @@ def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     del graph.node[:]
     graph.node.extend(nodes + rest)
     return out
+
+
+def unfolded_at_load(model: onnx.ModelProto, names: Iterable[str], workdir: Path) -> list[str]:
+    """The stored weights (``names``) whose ``Cast`` -> ``Mul`` pair onnxruntime's CPU session does not fold into a
+    constant when it loads ``model`` (basic optimisations: constant folding), by weight name; empty when every
+    pair is folded and the model computes exactly as its float form would."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    path = Path(workdir) / "storage-optimised.onnx"
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    produced = {out for node in onnx.load(str(path), load_external_data=False).graph.node for out in node.output}
+    path.unlink(missing_ok=True)
+    return [name for name in names if name in produced]
