@@ -593,3 +593,26 @@ def test_storage_keeps_the_weights_that_stay_within_the_drop_together():
     assert storage["alone"]["w1"] < 0.6 <= storage["alone"]["w2"]
     assert storage["attempts"][0]["weights"] == 2 and storage["attempts"][0]["agreement"] < 0.6
     assert choice.stored == ("w2",) and set(choice.weights) == {"w2"} and "1 of 2" in storage["reason"]
+
+
+class _NoisyInt8:
+    """10 ms for a float model; an int8 model alternates 8 and 11 ms (a neighbour's load, or a kernel that is
+    not faster): the fastest of its passes would call it faster."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            return 10.0
+        self.calls += 1
+        return 8.0 if self.calls % 2 else 11.0
+
+
+def test_int8_must_be_faster_in_every_final_pass():
+    model = _pruned_cnn()
+    choice = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)],
+                         latency=_NoisyInt8(), max_drop=1.0)
+    timing = choice.report["latency"]
+    assert len(timing["final_passes"]) == search_module.FINAL_PASSES and timing["final_ms"] == 8.0
+    assert not choice.applied and "every one of" in choice.report["reason"]
