@@ -317,10 +317,9 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
         trial = sorted(storable, key=lambda n: -sizes[n])[:MAX_STORAGE_TRIALS]
         alone = {n: score((n,))[1] for n in trial}
         entry["alone"] = {n: c.agreement for n, c in alone.items()}
-        # least agreement lost per weight stored first (a large head layer that costs a little goes before a
-        # depthwise kernel that costs as much), then the larger
-        harm = {n: max(0.0, before.agreement - alone[n].agreement, before.r2 - alone[n].r2) for n in trial}
-        order = sorted(trial, key=lambda n: (harm[n] / sizes[n], -sizes[n]))
+        # least harmful first (closest stored alone), the larger first among equals; on the recogniser at 0.5 this
+        # stored 45 of 47 weights where ordering by agreement lost per weight stored 22
+        order = sorted(trial, key=lambda n: (alone[n], sizes[n]), reverse=True)
         good, lo, hi = None, 0, len(order)  # the longest prefix within the floor: ``lo`` passes, ``hi`` fails
         while hi - lo > 1:
             mid = (lo + hi) // 2
