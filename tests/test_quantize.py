@@ -593,6 +593,8 @@ def test_storage_keeps_the_weights_that_stay_within_the_drop_together():
     assert storage["alone"]["w1"] < 0.6 <= storage["alone"]["w2"]
     assert storage["attempts"][0]["weights"] == 2 and storage["attempts"][0]["agreement"] < 0.6
     assert choice.stored == ("w2",) and set(choice.weights) == {"w2"} and "1 of 2" in storage["reason"]
+    assert storage["orders"] == {order: {"weights": 1, "elements": 256}
+                                 for order in ("least harmful", "least harm per element")}
 
 
 class _NoisyInt8:
