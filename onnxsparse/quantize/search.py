@@ -202,6 +202,7 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
     # every candidate is made from the model with Constant-node tensors as initializers and BatchNormalization
     # folded into its Conv (weight names kept); the float model is returned as it was when no int8 form is kept
     model, prepared = prepare_for_int8(original, selection_feeds[0])
+    model = named_copy(model)  # the opset converter adds nodes without names; nodes are kept float by name
     with tempfile.TemporaryDirectory(prefix="onnxsparse-int8-") as tmp:
         scorer = SelectionScorer(dense_model, selection_feeds, kinds)
         search = _Search(model, Calibration(calibration_feeds, tmp), scorer, meter, Path(tmp))
