@@ -13,7 +13,8 @@ the int8 model is still not faster than the float one, the float model is kept: 
 model slower on the machine it ran on.
 
 Size: weights left in float (for speed, or because int8 was not applied at all) are stored as int8 and computed
-in float (:mod:`onnxsparse.quantize.storage`) where the selection feeds and the timings allow it.
+in float (:mod:`onnxsparse.quantize.storage`) where the selection feeds allow it and onnxruntime folds them back
+into float constants at load.
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
 def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: float,
            report: dict) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """``model`` with its storable float weights as int8 computed in float, or ``model`` itself when the
-    selection feeds or the timings say no (or nothing is storable); the report's ``weight_storage`` says which.
+    selection feeds or onnxruntime's optimised graph say no (or nothing is storable); the report's
+    ``weight_storage`` says which.
 
     Every float weight is tried first. When that costs too much agreement, each weight (the
     ``MAX_STORAGE_TRIALS`` largest) is scored stored alone, and the longest run of them, least harmful first,
@@ -327,7 +329,7 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
                   "least harm per element": sorted(trial, key=lambda n: (harm[n] / sizes[n], -sizes[n]))}
         runs = {}
         for label, order in orders.items():
-            found = _longest_run(order, floor, score, alone)
+            found = _longest_run(order, floor, score, alone, all_failed=len(order) == len(storable))
             if found is not None:
                 runs[label] = found
         entry["orders"] = {label: {"weights": len(run[0]), "elements": sum(sizes[n] for n in run[0])}
@@ -349,11 +351,11 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
     return stored, names
 
 
-def _longest_run(order: list[str], floor: float, score, alone: dict[str, Closeness]):
+def _longest_run(order: list[str], floor: float, score, alone: dict[str, Closeness], *, all_failed: bool):
     """The longest prefix of ``order`` whose weights stored together keep the agreement at ``floor`` (by bisection:
     agreement need not fall monotonically, so this is a run that holds, not the best subset), with its model and
-    closeness; None when not even the first holds."""
-    good, lo, hi = None, 0, len(order)  # ``lo`` holds, ``hi`` does not
+    closeness; None when not even the first holds. ``all_failed``: the whole of ``order`` is known to fail."""
+    good, lo, hi = None, 0, len(order) if all_failed else len(order) + 1  # ``lo`` holds, ``hi`` does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         candidate = score(tuple(order[:mid]))
