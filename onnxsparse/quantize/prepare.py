@@ -97,8 +97,7 @@ def _converted(model: onnx.ModelProto, feed: dict[str, np.ndarray] | None) -> on
 def constants_as_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` in which every main-graph ``Constant`` node holding a tensor (its ``value`` attribute) is
     an initializer named by the node's output; how many were converted."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy(model)
     graph = out.graph
     taken = {init.name for init in graph.initializer} | {v.name for v in graph.input}
     moved = []
@@ -123,8 +122,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     by nothing else folded into that Conv, and the names of the BatchNormalization nodes folded. A pair is left
     as it is where the Conv's weight or bias is not a float initializer of its own, the Conv's output is a graph
     output, or the normalisation's tensors are not constant."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy(model)
     graph = out.graph
     inits = {init.name: init for init in graph.initializer}
     readers: dict[str, int] = {}

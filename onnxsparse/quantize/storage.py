@@ -38,14 +38,13 @@ def output_axis(node: onnx.NodeProto, index: int, rank: int) -> int:
     return rank - 1 if index == 1 else rank - 2  # MatMul: B (.., K, N) along N; A (.., M, K) along M
 
 
-def storable_weights(model: onnx.ModelProto, skip: Iterable[str] = ()) -> dict[str, tuple[onnx.NodeProto, int]]:
+def storable_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, int]]:
     """Float weight initializers that can be stored as int8, by name, with the first node reading them as its
     weight operand and that operand's index. A tensor is left alone where any node reads it other than as the
-    weight operand of a Conv/ConvTranspose/Gemm/MatMul, where it is also a graph input (a caller may override it),
-    or where a node in ``skip`` (node names) reads it."""
+    weight operand of a Conv/ConvTranspose/Gemm/MatMul, or where it is also a graph input (a caller may override
+    it)."""
     inits = {init.name: init for init in model.graph.initializer}
     inputs = {value.name for value in model.graph.input}
-    skip = set(skip)
     found: dict[str, tuple[onnx.NodeProto, int]] = {}
     refused: set[str] = set()
     for node in model.graph.node:
@@ -53,7 +52,7 @@ def storable_weights(model: onnx.ModelProto, skip: Iterable[str] = ()) -> dict[s
         for i, value in enumerate(node.input):
             if value not in inits:
                 continue
-            if value != direct or node.name in skip:
+            if value != direct:
                 refused.add(value)
             elif value not in found:
                 found[value] = (node, i)
