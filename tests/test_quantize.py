@@ -618,3 +618,49 @@ def test_int8_must_be_faster_in_every_final_pass():
     timing = choice.report["latency"]
     assert len(timing["final_passes"]) == search_module.FINAL_PASSES and timing["final_ms"] == 8.0
     assert not choice.applied and "every one of" in choice.report["reason"]
+
+
+def test_compact_int8_keeps_the_smaller_file_only_where_onnxruntime_runs_it_identically(tmp_path):
+    from dataclasses import replace
+
+    from onnxsparse.quantize.compact import compact_int8, drop_weight_zero_points, same_when_deployed, \
+        weight_dequantizers
+
+    model = _pruned_cnn()
+    standard = _quantize(model, tmp_path)
+    float_bias = _quantize(model, tmp_path, replace(Int8Settings(), quantize_bias=False))
+    assert any(i.data_type == onnx.TensorProto.INT32 for i in standard.graph.initializer)
+    assert not any(i.data_type == onnx.TensorProto.INT32 for i in float_bias.graph.initializer)
+    feeds = _cnn_feeds(2, seed=1)
+    compact, entry = compact_int8(standard, float_bias, model, feeds, tmp_path)
+    assert entry["zip_bytes"] < entry["zip_bytes_before"] and entry["kept"] != "as quantize_static writes it"
+    assert entry["tried"][-1]["same_when_deployed"] and entry["tried"][-1]["form"] == entry["kept"]
+    # the kept form: no value_info the float model lacked, the zeros and the integers are the standard file's
+    assert not model.graph.value_info and not compact.graph.value_info
+    before, after = check_int8_weights(model, standard), check_int8_weights(model, compact)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert np.array_equal(before[name].values, after[name].values)
+    assert same_when_deployed(standard, compact, feeds, tmp_path)
+    # only all-zero int8 zero points are dropped; a changed model is not the same when deployed
+    found = weight_dequantizers(standard)
+    assert found and all("Conv" in readers or "Gemm" in readers for readers in found.values())
+    dropped = drop_weight_zero_points(standard, set(found))
+    assert all(len(n.input) == 2 for n in dropped.graph.node if n.name in found)
+    assert len(dropped.graph.initializer) < len(standard.graph.initializer)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(compact)
+    scale = next(i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.name.endswith("_scale")
+                 and len(i.dims) == 1 and i.dims[0] > 1)
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.5), scale.name))
+    assert not same_when_deployed(standard, broken, feeds, tmp_path)
+    # a float-bias quantization that does not compute what the standard one does is never kept
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(float_bias)
+    bias = next(i for i in wrong.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 1
+                and not i.name.endswith("_scale") and i.dims[0] > 1)
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), bias.name))
+    kept, entry = compact_int8(standard, wrong, model, feeds, tmp_path)
+    assert not entry["kept"].startswith("float biases")
+    assert any(t["form"].startswith("float biases") and not t["same_when_deployed"] for t in entry["tried"])
+    assert same_when_deployed(standard, kept, feeds, tmp_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +36,13 @@ class Int8Settings:
     method: str = "minmax"  # activation calibration, a key of calibrate.METHODS
     op_types: tuple[str, ...] | None = None  # None: every op type onnxruntime's QDQ quantizer handles
     exclude: tuple[str, ...] = field(default=())  # names of nodes kept in float
+    quantize_bias: bool = True  # False: biases stay float (onnxruntime's fusion quantizes them at load)
 
     def __post_init__(self) -> None:
         one_of(self.method, "calibration method", tuple(METHODS))
 
     def excluding(self, nodes) -> Int8Settings:
-        return Int8Settings(self.method, self.op_types, tuple(dict.fromkeys((*self.exclude, *nodes))))
+        return replace(self, exclude=tuple(dict.fromkeys((*self.exclude, *nodes))))
 
 
 def named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -87,7 +88,8 @@ def quantize_int8(float_path: Path, calibration: Calibration, settings: Int8Sett
                 nodes_to_exclude=list(settings.exclude),
                 calibrate_method=METHODS[settings.method],
                 calibration_cache_path=calibration.cache(settings.method),
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                               "QuantizeBias": settings.quantize_bias},
             )
     except (ValueError, RuntimeError, KeyError) as exc:
         raise OnnxSparseError(f"onnxruntime could not quantize the model to int8 ({settings}): {exc}") from None

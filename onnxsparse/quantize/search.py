@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
 from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
+from onnxsparse.quantize.compact import compact_int8
 from onnxsparse.quantize.prepare import prepare_for_int8
 from onnxsparse.quantize.latency import LatencyMeter
 from onnxsparse.quantize.quantize import (
@@ -271,6 +272,13 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
             report["reason"] = "no weight is int8 after the choices above: the float model is kept"
         report.setdefault("reason", "int8 is faster than float and agrees within the allowed drop"
                           if applied else report.get("reason"))
+        if applied:
+            # the same model in fewer bytes: float biases, no all-zero weight zero points, where onnxruntime runs
+            # it as the same graph with bit-identical outputs
+            final, report["compaction"] = compact_int8(final, search.quantize(replace(settings, quantize_bias=False)),
+                                                       model, selection_feeds, search.workdir)
+            if report["compaction"]["kept"].startswith("float biases"):
+                settings = replace(settings, quantize_bias=False)
 
         # 5. size: weights still float are stored as int8 and computed in float, where that agrees within the
         # allowed drop and onnxruntime folds them back at load
