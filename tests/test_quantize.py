@@ -399,16 +399,20 @@ def test_sample_magnitude_int8_keeps_every_zero_of_the_float_run_and_eval_reads_
 def test_op_types_are_the_faster_set_when_both_agree():
     model = _pruned_cnn()
     chosen = []
-    for per_q in (0.1, -0.1):
+    for per_q in (1.0, -1.0, 0.01):
         def latency(m: onnx.ModelProto, per_q=per_q) -> float:  # scripted: each QuantizeLinear costs per_q ms
             return 10.0 + per_q * sum(n.op_type == "QuantizeLinear" for n in m.graph.node)
 
         ops = choose_int8(model, model, _cnn_feeds(), _cnn_feeds(seed=1), kinds=[("class", 1)], latency=latency,
                           max_drop=1.0).report["op_types"]
         assert set(ops["latency_ms"]) == {"all", "weights"} and ops["latency_ms"]["all"] != ops["latency_ms"]["weights"]
-        assert ops["chosen"] == min(ops["latency_ms"], key=ops["latency_ms"].get)
+        assert len(ops["latency_passes_all_weights"]) == search_module.FINAL_PASSES
+        faster = ops["latency_ms"]["weights"] < ops["latency_ms"]["all"] * (1 - search_module.SPEED_MARGIN)
+        assert ops["chosen"] == ("weights" if faster else "all")
         chosen.append(ops["chosen"])
-    assert chosen[0] != chosen[1]  # the timing decides, not a fixed preference
+    # the timing decides, not a fixed preference; the weighted ops alone only when faster by the margin (a 0.01 ms
+    # a node difference on 10 ms is noise: every op type stays int8)
+    assert chosen[0] != chosen[1] and chosen[2] == "all"
 
 
 def _grid_model() -> onnx.ModelProto:
