@@ -134,6 +134,11 @@ def test_an_op_class_whose_int8_form_is_slower_stays_float(tmp_path):
     timing = choice.report["latency"]
     assert timing["float_ms"] == 10.0 and timing["final_ms"] == 8.0 and timing["int8_ms"] == 10.0
     assert latency.calls > 4
+    # bias correction was decided once, on the all-int8 candidate, by the selection closeness
+    bc = choice.report["bias_correction"]
+    plain, fixed = bc["closeness_uncorrected"], bc["closeness_corrected"]
+    assert bc["applied"] == ((fixed["agreement"], fixed["r2"]) > (plain["agreement"], plain["r2"]))
+    assert plain == choice.report["calibration"]["scores"][choice.report["calibration"]["chosen"]]
 
 
 def test_int8_slower_than_float_keeps_float_compute_with_the_weights_stored_int8(tmp_path):
@@ -148,6 +153,14 @@ def test_int8_slower_than_float_keeps_float_compute_with_the_weights_stored_int8
     floats = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for name, w in choice.weights.items():
         assert w.values.dtype == np.int8 and (w.centred()[floats[name] == 0] == 0).all()
+    # every weight stored, without and with bias correction; the closer kept
+    entry = choice.report["weight_storage"]
+    plain, fixed = entry["attempts"][:2]
+    assert plain["weights"] == fixed["weights"] == len(weights)
+    assert not plain["bias_corrected"] and fixed["bias_corrected"]
+    assert entry["bias_correction"]["applied"] == ((fixed["agreement"], fixed["r2"]) > (plain["agreement"], plain["r2"]))
+    assert entry["closeness"] == {k: (fixed if entry["bias_correction"]["applied"] else plain)[k]
+                                  for k in ("agreement", "r2")}
 
 
 class _SlowCast:

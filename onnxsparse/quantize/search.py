@@ -27,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
 from onnxsparse.errors import OnnxSparseError
 from onnxsparse.exporter.verify import ort_session, output_agreement
 from onnxsparse.inspect import weight_operand
+from onnxsparse.quantize.bias_correction import apply_shifts, output_shifts
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.quantize.compact import compact_int8
 from onnxsparse.quantize.prepare import prepare_for_int8
@@ -41,10 +43,11 @@ from onnxsparse.quantize.quantize import (
     Int8Settings,
     Int8Weight,
     check_int8_weights,
+    int8_weights,
     named_copy,
     quantize_int8,
 )
-from onnxsparse.quantize.storage import storable_weights, store_int8_weights, unfolded_at_load
+from onnxsparse.quantize.storage import storable_weights, storage_deltas, store_int8_weights, unfolded_at_load
 from onnxsparse.signals import onnx_output_kinds
 
 logger = logging.getLogger(__name__)
@@ -174,10 +177,50 @@ class _Search:
         self.workdir = workdir
         self.initializers = {init.name: init for init in float_model.graph.initializer}
         self.quantizations = 0
+        self.shifts: dict[str, np.ndarray] = {}  # bias correction of each int8 weight, when on
 
     def quantize(self, settings: Int8Settings) -> onnx.ModelProto:
+        """``settings`` applied to the float model, with the activation ranges calibrated on the float model; with
+        bias correction on, from the float model whose int8 weights have their shifts taken out of their biases."""
         self.quantizations += 1
-        return quantize_int8(self.float_path, self.calibration, settings, self.workdir / "candidate.onnx")
+        out = self.workdir / "candidate.onnx"
+        if not self.shifts:
+            return quantize_int8(self.float_path, self.calibration, settings, out)
+        nodes = {n.name for n in self.quantized_nodes(settings)}
+        names = {w for node in self.float_model.graph.node
+                 if node.name in nodes and node.op_type in WEIGHT_OPS and len(node.input) > 1
+                 and (w := weight_operand(node, self.initializers)) in self.shifts}
+        while True:
+            path = self.workdir / "float-bias-corrected.onnx"
+            onnx.save_model(apply_shifts(self.float_model, {n: self.shifts[n] for n in names}), str(path))
+            quantized = quantize_int8(path, self.calibration, settings, out)
+            # a weight onnxruntime left float keeps its bias: quantized again without its correction
+            missing = names - set(int8_weights(self.float_model, quantized))
+            if not missing:
+                return quantized
+            names -= missing
+
+    def decide_bias_correction(self, settings: Int8Settings, uncorrected: Closeness) -> dict:
+        """Turn bias correction on for every later candidate when ``settings`` quantized with it is closer to the
+        dense model than without (``uncorrected``, its score); the report entry."""
+        weights = int8_weights(self.float_model, self.quantize(settings))
+        deltas = {}
+        for name, w in weights.items():
+            step = (w.scale.reshape([-1 if i == w.axis % w.values.ndim else 1 for i in range(w.values.ndim)])
+                    if w.scale.ndim == 1 and w.values.ndim > 1 else w.scale)
+            deltas[name] = (w.centred() * step).astype(np.float32) - numpy_helper.to_array(self.initializers[name])
+        shifts, uncorrectable = output_shifts(self.float_model, deltas, self.calibration.feeds)
+        entry: dict = {"applied": False, "weights": 0, "not_correctable": uncorrectable,
+                       "closeness_uncorrected": uncorrected.as_dict()}
+        if shifts:
+            self.shifts = shifts
+            corrected = self.scorer(self.quantize(settings))
+            entry["closeness_corrected"] = corrected.as_dict()
+            if corrected > uncorrected:
+                entry.update(applied=True, weights=len(shifts))
+            else:
+                self.shifts = {}
+        return entry
 
     def quantized_nodes(self, settings: Int8Settings) -> list[onnx.NodeProto]:
         """Nodes the quantizer is allowed to quantize under ``settings``."""
@@ -234,6 +277,10 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         method = max(scores, key=lambda m: (scores[m], -list(METHODS).index(m)))
         report["calibration"] = {"chosen": method, "scores": {m: s.as_dict() for m, s in scores.items()},
                                  "failed": failed}
+
+        # 1b. bias correction: every int8 weight's mean output shift (calibration feeds) taken out of its bias, in
+        # this and every later candidate, where that brings the all-int8 model closer to the dense model
+        report["bias_correction"] = search.decide_bias_correction(Int8Settings(method, None, fixed), scores[method])
 
         # 2. op types: everything onnxruntime quantizes, or the weighted ops alone (activations between other
         # ops stay float): the faster of those that agree within max_drop of the float model, else the closer
@@ -319,14 +366,28 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
     floor = min(base.agreement - max_drop, before.agreement)
     entry.update(closeness_before=before.as_dict(), target_agreement=floor)
 
+    # bias correction: each stored weight's mean output shift (measured on the calibration feeds) taken out of its
+    # bias; kept where storing every weight corrected is closer to the dense model than uncorrected
+    shifts, uncorrected = output_shifts(model, storage_deltas(model, storable), search.calibration.feeds)
+    corrected = False
+
     def score(names: tuple[str, ...]) -> tuple[onnx.ModelProto, Closeness]:
-        stored = store_int8_weights(model, names)
+        source = apply_shifts(model, {n: shifts[n] for n in names if n in shifts}) if corrected else model
+        stored = store_int8_weights(source, names)
         closeness = search.scorer(stored)
-        entry["attempts"].append({"weights": len(names), **closeness.as_dict()})
+        entry["attempts"].append({"weights": len(names), "bias_corrected": corrected, **closeness.as_dict()})
         return stored, closeness
 
     names = tuple(storable)
     stored, after = score(names)
+    if shifts:
+        corrected = True
+        fixed = score(names)
+        corrected = fixed[1] > after
+        if corrected:
+            stored, after = fixed
+    entry["bias_correction"] = {"applied": corrected, "weights": len(shifts) if corrected else 0,
+                                "not_correctable": uncorrected}
     if after.agreement < floor:
         sizes = {n: int(np.prod(init.dims)) for init in model.graph.initializer if (n := init.name) in storable}
         trial = sorted(storable, key=lambda n: -sizes[n])[:MAX_STORAGE_TRIALS]

@@ -61,6 +61,28 @@ def storable_weights(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, 
             and len(inits[name].dims) >= 2}
 
 
+def int8_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 integers of ``weight`` with one scale per index along ``axis`` (the scale keeps its
+    dimensions, so ``values * scale`` is the dequantized weight). Zeros stay zero."""
+    reduce = tuple(a for a in range(weight.ndim) if a != axis)
+    scale = np.abs(weight).max(axis=reduce, keepdims=True).astype(np.float32) / np.float32(127)
+    scale[scale == 0] = 1  # an all-zero channel: any scale keeps it zero
+    return np.clip(np.rint(weight / scale), -127, 127).astype(np.int8), scale
+
+
+def storage_deltas(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """Stored as :func:`store_int8_weights` stores them, each weight's dequantized value minus its float value."""
+    where = storable_weights(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    deltas = {}
+    for name in names:
+        node, index = where[name]
+        weight = numpy_helper.to_array(inits[name])
+        values, scale = int8_per_channel(weight, output_axis(node, index, weight.ndim))
+        deltas[name] = values.astype(np.float32) * scale - weight
+    return deltas
+
+
 def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` in which each float initializer in ``names`` (from :func:`storable_weights`) is an int8
     initializer with per-output-channel scales, restored to a float value of the same name by ``Cast`` -> ``Mul``
@@ -81,11 +103,7 @@ def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
         init = by_name[name]
         weight = numpy_helper.to_array(init)
         node, index = where[name]
-        axis = output_axis(node, index, weight.ndim)
-        reduce = tuple(a for a in range(weight.ndim) if a != axis)
-        scale = np.abs(weight).max(axis=reduce, keepdims=True).astype(np.float32) / np.float32(127)
-        scale[scale == 0] = 1  # an all-zero channel: any scale keeps it zero
-        values = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        values, scale = int8_per_channel(weight, output_axis(node, index, weight.ndim))
         int_name, scale_name = unique_name(f"{name}_int8", taken), unique_name(f"{name}_int8_scale", taken)
         cast_out = unique_name(f"{name}_int8_float", taken)
         graph.initializer.remove(init)
