@@ -287,7 +287,9 @@ def _print_summary(report: dict) -> None:
         lat = quant.get("latency", {})
         if quant.get("applied"):
             click.echo(f"int8: {quant['int8_weights']} weights int8 ({quant['calibration']['chosen']} calibration, "
-                       f"{quant['op_types']['chosen']} op types); {lat.get('final_ms', 0):.3f} ms against "
+                       f"{quant['op_types']['chosen']} op types"
+                       f"{', bias-corrected' if (quant.get('bias_correction') or {}).get('applied') else ''}); "
+                       f"{lat.get('final_ms', 0):.3f} ms against "
                        f"{lat.get('float_ms', 0):.3f} ms float (batch 1, 1 thread)", err=True)
         else:
             click.echo(f"int8: not applied: {quant.get('reason')}", err=True)

@@ -418,7 +418,8 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
         entry["reason"] = (f"onnxruntime does not fold {len(left)} of the Cast -> Mul pairs at load (e.g. "
                            f"{left[0]!r}): they would run every inference; kept float")
         return model, ()
-    entry.update(stored=list(names), reason=f"{len(names)} of {len(storable)} weight(s) stored int8 at selection "
+    entry.update(stored=list(names), reason=f"{len(names)} of {len(storable)} weight(s) stored int8"
+                                            f"{', bias-corrected,' if corrected else ''} at selection "
                                             f"agreement {after.agreement:.4f} (at least {floor:.4f}); onnxruntime "
                                             "folds every Cast -> Mul pair at load, so it runs the float graph")
     return stored, names
