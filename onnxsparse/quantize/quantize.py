@@ -120,6 +120,10 @@ class Int8Weight:
         """The integers minus the zero point: zero exactly where the dequantized weight is zero."""
         return self.values.astype(np.int32) - self._along_axis(self.zero_point.astype(np.int32))
 
+    def dequantized(self) -> np.ndarray:
+        """The float weight the runtime computes with."""
+        return (self.centred() * self._along_axis(self.scale)).astype(np.float32)
+
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in model.graph.initializer}

@@ -204,11 +204,8 @@ class _Search:
         """Turn bias correction on for every later candidate when ``settings`` quantized with it is closer to the
         dense model than without (``uncorrected``, its score); the report entry."""
         weights = int8_weights(self.float_model, self.quantize(settings))
-        deltas = {}
-        for name, w in weights.items():
-            step = (w.scale.reshape([-1 if i == w.axis % w.values.ndim else 1 for i in range(w.values.ndim)])
-                    if w.scale.ndim == 1 and w.values.ndim > 1 else w.scale)
-            deltas[name] = (w.centred() * step).astype(np.float32) - numpy_helper.to_array(self.initializers[name])
+        deltas = {name: w.dequantized() - numpy_helper.to_array(self.initializers[name])
+                  for name, w in weights.items()}
         shifts, uncorrectable = output_shifts(self.float_model, deltas, self.calibration.feeds)
         entry: dict = {"applied": False, "weights": 0, "not_correctable": uncorrectable,
                        "closeness_uncorrected": uncorrected.as_dict()}
@@ -293,10 +290,9 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         if len(good) == 2:
             # every op type unless the weighted ops alone are faster by the margin in every interleaved pass: a
             # timing must not flip a choice that a re-run would make the other way
-            passes = [_timed(meter, [candidates["all"], candidates["weights"]], 1) for _ in range(FINAL_PASSES)]
-            op_ms = {"all": min(p[0] for p in passes), "weights": min(p[1] for p in passes)}
-            op_passes = [[round(a, 4), round(w, 4)] for a, w in passes]
-            op_choice = "weights" if _wins_every_pass(passes, speed_margin) else "all"
+            faster, op_passes = _confirmed(meter, candidates["all"], candidates["weights"], speed_margin)
+            op_ms = {"all": min(p[0] for p in op_passes), "weights": min(p[1] for p in op_passes)}
+            op_choice = "weights" if faster else "all"
         else:
             op_choice = good[0] if good else max(op_scores, key=lambda name: (op_scores[name], name == "all"))
         settings = options[op_choice]
@@ -495,16 +491,12 @@ def _agreement_fallback(search: _Search, settings: Int8Settings, current: Closen
     return settings, current
 
 
-def _wins_every_pass(passes: list[list[float]], margin: float) -> bool:
-    """Whether the second model of each ``[incumbent_ms, challenger_ms]`` pass ran faster by ``margin`` in all."""
-    return bool(passes) and all(challenger < incumbent * (1 - margin) for incumbent, challenger in passes)
-
-
 def _confirmed(latency: Latency, incumbent: onnx.ModelProto, challenger: onnx.ModelProto, margin: float,
                passes: int = FINAL_PASSES) -> tuple[bool, list[list[float]]]:
     """``challenger`` is faster than ``incumbent`` by ``margin`` in every one of ``passes`` interleaved passes."""
     timings = [_timed(latency, [incumbent, challenger], 1) for _ in range(passes)]
-    return _wins_every_pass(timings, margin), [[round(a, 4), round(b, 4)] for a, b in timings]
+    wins = all(b < a * (1 - margin) for a, b in timings)
+    return wins, [[round(a, 4), round(b, 4)] for a, b in timings]
 
 
 def _timed(latency: Latency, models: list[onnx.ModelProto], passes: int) -> list[float]:
