@@ -158,7 +158,8 @@ def test_int8_slower_than_float_keeps_float_compute_with_the_weights_stored_int8
     plain, fixed = entry["attempts"][:2]
     assert plain["weights"] == fixed["weights"] == len(weights)
     assert not plain["bias_corrected"] and fixed["bias_corrected"]
-    assert entry["bias_correction"]["applied"] == ((fixed["agreement"], fixed["r2"]) > (plain["agreement"], plain["r2"]))
+    closer = (fixed["agreement"], fixed["r2"]) > (plain["agreement"], plain["r2"])
+    assert entry["bias_correction"]["applied"] == closer
     assert entry["closeness"] == {k: (fixed if entry["bias_correction"]["applied"] else plain)[k]
                                   for k in ("agreement", "r2")}
 
@@ -667,8 +668,8 @@ def test_compact_int8_keeps_the_smaller_file_only_where_onnxruntime_runs_it_iden
     assert len(dropped.graph.initializer) < len(standard.graph.initializer)
     broken = onnx.ModelProto()
     broken.CopyFrom(compact)
-    scale = next(i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.name.endswith("_scale")
-                 and len(i.dims) == 1 and i.dims[0] > 1)
+    scale = next(i for i in broken.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                 and i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1)
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.5), scale.name))
     assert not same_when_deployed(standard, broken, feeds, tmp_path)
     # a float-bias quantization that does not compute what the standard one does is never kept

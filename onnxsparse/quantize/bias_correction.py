@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from onnxsparse.inspect import weight_operand
-from onnxsparse.quantize.prepare import unique_name
+from onnxsparse.quantize.prepare import attribute, unique_name
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ class _Site:
     data: str
     bias: str | None
     bias_node: onnx.NodeProto  # the node that reads ``bias`` (the layer itself, or the Add after a MatMul)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _sites(model: onnx.ModelProto, weights: Iterable[str]) -> tuple[dict[str, _Site], dict[str, str]]:
@@ -81,8 +77,10 @@ def _sites(model: onnx.ModelProto, weights: Iterable[str]) -> tuple[dict[str, _S
         elif node.op_type == "ConvTranspose":
             skipped[weight] = "ConvTranspose is not corrected"
         elif node.op_type == "Conv":
-            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            if attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 skipped[weight] = "auto_pad is not corrected"
+            elif not 3 <= len(inits[weight].dims) <= 5:
+                skipped[weight] = "a Conv with other than 1-3 spatial axes is not corrected"
             elif len(node.input) > 2 and node.input[2]:
                 if own(node.input[2], node):
                     sites[weight] = _Site(weight, node, node.input[0], node.input[2], node)
@@ -91,10 +89,10 @@ def _sites(model: onnx.ModelProto, weights: Iterable[str]) -> tuple[dict[str, _S
             else:
                 sites[weight] = _Site(weight, node, node.input[0], None, node)
         elif node.op_type == "Gemm":
-            if weight != node.input[1] or _attr(node, "transA", 0):
+            if weight != node.input[1] or attribute(node, "transA", 0):
                 skipped[weight] = "a Gemm weight in A, or a transposed A, is not corrected"
             elif len(node.input) > 2 and node.input[2]:
-                channels = inits[weight].dims[0 if _attr(node, "transB", 0) else 1]
+                channels = inits[weight].dims[0 if attribute(node, "transB", 0) else 1]
                 if own(node.input[2], node) and per_channel(node.input[2], channels, scalar_ok=True):
                     sites[weight] = _Site(weight, node, node.input[0], node.input[2], node)
                 else:
@@ -122,20 +120,19 @@ def _layer_shift(site: _Site, delta: np.ndarray, x: np.ndarray) -> tuple[np.ndar
     node = site.node
     if node.op_type == "Conv":
         spatial = delta.ndim - 2
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(spatial)
-        if conv is None:
-            raise ValueError(f"{spatial}-d Conv")
-        pads = list(_attr(node, "pads", [0] * (2 * spatial)))
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]  # _sites admits 1-3 spatial axes
+        pads = list(attribute(node, "pads", [0] * (2 * spatial)))
         # ONNX pads: begin of every axis, then end of every axis; F.pad: last axis first, (begin, end) pairs
         torch_pads = [p for axis in reversed(range(spatial)) for p in (pads[axis], pads[axis + spatial])]
         xt = F.pad(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch_pads)
-        y = conv(xt, torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float32)), stride=list(_attr(node, "strides", [1] * spatial)),
-                 dilation=list(_attr(node, "dilations", [1] * spatial)), groups=int(_attr(node, "group", 1)))
+        weight = torch.from_numpy(np.ascontiguousarray(delta, dtype=np.float32))
+        y = conv(xt, weight, stride=list(attribute(node, "strides", [1] * spatial)),
+                 dilation=list(attribute(node, "dilations", [1] * spatial)), groups=int(attribute(node, "group", 1)))
         return y.double().sum(dim=[d for d in range(y.ndim) if d != 1]).numpy(), int(y.numel() // y.shape[1])
     rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
     if node.op_type == "Gemm":
-        d = delta.T if _attr(node, "transB", 0) else delta
-        return float(_attr(node, "alpha", 1.0)) * rows.sum(axis=0) @ d.astype(np.float64), rows.shape[0]
+        d = delta.T if attribute(node, "transB", 0) else delta
+        return float(attribute(node, "alpha", 1.0)) * rows.sum(axis=0) @ d.astype(np.float64), rows.shape[0]
     return rows.sum(axis=0) @ delta.reshape(-1, delta.shape[-1]).astype(np.float64), rows.shape[0]
 
 
@@ -184,7 +181,7 @@ def apply_shifts(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.
         if site is None:
             continue
         if site.node.op_type == "Gemm":  # Y = alpha * A B + beta * C: the shift (alpha included) over beta
-            shift = shift / float(_attr(site.node, "beta", 1.0))
+            shift = shift / float(attribute(site.node, "beta", 1.0))
         if site.bias is None:
             name = unique_name(f"{weight}_bias", taken)
             out.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))

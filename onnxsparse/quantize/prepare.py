@@ -24,7 +24,8 @@ from onnx import helper, numpy_helper, version_converter
 logger = logging.getLogger(__name__)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of ``node``'s attribute ``name``, or ``default``."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
@@ -137,7 +138,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or len(bn.input) != 5 or any(o for o in bn.output[1:]):
             continue
-        if _attr(bn, "training_mode", 0) or not _attr(bn, "spatial", 1):
+        if attribute(bn, "training_mode", 0) or not attribute(bn, "spatial", 1):
             continue
         conv = producer.get(bn.input[0])
         if conv is None or conv.op_type != "Conv" or readers.get(bn.input[0]) != 1 or bn.input[0] in outputs:
@@ -155,7 +156,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         w = numpy_helper.to_array(weight)
         if gamma.shape != (w.shape[0],):
             continue
-        scale = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+        scale = gamma / np.sqrt(var + float(attribute(bn, "epsilon", 1e-5)))
         w_new = (w.astype(np.float64) * scale.reshape([-1] + [1] * (w.ndim - 1))).astype(np.float32)
         b = numpy_helper.to_array(bias).astype(np.float64) if bias is not None else np.zeros_like(mean)
         b_new = ((b - mean) * scale + beta).astype(np.float32)

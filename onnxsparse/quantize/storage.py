@@ -20,21 +20,18 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxsparse.inspect import weight_operand
-from onnxsparse.quantize.prepare import unique_name
+from onnxsparse.quantize.prepare import attribute, unique_name
 from onnxsparse.quantize.quantize import WEIGHT_OPS
 
 
 def output_axis(node: onnx.NodeProto, index: int, rank: int) -> int:
     """The axis of a weight operand that runs along its node's output channels (the per-channel scale axis)."""
-    def attr(name: str, default: int) -> int:
-        return next((int(helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
-
     if node.op_type == "Conv":
         return 0
     if node.op_type == "ConvTranspose":
         return 1
     if node.op_type == "Gemm":
-        return (0 if attr("transB", 0) else 1) if index == 1 else (1 if attr("transA", 0) else 0)
+        return (0 if attribute(node, "transB", 0) else 1) if index == 1 else (1 if attribute(node, "transA", 0) else 0)
     return rank - 1 if index == 1 else rank - 2  # MatMul: B (.., K, N) along N; A (.., M, K) along M
 
 
