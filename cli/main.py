@@ -296,6 +296,9 @@ def _print_summary(report: dict) -> None:
         storage_entry = quant.get("weight_storage") or {}
         if storage_entry.get("candidates"):
             click.echo(f"int8 storage (computed in float): {storage_entry.get('reason')}", err=True)
+        half_entry = quant.get("float16_storage") or {}
+        if half_entry.get("candidates"):
+            click.echo(f"float16 storage: {half_entry.get('reason')}", err=True)
         for kept in quant.get("kept_float", []):
             click.echo(f"kept float {kept['node']} ({kept['op']}, {kept['for']}): {kept['reason']}", err=True)
     info = report.get("method_info", {})

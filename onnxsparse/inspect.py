@@ -46,6 +46,19 @@ class LayerInfo:
         return d
 
 
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """``model``'s initializers by name, and the float32 value of each ``Cast(to=FLOAT)`` of a float16 initializer
+    (the form ``--quantize int8`` stores biases and scales in) by its output name, as an initializer would hold it."""
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        source = constants.get(node.input[0]) if node.op_type == "Cast" and len(node.input) == 1 else None
+        if (source is not None and source.data_type == onnx.TensorProto.FLOAT16
+                and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)):
+            values = numpy_helper.to_array(source).astype(np.float32)
+            constants[node.output[0]] = numpy_helper.from_array(values, node.output[0])
+    return constants
+
+
 def weight_operand(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> str | None:
     """The constant weight input of a prunable node, or None."""
     if node.op_type in ("Conv", "ConvTranspose"):
@@ -136,7 +149,7 @@ def inspect_model(model: str | os.PathLike | onnx.ModelProto) -> list[LayerInfo]
                            purpose="inspecting it")
         base_dir = str(Path(model).resolve().parent)
     norm = normalize_for_torch(densify(proto), convert_opset=False)
-    constants = {init.name: init for init in norm.model.graph.initializer}
+    constants = constant_tensors(norm.model)
     producer = {out: node for node in norm.model.graph.node for out in node.output}
     rows = []
     for node in norm.model.graph.node:

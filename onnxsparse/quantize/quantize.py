@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from onnxsparse.errors import OnnxSparseError
-from onnxsparse.inspect import integer_parts, integer_source, weight_operand
+from onnxsparse.inspect import constant_tensors, integer_parts, integer_source, weight_operand
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.validate import one_of
 
@@ -133,7 +133,7 @@ def int8_weights(float_model: onnx.ModelProto, quantized: onnx.ModelProto) -> di
     """The weights of Conv/ConvTranspose/Gemm/MatMul nodes of ``float_model`` that ``quantized`` (made from it,
     node names kept) stores as integers, by float tensor name. Weights left in float are absent."""
     f_inits = _initializers(float_model)
-    q_inits = _initializers(quantized)
+    q_inits = constant_tensors(quantized)  # a scale may be a float16 initializer behind a Cast
     q_nodes = {node.name: node for node in quantized.graph.node}
     producer = {out: node for node in quantized.graph.node for out in node.output}
     found: dict[str, Int8Weight] = {}

@@ -36,6 +36,7 @@ from onnxsparse.inspect import weight_operand
 from onnxsparse.quantize.bias_correction import apply_shifts, output_shifts
 from onnxsparse.quantize.calibrate import METHODS, Calibration
 from onnxsparse.quantize.compact import compact_int8
+from onnxsparse.quantize.half import half_candidates, store_float16
 from onnxsparse.quantize.prepare import prepare_for_int8
 from onnxsparse.quantize.latency import LatencyMeter
 from onnxsparse.quantize.quantize import (
@@ -333,6 +334,10 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
         weights = check_int8_weights(model, final)
         if not weights:
             final = original
+        else:
+            # 6. size: the float tensors left (biases, norm parameters, stored weights' scales) as float16
+            final = _half(search, final, base, max_drop, report)
+            weights = check_int8_weights(model, final)
         report.update(applied=applied, settings=asdict(settings) if applied else None,
                       final_closeness=search.scorer(final).as_dict(), int8_weights=len(weights),
                       kept_float=kept, quantizations=search.quantizations)
@@ -419,6 +424,39 @@ def _store(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: f
                                             f"agreement {after.agreement:.4f} (at least {floor:.4f}); onnxruntime "
                                             "folds every Cast -> Mul pair at load, so it runs the float graph")
     return stored, names
+
+
+def _half(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: float,
+          report: dict) -> onnx.ModelProto:
+    """``model`` with its float tensors left (:func:`half_candidates`) stored as float16 behind a ``Cast``, or
+    ``model`` itself when that costs agreement below the floor the weight storage used, or onnxruntime's load-time
+    optimisation leaves any Cast in the graph; the report's ``float16_storage`` says which."""
+    names = half_candidates(model)
+    entry: dict = {"form": "float16, Cast to float32 (folded by onnxruntime at load)", "candidates": len(names),
+                   "stored": []}
+    report["float16_storage"] = entry
+    if not names:
+        entry["reason"] = "no float tensor left that can be stored as float16"
+        return model
+    before = search.scorer(model)
+    floor = min(base.agreement - max_drop, before.agreement)
+    halved = store_float16(model, names)
+    after = search.scorer(halved)
+    entry.update(closeness_before=before.as_dict(), closeness=after.as_dict(), target_agreement=floor,
+                 elements=int(sum(np.prod(i.dims) for i in model.graph.initializer if i.name in set(names))))
+    if after.agreement < floor:
+        entry["reason"] = (f"{len(names)} float tensor(s) as float16 agree {after.agreement:.4f} on the selection "
+                           f"split, below {floor:.4f}: kept float32")
+        return model
+    left = unfolded_at_load(halved, names, search.workdir)
+    if left:
+        entry["reason"] = (f"onnxruntime does not fold {len(left)} of the float16 Casts at load (e.g. {left[0]!r}): "
+                           "kept float32")
+        return model
+    entry.update(stored=names, reason=f"{len(names)} float tensor(s) stored as float16 at selection agreement "
+                                      f"{after.agreement:.4f} (at least {floor:.4f}); onnxruntime folds every Cast "
+                                      "at load")
+    return halved
 
 
 def _longest_run(order: list[str], floor: float, score, alone: dict[str, Closeness], *, all_failed: bool):
