@@ -85,7 +85,8 @@ def _quant_summary(quant: dict) -> dict:
     return {"applied": quant.get("applied"), "calibration": (quant.get("calibration") or {}).get("chosen"),
             "op_types": (quant.get("op_types") or {}).get("chosen"),
             "kept_float": [f"{k.get('node')} ({k.get('for')})" for k in quant.get("kept_float") or []],
-            "reason": quant.get("reason"), "stored_int8": len((quant.get("weight_storage") or {}).get("stored") or [])}
+            "reason": quant.get("reason"), "stored_int8": len((quant.get("weight_storage") or {}).get("stored") or []),
+            "float16": len((quant.get("float16_storage") or {}).get("stored") or [])}
 
 
 def run_case(name: str, sparsities, method: str, pattern: str, args, env, results: dict, save) -> None:
@@ -180,6 +181,7 @@ def markdown(results: dict) -> str:
         q = row["quantize"]
         stored = (f", {q['stored_int8']} weights stored int8 and computed in float" if q.get("stored_int8")
                   else "")
+        stored += f", {q['float16']} float tensors stored float16" if q.get("float16") else ""
         notes.append(f"- {row['case']} {cell}: int8 {'applied' if q.get('applied') else 'not applied'}{stored}, "
                      f"{q.get('calibration')} calibration, op types {q.get('op_types')}; kept in float: "
                      f"{_kept_summary(q.get('kept_float') or [])}; commit {row.get('commit', '?')[:7]}"

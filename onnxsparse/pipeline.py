@@ -614,6 +614,9 @@ def _quantize(run: _Run, exports: list[_Export],
     kept_float = sorted({k["node"] for k in choice.report["kept_float"]})
     logger.info("int8: %d weights int8 (%d of them computed in float), %d nodes kept in float (%s)",
                 len(choice.weights), len(choice.stored), len(kept_float), ", ".join(kept_float) or "none")
+    half = choice.report.get("float16_storage") or {}
+    if half.get("candidates"):
+        logger.info("int8: float16 storage: %s", half.get("reason"))
     int8_names = {name: w.initializer for name, w in choice.weights.items()}
     if channels:  # no zeros to count: whole channels were removed (check_int8_weights proved the int8 weights)
         return chosen, choice.model, chosen.rows, int8_names
