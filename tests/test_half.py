@@ -74,6 +74,10 @@ def test_candidates_skip_every_tensor_a_quantized_node_group_reads(tmp_path):
     for node in qdq.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or dequantized & set(node.input):
             read_by_groups.update(node.input)
+    # float tensors a per-tensor rule would take (16 values or more) are read by the groups, and none is taken
+    large = {i.name for i in qdq.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+             and int(np.prod(i.dims)) >= MIN_ELEMENTS}
+    assert large & read_by_groups
     assert not read_by_groups & set(half_candidates(qdq))
 
 

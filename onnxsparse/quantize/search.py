@@ -442,8 +442,9 @@ def _half(search: _Search, model: onnx.ModelProto, base: Closeness, max_drop: fl
     floor = min(base.agreement - max_drop, before.agreement)
     halved = store_float16(model, names)
     after = search.scorer(halved)
+    chosen = set(names)
     entry.update(closeness_before=before.as_dict(), closeness=after.as_dict(), target_agreement=floor,
-                 elements=int(sum(np.prod(i.dims) for i in model.graph.initializer if i.name in set(names))))
+                 elements=int(sum(np.prod(i.dims) for i in model.graph.initializer if i.name in chosen)))
     if after.agreement < floor:
         entry["reason"] = (f"{len(names)} float tensor(s) as float16 agree {after.agreement:.4f} on the selection "
                            f"split, below {floor:.4f}: kept float32")
