@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxsparse.quantize.prepare import unique_name
+from onnxsparse.quantize.prepare import names_in_use, prepend_nodes, unique_name
 from onnxsparse.quantize.quantize import WEIGHT_OPS
 
 MIN_ELEMENTS = 16
@@ -77,8 +77,7 @@ def store_float16(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
     missing = [n for n in names if n not in by_name or by_name[n].data_type != onnx.TensorProto.FLOAT]
     if missing:
         raise ValueError(f"not a float32 initializer: {', '.join(missing)}")
-    taken = ({init.name for init in graph.initializer} | {n.name for n in graph.node}
-             | {v for n in graph.node for v in (*n.input, *n.output)} | {v.name for v in graph.input})
+    taken = names_in_use(graph)
     nodes = []
     for name in names:
         init = by_name[name]
@@ -88,8 +87,6 @@ def store_float16(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
         graph.initializer.append(half)
         nodes.append(helper.make_node("Cast", [half_name], [name], name=unique_name(f"{name}_fp16_cast", taken),
                                       to=onnx.TensorProto.FLOAT))
-    rest = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + rest)
+    prepend_nodes(graph, nodes)
     return out
 

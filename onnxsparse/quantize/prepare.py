@@ -29,6 +29,19 @@ def attribute(node: onnx.NodeProto, name: str, default):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
+def names_in_use(graph: onnx.GraphProto) -> set[str]:
+    """Every initializer, node, value and graph-input name of ``graph``: what a new name must avoid."""
+    return ({init.name for init in graph.initializer} | {n.name for n in graph.node}
+            | {v for n in graph.node for v in (*n.input, *n.output)} | {v.name for v in graph.input})
+
+
+def prepend_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Put ``nodes`` first in ``graph`` (so every reader, subgraphs included, sees their outputs defined)."""
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)
+
+
 def unique_name(base: str, taken: set[str]) -> str:
     """``base``, or ``base_K`` with the first K that is not taken; the name returned is added to ``taken``."""
     name, k = base, 0

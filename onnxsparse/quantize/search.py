@@ -336,8 +336,9 @@ def choose_int8(float_model: onnx.ModelProto, dense_model: onnx.ModelProto | str
             final = original
         else:
             # 6. size: the float tensors left (biases, norm parameters, stored weights' scales) as float16
-            final = _half(search, final, base, max_drop, report)
-            weights = check_int8_weights(model, final)
+            halved = _half(search, final, base, max_drop, report)
+            if halved is not final:  # the scales read through their Casts are the ones written
+                final, weights = halved, check_int8_weights(model, halved)
         report.update(applied=applied, settings=asdict(settings) if applied else None,
                       final_closeness=search.scorer(final).as_dict(), int8_weights=len(weights),
                       kept_float=kept, quantizations=search.quantizations)

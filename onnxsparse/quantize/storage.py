@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxsparse.inspect import weight_operand
-from onnxsparse.quantize.prepare import attribute, unique_name
+from onnxsparse.quantize.prepare import attribute, names_in_use, prepend_nodes, unique_name
 from onnxsparse.quantize.quantize import WEIGHT_OPS
 
 
@@ -92,8 +92,7 @@ def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    taken = ({init.name for init in graph.initializer} | {n.name for n in graph.node}
-             | {v for n in graph.node for v in (*n.input, *n.output)} | {v.name for v in graph.input})
+    taken = names_in_use(graph)
     by_name = {init.name: init for init in graph.initializer}
     nodes = []
     for name in names:
@@ -109,9 +108,7 @@ def store_int8_weights(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
         nodes += [helper.make_node("Cast", [int_name], [cast_out], name=unique_name(f"{name}_int8_cast", taken),
                                    to=onnx.TensorProto.FLOAT),
                   helper.make_node("Mul", [cast_out, scale_name], [name], name=unique_name(f"{name}_int8_mul", taken))]
-    rest = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + rest)
+    prepend_nodes(graph, nodes)
     return out
 
 
